@@ -1,0 +1,11 @@
+"""npgpt: GPT-2 as readable NumPy (npgpt.model is the spec), with numba kernels that make it fast."""
+
+from .api import BACKENDS, Model, load, random_model
+from .cache import KVCache
+from .config import PRESETS, Config, preset
+from .errors import CheckpointError, ConfigError, InputError, NpgptError, TokenizerError
+from .tokenizer import EOT, get_encoding
+
+__version__ = "0.1.0"
+__all__ = ["BACKENDS", "Model", "load", "random_model", "KVCache", "PRESETS", "Config", "preset", "NpgptError",
+           "CheckpointError", "ConfigError", "InputError", "TokenizerError", "EOT", "get_encoding"]

@@ -1,0 +1,85 @@
+"""The public object: a GPT-2 model = params + Config + a backend's op table."""
+
+import itertools
+
+import numpy as np
+
+import weights
+
+from .cache import KVCache
+from .config import Config, preset
+from .errors import InputError
+from .generate import detokenize, generate_ids
+from .inputs import check_ids
+from .model import REFERENCE, forward
+from .tokenizer import EOT, get_encoding
+
+BACKENDS = ("numpy", "numba")
+
+
+def backend_ops(name):
+    """The op table of a backend: 'numpy' is the spec in npgpt.model, 'numba' the kernels package."""
+    if name == "numpy":
+        return REFERENCE
+    if name == "numba":
+        from kernels import KERNELS                        # imported on demand: numba start-up is not free
+        return KERNELS
+    raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+class Model:
+    def __init__(self, params, config, *, backend="numpy", info=None):
+        self.params, self.config, self.info = params, config, info
+        self.backend, self.ops = backend, backend_ops(backend)
+
+    def forward(self, ids, cache=None, last=False):        # [T] or [B, T] -> float32 [T, V] or [B, T, V]
+        return forward(self.params, ids, self.config, ops=self.ops, cache=cache, last=last)
+
+    def new_cache(self, batch=1):
+        return KVCache(self.config, batch=batch)
+
+    def _prompt_ids(self, prompt):                         # str | ids -> ([B, T] ids, kind)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InputError("empty prompt: give at least one character or token id")
+            return np.array([get_encoding().encode(prompt, allowed_special={"<|endoftext|>"})]), "text"
+        ids, one_sequence = check_ids(prompt, self.config)
+        return ids, "ids" if one_sequence else "batch"
+
+    def _tokens(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+        ids, kind = self._prompt_ids(prompt)
+        steps = generate_ids(self.params, self.config, ids, ops=self.ops, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        return ids, steps, kind
+
+    def generate(self, prompt, max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=None):
+        """Text in -> continuation text (stops before <|endoftext|>); ids [T] -> list of new ids;
+        ids [B, T] -> int array [B, n]. Id outputs end with 50256 when the model emitted it."""
+        ids, steps, kind = self._tokens(prompt, max_new_tokens, temperature, top_k, top_p, seed)
+        steps = list(steps)
+        new = np.stack(steps, axis=1) if steps else np.zeros((ids.shape[0], 0), np.int64)   # [B, n]
+        if kind == "batch":
+            return new
+        tokens = [int(t) for t in new[0]]
+        if kind == "ids":
+            return tokens
+        return "".join(detokenize(tokens[: tokens.index(EOT)] if EOT in tokens else tokens, get_encoding()))
+
+    def stream(self, prompt, max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=None):
+        """Yield the continuation of a text prompt piece by piece, as soon as each piece is valid UTF-8."""
+        _, steps, kind = self._tokens(prompt, max_new_tokens, temperature, top_k, top_p, seed)
+        if kind == "batch":
+            raise InputError("stream() takes one sequence; use generate() for a batch")
+        return detokenize(itertools.takewhile(lambda t: t != EOT, (int(t[0]) for t in steps)), get_encoding())
+
+
+def load(path, backend="numpy"):
+    """A Model from a HF GPT-2 .safetensors file or a directory holding model.safetensors (+ config.json)."""
+    params, config, info = weights.load_params(path)
+    return Model(params, config, backend=backend, info=info)
+
+
+def random_model(config="gpt2", seed=0, backend="numpy"):
+    """A seeded random GPT-2 (noise, for tests and benchmarks): a preset name or a Config."""
+    cfg = config if isinstance(config, Config) else preset(config)
+    return Model(weights.random_params(cfg, seed), cfg, backend=backend)

@@ -1,0 +1,103 @@
+"""GPT-2, the specification: every operation the model performs, as NumPy over a weight dict.
+
+`params` mirrors the Hugging Face checkpoint: params["h"][3]["attn"]["c_attn"]["weight"] is the
+tensor `h.3.attn.c_attn.weight`. Linear weights use HF's Conv1D layout, `x @ W + b` with W [in, out].
+The hot operations are looked up in an op table (`ops`), so the same block structure runs on the
+NumPy reference below or on the numba kernels in `kernels/`.
+"""
+
+import math
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from .inputs import check_ids
+
+
+def layer_norm(x, weight, bias, eps):                      # [..., C], [C], [C] -> [..., C]
+    mean = x.mean(axis=-1, keepdims=True)
+    var = x.var(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * weight + bias
+
+
+def gelu(x):                                               # [...] -> [...], tanh form (HF gelu_new)
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def softmax(x):                                            # [..., S] -> [..., S]
+    e = np.exp(x - x.max(axis=-1, keepdims=True))          # shifting by the max keeps exp finite
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def linear(x, weight, bias):                               # [..., in], [in, out], [out] -> [..., out]
+    return x @ weight + bias
+
+
+def causal_mask(T, S):                                     # -> [T, S]; the T queries are the last T of S positions
+    return np.triu(np.full((T, S), -np.inf, dtype=np.float32), k=S - T + 1)
+
+
+def attention(q, k, v):                                    # [B, H, T, D], [B, H, S, D] x2 -> [B, H, T, D]
+    scores = np.einsum("bhtd,bhsd->bhts", q, k, optimize=True) / math.sqrt(q.shape[-1])
+    return np.einsum("bhts,bhsd->bhtd", softmax(scores + causal_mask(q.shape[2], k.shape[2])), v, optimize=True)
+
+
+def lm_head(x, weight):                                    # [..., C], [V, C] -> [..., V]
+    return x @ weight.T
+
+
+class Ops(NamedTuple):
+    """The operations a backend supplies; each has the call shape of the function named here."""
+
+    layer_norm: Callable
+    linear: Callable
+    gelu: Callable
+    attention: Callable
+    lm_head: Callable
+
+
+REFERENCE = Ops(layer_norm=layer_norm, linear=linear, gelu=gelu, attention=attention, lm_head=lm_head)
+
+
+def split_heads(x, n_head):                                # [B, T, C] -> [B, H, T, C/H]
+    B, T, C = x.shape
+    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):                                        # [B, H, T, D] -> [B, T, H*D]
+    B, H, T, D = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+
+def self_attention(x, c_attn, c_proj, *, n_head, ops, kv=None):   # [B, T, C] -> [B, T, C]
+    q, k, v = np.split(ops.linear(x, **c_attn), 3, axis=-1)       # [B, T, 3C] -> 3 x [B, T, C]
+    q, k, v = (split_heads(a, n_head) for a in (q, k, v))         # 3 x [B, H, T, D]
+    if kv is not None:
+        k, v = kv.append(k, v)                                    # 2 x [B, H, past + T, D]
+    return ops.linear(merge_heads(ops.attention(q, k, v)), **c_proj)
+
+
+def feed_forward(x, c_fc, c_proj, *, ops):                 # [B, T, C] -> [B, T, C]  (HF: GPT2MLP)
+    return ops.linear(ops.gelu(ops.linear(x, **c_fc)), **c_proj)   # [B, T, 4C] in between
+
+
+def block(x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv=None):   # [B, T, C] -> [B, T, C]
+    x = x + self_attention(ops.layer_norm(x, **ln_1, eps=eps), **attn, n_head=n_head, ops=ops, kv=kv)
+    x = x + feed_forward(ops.layer_norm(x, **ln_2, eps=eps), **mlp, ops=ops)
+    return x
+
+
+def forward(params, ids, cfg, ops=REFERENCE, cache=None, last=False):   # [T] or [B, T] ids -> [T, V] or [B, T, V]
+    """Logits for every position (only the last one if `last`, all generation needs).
+    With a KVCache, `ids` continue the sequence the cache holds."""
+    past = 0 if cache is None else cache.pos
+    ids, one_sequence = check_ids(ids, cfg, past=past, batch=None if cache is None else cache.batch)   # [B, T]
+    x = params["wte"]["weight"][ids] + params["wpe"]["weight"][past : past + ids.shape[1]]         # [B, T, C]
+    for i, layer in enumerate(params["h"]):
+        x = block(x, **layer, n_head=cfg.n_head, eps=cfg.eps, ops=ops, kv=None if cache is None else cache.layer(i))
+    if cache is not None:
+        cache.advance(ids.shape[1])
+    if last:
+        x = x[:, -1:]                                                                         # [B, 1, C]
+    logits = ops.lm_head(ops.layer_norm(x, **params["ln_f"], eps=cfg.eps), **params["lm_head"])   # [B, T, V]
+    return logits[0] if one_sequence else logits

@@ -1,0 +1,27 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p (nucleus)."""
+
+import numpy as np
+
+from .inputs import check_sampling
+
+
+def sample(logits, rng, temperature=1.0, top_k=0, top_p=1.0):   # [B, V] logits -> [B] token ids
+    """temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off. Filters apply in HF's order."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    z = logits.astype(np.float64) / temperature            # float64: tiny probabilities survive the cumsum
+    if 0 < top_k < z.shape[-1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    if top_p < 1:                                          # keep the most likely tokens until their mass reaches top_p
+        order = np.argsort(-p, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, axis=-1)
+        keep = np.empty_like(sorted_p, dtype=bool)
+        np.put_along_axis(keep, order, np.cumsum(sorted_p, axis=-1) - sorted_p < top_p, axis=-1)
+        p = np.where(keep, p, 0.0)
+    cdf = np.cumsum(p, axis=-1)                            # inverse-CDF draw; zero-probability tokens are never hit
+    u = rng.random(cdf.shape[0]) * cdf[:, -1]
+    return np.minimum((cdf < u[:, None]).sum(axis=-1), cdf.shape[-1] - 1)

@@ -1,0 +1,56 @@
+"""Write tests/data/golden/: a tiny seeded GPT-2 saved by transformers, and transformers' outputs on it.
+
+Run by hand, never by CI (it needs torch and transformers):
+    python -m venv /tmp/golden && /tmp/golden/bin/pip install torch==2.13.0 transformers numpy
+    /tmp/golden/bin/python tests/make_golden.py
+The default test run then compares npgpt against these files with NumPy only.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+import transformers
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden")
+# Odd sizes on purpose: head_dim 10 and vocab 1000 are not powers of two.
+CONFIG = dict(vocab_size=1000, n_positions=64, n_embd=60, n_layer=3, n_head=6, layer_norm_epsilon=1e-5)
+
+
+def main():
+    torch.manual_seed(1234)
+    cfg = transformers.GPT2Config(**CONFIG, attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        # Randomize everything: HF's init leaves LayerNorm gains at 1 and biases at 0, which would hide
+        # an implementation that drops them.
+        for name, p in model.named_parameters():
+            if ".ln_" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p) if p.dim() == 2 else 0.05 * torch.randn_like(p))
+    os.makedirs(OUT, exist_ok=True)
+    model.save_pretrained(OUT)                             # model.safetensors (tied: no lm_head) + config.json
+    os.remove(os.path.join(OUT, "generation_config.json"))  # not read by npgpt
+
+    gen = np.random.default_rng(0)
+    ids = gen.integers(0, CONFIG["vocab_size"], size=(2, 17))
+    with torch.no_grad():
+        t = torch.from_numpy(ids)
+        logits = model(t).logits.numpy()                                # [2, 17, V]
+        loss_row0 = model(t[:1], labels=t[:1]).loss.item()              # mean next-token cross-entropy
+        greedy = t[:1]
+        for _ in range(12):                                             # plain argmax loop, no generate() config
+            nxt = model(greedy).logits[:, -1].argmax(-1, keepdim=True)
+            greedy = torch.cat([greedy, nxt], dim=1)
+    np.save(os.path.join(OUT, "ids.npy"), ids)
+    np.save(os.path.join(OUT, "logits.npy"), logits.astype(np.float32))
+    np.save(os.path.join(OUT, "greedy.npy"), greedy[0, ids.shape[1]:].numpy())
+    with open(os.path.join(OUT, "outputs.json"), "w") as f:
+        json.dump({"loss_row0": loss_row0, "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
+    print(f"wrote {OUT}: max|logit| = {np.abs(logits).max():.3f}, loss_row0 = {loss_row0:.6f}")
+
+
+if __name__ == "__main__":
+    main()

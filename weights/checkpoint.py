@@ -1,0 +1,140 @@
+"""The safetensors file format: a validated reader that memory-maps F32 tensors, and a writer.
+
+Layout: 8-byte little-endian header length N, N bytes of JSON mapping each tensor name to
+{"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to the data that follows),
+then the raw little-endian tensor bytes.
+"""
+
+import json
+import mmap
+import os
+import struct
+
+import numpy as np
+
+from npgpt.errors import CheckpointError
+
+ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+            "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+NUMPY_DTYPE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I8": np.int8, "U8": np.uint8,
+               "I32": np.int32, "I64": np.int64, "F64": np.float64, "BOOL": np.bool_}
+MAX_HEADER = 100 * 2**20                                   # the format's own limit is 100 MB
+
+
+class TensorInfo:
+    def __init__(self, name, dtype, shape, begin, end):
+        self.name, self.dtype, self.shape, self.begin, self.end = name, dtype, shape, begin, end
+
+
+class SafetensorsFile:
+    """An open, validated .safetensors file. `array(name)` returns a read-only view into the map."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise CheckpointError(f"{self.path}: is a directory, expected a .safetensors file") from None
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read: {e.strerror}") from None
+        self.metadata, self.tensors = self._parse_header(size)
+
+    def _fail(self, problem):
+        raise CheckpointError(f"{self.path}: {problem}")
+
+    def _parse_header(self, size):
+        if size < 8:
+            self._fail(f"file is {size} bytes, too short for a safetensors header")
+        (n,) = struct.unpack("<Q", self._map[:8])
+        if n > MAX_HEADER or 8 + n > size:
+            self._fail(f"header length {n} does not fit in a file of {size} bytes (truncated or not safetensors)")
+        try:
+            header = json.loads(bytes(self._map[8 : 8 + n]))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            self._fail(f"header is not valid JSON ({e})")
+        if not isinstance(header, dict):
+            self._fail("header JSON is not an object")
+        self._data_start, data_len = 8 + n, size - 8 - n
+        metadata = header.pop("__metadata__", None) or {}
+        tensors, spans = {}, []
+        for name, entry in header.items():
+            tensors[name] = info = self._parse_entry(name, entry, data_len)
+            spans.append((info.begin, info.end, name))
+        spans.sort()
+        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+            if begin_b < end_a:
+                self._fail(f"tensors '{a}' and '{b}' overlap in the data section")
+        return metadata, tensors
+
+    def _parse_entry(self, name, entry, data_len):
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            self._fail(f"tensor '{name}': header entry needs dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in ITEMSIZE:
+            self._fail(f"tensor '{name}': unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            self._fail(f"tensor '{name}': shape {shape!r} is not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_len):
+            self._fail(f"tensor '{name}': data_offsets {offsets!r} fall outside the {data_len}-byte data section (truncated file?)")
+        expected = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != expected:
+            self._fail(f"tensor '{name}': {dtype} {tuple(shape)} needs {expected} bytes but data_offsets span {offsets[1] - offsets[0]}")
+        return TensorInfo(name, dtype, tuple(shape), *offsets)
+
+    def array(self, name):
+        """The tensor as stored: F32/F16/I8/... as that NumPy dtype, BF16 as its raw uint16 bits."""
+        info = self.tensors[name]
+        if info.dtype not in NUMPY_DTYPE:
+            self._fail(f"tensor '{name}': dtype {info.dtype} is not supported")
+        dtype = np.dtype(NUMPY_DTYPE[info.dtype])
+        start = self._data_start + info.begin
+        count = (info.end - info.begin) // dtype.itemsize
+        if start % dtype.itemsize:                         # numba and BLAS want aligned data: copy
+            return np.frombuffer(bytes(self._map[start : start + info.end - info.begin]), dtype).reshape(info.shape)
+        return np.frombuffer(self._map, dtype, count, start).reshape(info.shape)
+
+
+def widen(array, dtype):                                   # stored array -> float32
+    """F32 passes through untouched (zero-copy); F16 and BF16 widen exactly to float32."""
+    if dtype == "F32":
+        return array
+    if dtype == "F16":
+        return array.astype(np.float32)
+    if dtype == "BF16":                                    # bf16 is the top half of a float32
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    raise ValueError(dtype)
+
+
+def narrow(array, dtype):                                  # float32 -> stored array
+    """Inverse of widen: F16 rounds by NumPy's rules; BF16 rounds to nearest even, as bits."""
+    array = np.asarray(array, dtype=np.float32)
+    if dtype == "F32":
+        return array
+    if dtype == "F16":
+        return array.astype(np.float16)
+    if dtype == "BF16":
+        bits = np.ascontiguousarray(array).view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    raise ValueError(dtype)
+
+
+def write(path, tensors, metadata=None):
+    """Write {name: (dtype, array)} as safetensors; BF16 arrays are given as their uint16 bits."""
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, (dtype, arr) in tensors.items():
+        nbytes = arr.size * ITEMSIZE[dtype]
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)                        # keep tensor data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for dtype, arr in tensors.values():
+            np.ascontiguousarray(arr).tofile(f)           # x86/ARM hosts are little-endian like the format

@@ -1,0 +1,195 @@
+"""Hugging Face GPT-2 checkpoints <-> npgpt's params dict and Config; seeded random init."""
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from npgpt.config import Config
+from npgpt.errors import CheckpointError, ConfigError
+
+from .checkpoint import SafetensorsFile, narrow, widen, write
+
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+KNOWN_SIZES = {768: ("gpt2", 12), 1024: ("gpt2-medium", 16), 1280: ("gpt2-large", 20), 1600: ("gpt2-xl", 25)}
+BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers older HF versions saved
+LAYER = re.compile(r"h\.(\d+)\.")
+
+
+def tensor_shapes(cfg):
+    """Name -> shape of every tensor a GPT-2 of this config stores (tied head: no lm_head.weight)."""
+    C, V = cfg.n_embd, cfg.n_vocab
+    shapes = {"wte.weight": (V, C), "wpe.weight": (cfg.n_ctx, C)}
+    for i in range(cfg.n_layer):
+        for name, shape in {"ln_1.weight": (C,), "ln_1.bias": (C,),
+                            "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+                            "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+                            "ln_2.weight": (C,), "ln_2.bias": (C,),
+                            "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
+                            "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}.items():
+            shapes[f"h.{i}.{name}"] = shape
+    shapes["ln_f.weight"] = shapes["ln_f.bias"] = (C,)
+    return shapes
+
+
+def unflatten(flat):                                       # {"h.3.attn.c_attn.weight": a} -> params["h"][3]["attn"]["c_attn"]["weight"]
+    params = {}
+    for name, value in flat.items():
+        node = params
+        *path, leaf = name.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    params["h"] = [params["h"][str(i)] for i in range(len(params.get("h", {})))]
+    return params
+
+
+def flatten(params, prefix=""):                            # inverse of unflatten
+    flat = {}
+    for key, value in params.items():
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for index, item in items:
+            name = f"{prefix}{key}" if index is None else f"{prefix}{key}.{index}"
+            flat.update(flatten(item, name + ".") if isinstance(item, dict) else {name: item})
+    return flat
+
+
+@dataclass
+class LoadInfo:
+    """What `load_params` found, for `npgpt inspect` and for users to check."""
+
+    path: str
+    config_source: str
+    dtypes: dict = field(default_factory=dict)             # stored dtype -> tensor count
+    tied: bool = True
+    prefix: str = ""
+    file_bytes: int = 0
+    ignored: list = field(default_factory=list)
+
+
+def resolve(path):                                         # file or HF model dir -> (safetensors path, config.json path or None)
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        weights = os.path.join(path, "model.safetensors")
+        if not os.path.exists(weights):
+            found = ", ".join(sorted(os.listdir(path))[:8]) or "nothing"
+            raise CheckpointError(f"{path}: directory has no model.safetensors (it holds: {found})")
+    elif not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    else:
+        weights = path
+        if not path.endswith(".safetensors"):
+            raise CheckpointError(f"{path}: npgpt reads .safetensors checkpoints only (Hugging Face's model.safetensors)")
+    config = os.path.join(os.path.dirname(weights), "config.json")
+    return weights, config if os.path.exists(config) else None
+
+
+def read_config_json(path):
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config.json: {e}") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path}: config.json is not a JSON object")
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ConfigError(f"{path}: model_type is {hf['model_type']!r}; npgpt runs GPT-2 only")
+    if hf.get("activation_function", "gelu_new") != "gelu_new":
+        raise ConfigError(f"{path}: activation_function {hf['activation_function']!r} is not GPT-2's gelu_new")
+    if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+        raise ConfigError(f"{path}: non-standard attention scaling is not supported")
+    return hf
+
+
+def infer_config(names, shape_of, hf, config_path):
+    """Config from tensor shapes, with n_head and eps from config.json or GPT-2's released sizes."""
+    for needed in ("wte.weight", "wpe.weight"):
+        if needed not in names:
+            raise CheckpointError(f"missing tensor '{needed}'")
+    (n_vocab, n_embd), (n_ctx, _) = shape_of("wte.weight"), shape_of("wpe.weight")
+    n_layer = 1 + max((int(m.group(1)) for n in names if (m := LAYER.match(n))), default=-1)
+    if hf is not None and "n_head" in hf:
+        n_head, source = hf["n_head"], f"n_head from {config_path}"
+    elif n_embd in KNOWN_SIZES:
+        size, n_head = KNOWN_SIZES[n_embd]
+        source = f"n_head={n_head} assumed from n_embd={n_embd} ({size}); no config.json"
+    else:
+        raise ConfigError(f"cannot infer n_head for n_embd={n_embd}: put a config.json with n_head beside the checkpoint")
+    eps = float(hf.get("layer_norm_epsilon", 1e-5)) if hf else 1e-5
+    cfg = Config(n_vocab=n_vocab, n_ctx=n_ctx, n_embd=n_embd, n_head=n_head, n_layer=n_layer, eps=eps)
+    for key, value in {"vocab_size": n_vocab, "n_positions": n_ctx, "n_embd": n_embd, "n_layer": n_layer}.items():
+        if hf is not None and key in hf and hf[key] != value:
+            raise ConfigError(f"{config_path}: {key}={hf[key]} but the checkpoint's tensors say {value}")
+    return cfg, source
+
+
+def load_params(path):
+    """Read a HF GPT-2 safetensors checkpoint -> (params, Config, LoadInfo). F32 is zero-copy."""
+    weights_path, config_path = resolve(path)
+    st = SafetensorsFile(weights_path)
+    prefix = "transformer." if any(n.startswith("transformer.") for n in st.tensors) else ""
+    stored = {(n[len(prefix):] if n.startswith(prefix) else n): n for n in st.tensors}
+    hf = read_config_json(config_path) if config_path else None
+    cfg, source = infer_config(stored, lambda n: st.tensors[stored[n]].shape, hf, config_path)
+    expected = tensor_shapes(cfg)
+    if "lm_head.weight" in stored:
+        expected["lm_head.weight"] = (cfg.n_vocab, cfg.n_embd)
+    info = LoadInfo(path=weights_path, config_source=source, tied="lm_head.weight" not in expected,
+                    prefix=prefix, file_bytes=os.path.getsize(weights_path))
+    info.ignored = sorted(n for n in stored if BUFFER.fullmatch(n))
+    unexpected = sorted(set(stored) - set(expected) - set(info.ignored))
+    if unexpected:
+        raise CheckpointError(f"{weights_path}: unexpected tensor '{stored[unexpected[0]]}' "
+                              f"({len(unexpected)} in all) for GPT-2 with n_layer={cfg.n_layer}")
+    flat = {}
+    for name, shape in expected.items():
+        if name not in stored:
+            raise CheckpointError(f"{weights_path}: missing tensor '{prefix}{name}' (GPT-2 with n_layer={cfg.n_layer} needs it)")
+        t = st.tensors[stored[name]]
+        if t.shape != shape:
+            raise CheckpointError(f"{weights_path}: tensor '{t.name}' has shape {t.shape}; "
+                                  f"GPT-2 with n_embd={cfg.n_embd}, n_vocab={cfg.n_vocab}, n_ctx={cfg.n_ctx} needs {shape}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{weights_path}: tensor '{t.name}' has dtype {t.dtype}; expected one of {', '.join(FLOAT_DTYPES)}")
+        info.dtypes[t.dtype] = info.dtypes.get(t.dtype, 0) + 1
+        flat[name] = widen(st.array(t.name), t.dtype)
+    params = unflatten(flat)
+    params.setdefault("lm_head", {"weight": params["wte"]["weight"]})
+    return params, cfg, info
+
+
+def random_params(cfg, seed=0):
+    """Seeded random GPT-2 at any config: every weight, bias and LayerNorm gain random (none at 0 or 1)."""
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for name, shape in tensor_shapes(cfg).items():
+        x = rng.standard_normal(shape, dtype=np.float32)
+        if name.endswith("c_proj.weight"):                 # GPT-2's residual-projection scaling
+            x *= np.float32(0.02 / (2 * cfg.n_layer) ** 0.5)
+        elif re.search(r"ln_\w+\.weight", name):
+            x = 1.0 + np.float32(0.1) * x
+        else:
+            x *= np.float32(0.02)
+        flat[name] = x
+    params = unflatten(flat)
+    params["lm_head"] = {"weight": params["wte"]["weight"]}
+    return params
+
+
+def save(params, path, cfg=None, *, dtype="F32", prefix="", metadata=None):
+    """Write params in HF layout. A head tied to wte is not written; `cfg` also writes config.json beside it."""
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}")
+    flat = flatten(params)
+    if flat["lm_head.weight"] is flat["wte.weight"]:
+        del flat["lm_head.weight"]
+    write(path, {(name if name == "lm_head.weight" else prefix + name): (dtype, narrow(a, dtype)) for name, a in flat.items()},
+          {"format": "pt", **(metadata or {})})
+    if cfg is not None:
+        hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.n_vocab,
+              "n_positions": cfg.n_ctx, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+              "layer_norm_epsilon": cfg.eps, "activation_function": "gelu_new"}
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
