@@ -1,1 +1,28 @@
+"""numba kernels for GPT-2's hot paths, as an op table with the call shapes of npgpt.model's ops.
 
+Layout: the kernel GEMV streams weight rows, so `prepare` stores each Conv1D weight [in, out] once as
+`weight_t` [out, in] (the LM head, wte [V, C], already has that layout). Calling the NumPy spec's
+`linear` on a prepared dict fails loudly (no `weight` key) instead of multiplying the wrong way.
+"""
+
+from npgpt.model import REFERENCE
+
+from . import activation, attention, matmul, norm, softmax
+
+KERNELS = REFERENCE._replace(layer_norm=norm.layer_norm, linear=matmul.linear, gelu=activation.gelu,
+                             attention=attention.attention, lm_head=matmul.lm_head)
+
+
+def transpose_linear(layer):                               # {"weight": [in, out], "bias"} -> {"weight_t": [out, in], "bias"}
+    return {"weight_t": matmul.transpose(layer["weight"]), "bias": layer["bias"]}
+
+
+def prepare(params):
+    """params in the kernels' layout; arrays the kernels read as they are (embeddings, LayerNorm) are shared."""
+    blocks = [{**block, "attn": {name: transpose_linear(block["attn"][name]) for name in ("c_attn", "c_proj")},
+               "mlp": {name: transpose_linear(block["mlp"][name]) for name in ("c_fc", "c_proj")}}
+              for block in params["h"]]
+    return {**params, "h": blocks}
+
+
+__all__ = ["KERNELS", "prepare", "activation", "attention", "matmul", "norm", "softmax"]

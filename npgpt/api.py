@@ -17,20 +17,22 @@ from .tokenizer import EOT, get_encoding
 BACKENDS = ("numpy", "numba")
 
 
-def backend_ops(name):
-    """The op table of a backend: 'numpy' is the spec in npgpt.model, 'numba' the kernels package."""
+def resolve_backend(name):
+    """(op table, params preparation) of a backend: 'numpy' is the spec in npgpt.model, 'numba' the kernels."""
     if name == "numpy":
-        return REFERENCE
+        return REFERENCE, lambda params: params
     if name == "numba":
-        from kernels import KERNELS                        # imported on demand: numba start-up is not free
-        return KERNELS
+        import kernels                                     # imported on demand: numba start-up is not free
+        return kernels.KERNELS, kernels.prepare
     raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 class Model:
+    """`params` are the arrays the backend runs on (the numba backend keeps linear weights as [out, in])."""
+
     def __init__(self, params, config, *, backend="numpy", info=None):
-        self.params, self.config, self.info = params, config, info
-        self.backend, self.ops = backend, backend_ops(backend)
+        self.ops, prepare = resolve_backend(backend)
+        self.params, self.config, self.info, self.backend = prepare(params), config, info, backend
 
     def forward(self, ids, cache=None, last=False):        # [T] or [B, T] -> float32 [T, V] or [B, T, V]
         return forward(self.params, ids, self.config, ops=self.ops, cache=cache, last=last)

@@ -1,0 +1,84 @@
+"""Matrix products. Weights are rows of outputs, W [out, in] (the loader transposes HF's Conv1D once,
+see kernels.prepare): decode streams each row once with a contiguous dot; prefill hands BLAS the
+same array transposed, which sgemm reads at full speed."""
+
+import numba
+import numpy as np
+
+from .jit import parallel
+
+GEMV_MAX_ROWS = 16                                         # more input rows than this: BLAS sgemm wins (bench-measured)
+
+
+@parallel
+def gemv(x, w, b):                                         # [N, K] x [M, K] rows (+ [M] or None) -> [N, M]
+    N, K = x.shape
+    M = w.shape[0]
+    out = np.empty((N, M), dtype=np.float32)
+    for m in numba.prange(M):                              # one pass over each weight row serves all N inputs
+        row = w[m]
+        n = 0
+        while n + 4 <= N:                                  # four dots at once share each load of the row
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for k in range(K):
+                r = row[k]
+                s0 += x[n, k] * r
+                s1 += x[n + 1, k] * r
+                s2 += x[n + 2, k] * r
+                s3 += x[n + 3, k] * r
+            out[n, m], out[n + 1, m], out[n + 2, m], out[n + 3, m] = s0, s1, s2, s3
+            n += 4
+        while n < N:
+            s = np.float32(0.0)
+            for k in range(K):
+                s += x[n, k] * row[k]
+            out[n, m] = s
+            n += 1
+        if b is not None:
+            for n in range(N):
+                out[n, m] += b[m]
+    return out
+
+
+@parallel
+def add_bias(y, b):                                        # [N, M] += [M], in place
+    for n in numba.prange(y.shape[0]):
+        for m in range(y.shape[1]):
+            y[n, m] += b[m]
+    return y
+
+
+@parallel
+def transpose(a):                                          # [R, C] -> [C, R], contiguous
+    """Tile by tile, so both the reads and the writes stay within cache lines (NumPy's .T copy is ~20x slower)."""
+    R, C = a.shape
+    out = np.empty((C, R), dtype=a.dtype)
+    tile = 32
+    for ti in numba.prange((R + tile - 1) // tile):
+        r0 = ti * tile
+        r1 = min(r0 + tile, R)
+        for c0 in range(0, C, tile):
+            c1 = min(c0 + tile, C)
+            for r in range(r0, r1):
+                for c in range(c0, c1):
+                    out[c, r] = a[r, c]
+    return out
+
+
+def matmul_rows(x, w, b=None):                             # [..., K] x [M, K] rows (+ [M]) -> [..., M]
+    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    if x2.shape[0] <= GEMV_MAX_ROWS:
+        y = gemv(x2, w, b)
+    else:
+        y = x2 @ w.T
+        if b is not None:
+            add_bias(y, b)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def linear(x, weight_t, bias):                             # [..., in], [out, in], [out] -> [..., out]; W transposed once at load
+    return matmul_rows(x, weight_t, bias)
+
+
+def lm_head(x, weight):                                    # [..., C], [V, C] -> [..., V]; wte already has rows per output
+    return matmul_rows(x, weight)

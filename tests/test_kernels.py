@@ -1,0 +1,108 @@
+"""Every kernel against the spec function it replaces, on odd shapes (T=1, T not a multiple of any
+block, head_dim 10, n_embd 60/180, batch 3). Tolerance: fp32 max-abs relative to max(1, max|ref|);
+the kernels sum in a different order (vectorized partial sums), so results differ in the last bits."""
+
+import numpy as np
+import pytest
+
+import kernels
+import npgpt
+from kernels import activation, attention, matmul, norm, softmax
+from npgpt import model as spec
+from npgpt.cache import KVCache
+from conftest import TINY, max_rel_err
+
+TOL = 1e-5
+rng = np.random.default_rng(42)
+
+
+def randn(*shape, scale=1.0):
+    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 60), (3, 97, 180), (2, 5, 768)])
+def test_layer_norm(shape):
+    x, w, b = randn(*shape, scale=3.0) + np.float32(2.0), randn(shape[-1]), randn(shape[-1])
+    got = norm.layer_norm(x, w, b, 1e-5)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    assert max_rel_err(got, spec.layer_norm(x, w, b, 1e-5)) < TOL
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 240), (3, 97, 720)])
+def test_gelu(shape):
+    x = randn(*shape, scale=4.0)
+    assert max_rel_err(activation.gelu(x), spec.gelu(x)) < TOL
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 97), (2, 1000)])
+def test_softmax(shape):
+    x = randn(*shape, scale=5.0)
+    assert max_rel_err(softmax.softmax(x), spec.softmax(x)) < TOL
+
+
+@pytest.mark.parametrize("T, S", [(1, 1), (1, 40), (7, 7), (97, 97), (5, 33)])
+def test_causal_softmax(T, S):
+    scores = randn(3, 2, T, S, scale=4.0)
+    want = spec.softmax(scores / np.float32(np.sqrt(10.0)) + spec.causal_mask(T, S))
+    assert max_rel_err(softmax.causal_softmax(scores.copy(), 10), want) < TOL
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 97])               # GEMV below 17 rows, BLAS above
+@pytest.mark.parametrize("n_in, n_out", [(60, 180), (180, 60), (768, 50)])
+def test_linear(rows, n_in, n_out):
+    x, w, b = randn(rows, n_in), randn(n_in, n_out, scale=0.1), randn(n_out)
+    got = kernels.matmul.linear(x, **kernels.transpose_linear({"weight": w, "bias": b}))
+    assert got.shape == (rows, n_out)
+    assert max_rel_err(got, spec.linear(x, w, b)) < TOL
+
+
+@pytest.mark.parametrize("shape", [(1, 60), (3, 1, 60), (2, 19, 60)])
+def test_lm_head(shape):
+    x, wte = randn(*shape), randn(1000, 60)
+    assert max_rel_err(matmul.lm_head(x, wte), spec.lm_head(x, wte)) < TOL
+
+
+def test_transpose_matches_numpy():
+    a = randn(97, 45)
+    assert np.array_equal(matmul.transpose(a), a.T)
+
+
+@pytest.mark.parametrize("B, T, S", [(1, 1, 1), (3, 1, 50), (2, 4, 9), (1, 5, 5), (3, 97, 97), (2, 17, 40)])
+def test_attention_on_strided_views(B, T, S):                # q, k, v as the spec makes them: views of a qkv array
+    H, D = 6, 10
+    qkv = randn(B, S, 3 * H * D)
+    q, k, v = (spec.split_heads(a, H) for a in np.split(qkv, 3, axis=-1))
+    q = q[:, :, S - T:]
+    assert max_rel_err(attention.attention(q, k, v), spec.attention(q, k, v)) < TOL
+
+
+def test_decode_attention_reads_the_kv_cache_in_place():
+    cache = KVCache(TINY, batch=2)
+    layer = cache.layer(0)
+    layer.append(randn(2, 6, 30, 10), randn(2, 6, 30, 10))
+    cache.advance(30)
+    q = randn(2, 6, 1, 10)
+    k, v = layer.append(randn(2, 6, 1, 10), randn(2, 6, 1, 10))
+    assert attention.contiguous_keys(k) is layer.k             # no copy of the cache
+    assert max_rel_err(attention.attention(q, k, v), spec.attention(q, k, v)) < TOL
+
+
+def test_kernel_table_replaces_every_op():
+    assert all(getattr(kernels.KERNELS, op) is not getattr(spec.REFERENCE, op) for op in spec.Ops._fields)
+
+
+def test_prepared_params_refuse_the_numpy_linear(tiny_params):
+    layer = kernels.prepare(tiny_params)["h"][0]["attn"]["c_attn"]
+    with pytest.raises(TypeError):
+        spec.linear(np.zeros((1, 60), np.float32), **layer)
+
+
+def test_numba_cache_dir_falls_back_when_package_is_read_only(tmp_path, monkeypatch):
+    from kernels.jit import choose_cache_dir
+    readonly = tmp_path / "pkg"
+    readonly.mkdir()
+    monkeypatch.setattr("os.access", lambda path, mode: str(path) != str(readonly) and not str(path).startswith(str(readonly)))
+    chosen = choose_cache_dir(str(readonly), env={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert chosen == str(tmp_path / "xdg" / "npgpt" / "numba")
+    assert choose_cache_dir(str(readonly), env={"NUMBA_CACHE_DIR": "/somewhere"}) is None
+    assert choose_cache_dir(str(tmp_path), env={}) is None
