@@ -8,6 +8,7 @@ Layout: the kernel GEMV streams weight rows, so `prepare` stores each Conv1D wei
 from npgpt.model import REFERENCE
 
 from . import activation, attention, matmul, norm, softmax
+from .jit import blas_per_band as runtime
 
 KERNELS = REFERENCE._replace(layer_norm=norm.layer_norm, linear=matmul.linear, gelu=activation.gelu,
                              attention=attention.attention, lm_head=matmul.lm_head)
@@ -25,4 +26,4 @@ def prepare(params):
     return {**params, "h": blocks}
 
 
-__all__ = ["KERNELS", "prepare", "activation", "attention", "matmul", "norm", "softmax"]
+__all__ = ["KERNELS", "prepare", "runtime", "activation", "attention", "matmul", "norm", "softmax"]

@@ -1,13 +1,14 @@
 """Causal attention. Decode (few queries): one fused pass per query row that reads the KV cache in
-place. Prefill: q.k and p.v as BLAS batched products around an in-place causal softmax kernel."""
+place. Prefill: heads split in bands over the cores; per head, q.k and p.v as sgemm around an
+in-place causal softmax kernel."""
 
 import math
 
 import numba
 import numpy as np
 
-from .jit import parallel
-from .softmax import causal_softmax, softmax_row
+from .jit import bands, parallel
+from .softmax import causal_softmax_rows, softmax_row
 
 FUSED_MAX_QUERIES = 4                                      # more queries than this: the BLAS path wins (bench-measured)
 
@@ -48,8 +49,17 @@ def contiguous_keys(a):                                    # [B, H, S, D] -> C-c
 
 
 def attention(q, k, v):                                    # [B, H, T, D], [B, H, S, D] x2 -> [B, H, T, D]
-    if q.shape[2] <= FUSED_MAX_QUERIES:
-        scale = np.float32(1.0 / math.sqrt(q.shape[-1]))
-        return fused_attention(q, contiguous_keys(k), contiguous_keys(v), k.shape[2], scale)
-    probs = causal_softmax(q @ k.transpose(0, 1, 3, 2), q.shape[-1])   # [B, H, T, S]
-    return probs @ v
+    B, H, T, D = q.shape
+    if T <= FUSED_MAX_QUERIES:
+        return fused_attention(q, contiguous_keys(k), contiguous_keys(v), k.shape[2], np.float32(1.0 / math.sqrt(D)))
+    q3, k3, v3 = (a.reshape(B * H, *a.shape[2:]) for a in (q, k, v))          # [B*H, T or S, D]
+    out = np.empty((B * H, T, D), dtype=np.float32)
+    scale = np.float32(1.0 / math.sqrt(D))
+    bands(lambda heads: _prefill_band(q3[heads], k3[heads], v3[heads], scale, out[heads]), B * H)
+    return out.reshape(B, H, T, D)
+
+
+def _prefill_band(q, k, v, scale, out):                    # [n, T, D], [n, S, D] x2 -> out [n, T, D]
+    scores = np.matmul(q, k.transpose(0, 2, 1))            # [n, T, S], single-threaded sgemm per head
+    causal_softmax_rows(scores, scale)
+    np.matmul(scores, v, out=out)

@@ -1,9 +1,22 @@
-"""The one place that says how kernels are compiled, and where their compiled code is cached."""
+"""How kernels are compiled, where their compiled code is cached, and how work is spread over cores.
 
+Two ways to use the cores, never mixed within a phase:
+- decode (a few rows): numba `prange` kernels on numba's OpenMP threads; no BLAS at all.
+- prefill (many rows): `bands` splits the rows over a pool of Python threads, each running a
+  single-threaded sgemm or a `nogil` numba kernel on its band.
+OpenBLAS's and OpenMP's worker threads both spin for a while after their work; interleaving them
+on a machine with as many threads as cores halved the speed of whatever ran next (measured: a
+LayerNorm kernel 30x slower right after a multi-threaded sgemm).
+"""
+
+import contextlib
 import os
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
+from threadpoolctl import ThreadpoolController
 
 # reassoc + contract let LLVM vectorize float32 reductions and use FMA. Not fastmath=True: that also
 # assumes no inf/nan, and the causal mask and softmax rely on -inf.
@@ -34,4 +47,40 @@ if _cache_dir:                                            # an installed, read-o
     numba.config.CACHE_DIR = _cache_dir
 
 parallel = numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-serial = numba.njit(fastmath=FASTMATH, cache=True)
+serial = numba.njit(nogil=True, fastmath=FASTMATH, cache=True)   # nogil: bands of it run on Python threads at once
+
+_BLAS = ThreadpoolController()
+_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="npgpt")
+
+
+DECODE_ROWS = 16                                           # up to this many rows (B*T) is decode-sized work
+
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def blas_per_band():
+    """Hold numpy's BLAS at one thread for a whole forward pass (npgpt.Model enters this). Switching
+    it per call instead cost ~1.5x on prefill GEMMs; outside this context `bands` still switches."""
+    if getattr(_state, "inside", False):
+        yield
+        return
+    with _BLAS.limit(limits=1, user_api="blas"):
+        _state.inside = True
+        try:
+            yield
+        finally:
+            _state.inside = False
+
+
+def bands(fn, n):                                          # fn(slice) over range(n), one contiguous band per thread
+    """Run fn on numba.get_num_threads() bands of n rows at once, BLAS single-threaded inside each.
+    Decode-sized work runs inline: waking threads would cost more than it saves."""
+    P = 1 if n <= DECODE_ROWS else min(numba.get_num_threads(), n)
+    if P == 1:
+        fn(slice(0, n))
+        return
+    with blas_per_band():
+        for f in [_POOL.submit(fn, slice(p * n // P, (p + 1) * n // P)) for p in range(P)]:
+            f.result()

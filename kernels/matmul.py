@@ -1,13 +1,12 @@
 """Matrix products. Weights are rows of outputs, W [out, in] (the loader transposes HF's Conv1D once,
-see kernels.prepare): decode streams each row once with a contiguous dot; prefill hands BLAS the
-same array transposed, which sgemm reads at full speed."""
+see kernels.prepare): decode streams each row once with a contiguous dot on every core; prefill gives
+each core a band of rows and a single-threaded sgemm on the same array transposed."""
 
 import numba
 import numpy as np
 
-from .jit import parallel
+from .jit import DECODE_ROWS, bands, parallel
 
-GEMV_MAX_ROWS = 16                                         # more input rows than this: BLAS sgemm wins (bench-measured)
 
 
 @parallel
@@ -41,14 +40,6 @@ def gemv(x, w, b):                                         # [N, K] x [M, K] row
 
 
 @parallel
-def add_bias(y, b):                                        # [N, M] += [M], in place
-    for n in numba.prange(y.shape[0]):
-        for m in range(y.shape[1]):
-            y[n, m] += b[m]
-    return y
-
-
-@parallel
 def transpose(a):                                          # [R, C] -> [C, R], contiguous
     """Tile by tile, so both the reads and the writes stay within cache lines (NumPy's .T copy is ~20x slower)."""
     R, C = a.shape
@@ -67,13 +58,18 @@ def transpose(a):                                          # [R, C] -> [C, R], c
 
 def matmul_rows(x, w, b=None):                             # [..., K] x [M, K] rows (+ [M]) -> [..., M]
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
-    if x2.shape[0] <= GEMV_MAX_ROWS:
+    if x2.shape[0] <= DECODE_ROWS:
         y = gemv(x2, w, b)
     else:
-        y = x2 @ w.T
-        if b is not None:
-            add_bias(y, b)
+        y = np.empty((x2.shape[0], w.shape[0]), dtype=np.float32)
+        bands(lambda r: _gemm_band(x2[r], w, b, y[r]), x2.shape[0])
     return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def _gemm_band(x, w, b, out):                              # [n, K] x [M, K]^T (+ [M]) -> out [n, M]
+    np.matmul(x, w.T, out=out)
+    if b is not None:
+        out += b
 
 
 def linear(x, weight_t, bias):                             # [..., in], [out, in], [out] -> [..., out]; W transposed once at load

@@ -2,10 +2,9 @@
 
 import math
 
-import numba
 import numpy as np
 
-from .jit import parallel, serial
+from .jit import bands, serial
 
 
 @serial
@@ -25,31 +24,33 @@ def softmax_row(row, n):                                   # row[:n] -> probabil
         row[s] = 0.0
 
 
-@parallel
-def _softmax(x):                                           # [N, S] -> [N, S]
-    out = x.copy()
-    for i in numba.prange(x.shape[0]):
-        softmax_row(out[i], x.shape[1])
-    return out
+@serial
+def softmax_rows(x):                                       # [N, S] in place
+    for i in range(x.shape[0]):
+        softmax_row(x[i], x.shape[1])
 
 
 def softmax(x):                                            # [..., S] -> [..., S]
-    return _softmax(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+    out = np.array(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    bands(lambda r: softmax_rows(out[r]), out.shape[0])
+    return out.reshape(x.shape)
 
 
-@parallel
-def _causal_softmax_(scores, scale):                       # [R, T, S] in place: softmax(scale * scores + causal mask)
+@serial
+def causal_softmax_rows(scores, scale):                    # [R, T, S] in place: softmax(scale * scores + causal mask)
     R, T, S = scores.shape
-    for i in numba.prange(R * T):
-        r, t = i // T, i % T
-        row = scores[r, t]
-        n = S - T + t + 1                                  # query t sees keys 0 .. S-T+t
-        for s in range(n):
-            row[s] *= scale
-        softmax_row(row, n)
+    for r in range(R):
+        for t in range(T):
+            row = scores[r, t]
+            n = S - T + t + 1                              # query t sees keys 0 .. S-T+t
+            for s in range(n):
+                row[s] *= scale
+            softmax_row(row, n)
 
 
 def causal_softmax(scores, head_dim):                      # [B, H, T, S] raw q.k -> [B, H, T, S] probabilities, in place
     B, H, T, S = scores.shape
-    _causal_softmax_(scores.reshape(B * H, T, S), np.float32(1.0 / math.sqrt(head_dim)))
+    flat = scores.reshape(B * H, T, S)
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    bands(lambda r: causal_softmax_rows(flat[r], scale), B * H)
     return scores

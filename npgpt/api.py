@@ -1,5 +1,6 @@
 """The public object: a GPT-2 model = params + Config + a backend's op table."""
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -18,12 +19,13 @@ BACKENDS = ("numpy", "numba")
 
 
 def resolve_backend(name):
-    """(op table, params preparation) of a backend: 'numpy' is the spec in npgpt.model, 'numba' the kernels."""
+    """(op table, params preparation, context a forward pass runs in) of a backend:
+    'numpy' is the spec in npgpt.model, 'numba' the kernels package."""
     if name == "numpy":
-        return REFERENCE, lambda params: params
+        return REFERENCE, lambda params: params, contextlib.nullcontext
     if name == "numba":
         import kernels                                     # imported on demand: numba start-up is not free
-        return kernels.KERNELS, kernels.prepare
+        return kernels.KERNELS, kernels.prepare, kernels.runtime
     raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -31,11 +33,12 @@ class Model:
     """`params` are the arrays the backend runs on (the numba backend keeps linear weights as [out, in])."""
 
     def __init__(self, params, config, *, backend="numpy", info=None):
-        self.ops, prepare = resolve_backend(backend)
+        self.ops, prepare, self._runtime = resolve_backend(backend)
         self.params, self.config, self.info, self.backend = prepare(params), config, info, backend
 
     def forward(self, ids, cache=None, last=False):        # [T] or [B, T] -> float32 [T, V] or [B, T, V]
-        return forward(self.params, ids, self.config, ops=self.ops, cache=cache, last=last)
+        with self._runtime():
+            return forward(self.params, ids, self.config, ops=self.ops, cache=cache, last=last)
 
     def new_cache(self, batch=1):
         return KVCache(self.config, batch=batch)
@@ -50,7 +53,7 @@ class Model:
 
     def _tokens(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
         ids, kind = self._prompt_ids(prompt)
-        steps = generate_ids(self.params, self.config, ids, ops=self.ops, max_new_tokens=max_new_tokens,
+        steps = generate_ids(self, ids, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return ids, steps, kind
 

@@ -41,6 +41,40 @@ def cmd_inspect(args):
         print(f"ignored    {len(info.ignored)} attention-mask buffers ({info.ignored[0]}, ...)")
 
 
+def _ints(text):
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _backends(text):
+    names = [v for v in text.split(",") if v]
+    unknown = [n for n in names if n not in api.BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown backend {unknown[0] if unknown else text!r}; choose from {', '.join(api.BACKENDS)}")
+    return names
+
+
+def cmd_bench(args):
+    from . import bench                                   # numba and threadpoolctl load only for the bench
+
+    if args.compare == "torch":
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            raise NpgptError(f"--compare torch needs torch and transformers ({e}); pip install '.[compare]'") from None
+    report = bench.run(weights_path=args.weights, config=args.config, backends=args.backend, prompts=args.p,
+                       gens=args.n, batches=args.b, threads=args.t, reps=args.reps, compare=args.compare)
+    print(bench.table(report))
+    if args.json:
+        bench.dump_json(report, args.json)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="npgpt", description="GPT-2 in NumPy, with numba kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +93,19 @@ def build_parser():
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="prefill and decode tokens/s per backend, against the machine's limits")
+    b.add_argument("--weights", help="model.safetensors (default: seeded random model at --config shapes)")
+    b.add_argument("--config", default="gpt2", choices=list(PRESETS))
+    b.add_argument("--backend", type=_backends, default=["numpy", "numba"], help="comma-separated (default numpy,numba)")
+    b.add_argument("-p", type=_ints, default=[128, 512], help="prompt lengths for pp tests (default 128,512)")
+    b.add_argument("-n", type=_ints, default=[128], help="tokens to decode for tg tests (default 128)")
+    b.add_argument("-b", type=_ints, default=[1], help="batch sizes (default 1)")
+    b.add_argument("-t", type=int, default=None, help="threads for numba and BLAS (default: all cores)")
+    b.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (default 3)")
+    b.add_argument("--json", help="also write the report as JSON to this file")
+    b.add_argument("--compare", choices=["torch"], help="also run transformers' GPT-2 in PyTorch on the same weights")
+    b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("inspect", help="print a checkpoint's config, parameter count, dtypes and size")
     i.add_argument("path")

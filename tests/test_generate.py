@@ -55,11 +55,11 @@ def test_batch_generation_equals_rows_alone(tiny):
 
 
 def test_stops_at_stop_token_and_pads_finished_rows(tiny_params):
-    first = int(next(generate_ids(tiny_params, TINY, [PROMPT], temperature=0))[0])
-    steps = list(generate_ids(tiny_params, TINY, [PROMPT], temperature=0, max_new_tokens=10, stop_token=first))
+    first = int(next(generate_ids(npgpt.Model(tiny_params, TINY), [PROMPT], temperature=0))[0])
+    steps = list(generate_ids(npgpt.Model(tiny_params, TINY), [PROMPT], temperature=0, max_new_tokens=10, stop_token=first))
     assert [int(s[0]) for s in steps] == [first]           # the stop token is the last one yielded
     ids = np.array([PROMPT, [1, 2, 3, 4]])
-    steps = np.stack(list(generate_ids(tiny_params, TINY, ids, temperature=0, max_new_tokens=5, stop_token=first)), 1)
+    steps = np.stack(list(generate_ids(npgpt.Model(tiny_params, TINY), ids, temperature=0, max_new_tokens=5, stop_token=first)), 1)
     assert steps[0].tolist() == [first] * len(steps[0])    # finished row keeps the stop token
 
 

@@ -1,0 +1,245 @@
+"""`npgpt bench`: prefill (pp) and decode (tg) tokens/s per backend, next to the machine's own limits.
+
+pp<T>: one forward over T tokens per sequence (all T positions' logits), from an empty context.
+tg<N>: N tokens fed one at a time through the KV cache, from an empty context (as llama-bench does).
+Each figure is the median over --reps runs after one warm-up run, with the standard deviation; the
+backends take turns within each round, so a noisy neighbour slows them alike.
+Bounds: decode reads every weight once per step, so t/s <= read bandwidth / weight bytes x batch;
+prefill does ~2 FLOP per weight per token, so t/s <= sgemm FLOP/s / FLOP per token.
+"""
+
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numba
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+import weights
+
+from . import api
+
+_BANDWIDTH_BYTES = 2**29                                   # 512 MiB: far past any last-level cache
+
+
+@numba.njit(parallel=True, fastmath={"reassoc"}, cache=True)
+def _read_all(a):                                          # [R, C] -> [R]: touches every byte once, both cores
+    out = np.empty(a.shape[0], dtype=np.float32)
+    for i in numba.prange(a.shape[0]):
+        s = np.float32(0.0)
+        for j in range(a.shape[1]):
+            s += a[i, j]
+        out[i] = s
+    return out
+
+
+def measure_ceilings(reps=5):
+    """Memory read bandwidth (GB/s) and sgemm GFLOP/s at 1024x768x3072, best of `reps`."""
+    big = np.ones((_BANDWIDTH_BYTES // 4096, 1024), dtype=np.float32)
+    _read_all(big)
+    bandwidth = max(big.nbytes / _timed(_read_all, big) for _ in range(reps)) / 1e9
+    a, b = np.ones((1024, 768), np.float32), np.ones((768, 3072), np.float32)
+    a @ b
+    gflops = max(2 * 1024 * 768 * 3072 / _timed(np.matmul, a, b) for _ in range(reps)) / 1e9
+    return {"read_bandwidth_gbs": round(bandwidth, 2), "sgemm_gflops": round(gflops, 1)}
+
+
+def _timed(f, *args):
+    t = time.perf_counter()
+    f(*args)
+    return time.perf_counter() - t
+
+
+def decode_bytes_per_step(params):
+    """Bytes a decode step reads: every array except the embedding tables (wte is read whole as the LM head,
+    wpe one row)."""
+    flat = weights.flatten(params)
+    seen, total = set(), 0
+    for name, a in flat.items():
+        if name != "wpe.weight" and id(a) not in seen:     # a tied head is the same array as wte: count once
+            seen.add(id(a))
+            total += a.nbytes
+    return total
+
+
+def flops_per_token(cfg, T):
+    """2 FLOP per matmul weight (blocks + LM head) plus causal attention's q.k and p.v at average length T/2."""
+    matmul_weights = cfg.n_layer * 12 * cfg.n_embd**2 + cfg.n_vocab * cfg.n_embd
+    return 2 * matmul_weights + cfg.n_layer * 2 * 2 * cfg.n_embd * (T + 1) / 2
+
+
+@dataclass
+class Result:
+    model: str
+    params: int
+    backend: str
+    weights: str
+    threads: int
+    batch: int
+    test: str
+    tokens_per_s: float
+    std: float
+    bound: float
+    samples: list
+
+    @property
+    def pct(self):
+        return 100 * self.tokens_per_s / self.bound
+
+
+def _prefill(forward, ids):
+    forward(ids)
+
+
+def _decode(forward, new_cache, ids):
+    cache = new_cache(ids.shape[0])
+    for t in range(ids.shape[1]):
+        forward(ids[:, t : t + 1], cache)
+
+
+def _interleaved(fns, tokens, reps, log):
+    """Time every runner once per round, round after round: drift on a shared machine hits all alike."""
+    for fn in fns:
+        fn()                                               # warm-up: caches, page faults, thread pools
+    samples = [[] for _ in fns]
+    for i in range(reps):
+        for fn, out in zip(fns, samples):
+            out.append(tokens / _timed(fn))
+        log(f"  round {i + 1}/{reps}: " + ", ".join(f"{s[-1]:.1f}" for s in samples) + " t/s")
+    return [(statistics.median(s), statistics.stdev(s) if reps > 1 else 0.0, s) for s in samples]
+
+
+class TorchBaseline:
+    """The same weights in Hugging Face transformers' GPT2LMHeadModel, PyTorch eager fp32."""
+
+    def __init__(self, params, cfg, threads):
+        import torch
+        import transformers
+
+        torch.set_num_threads(threads)
+        hf = transformers.GPT2Config(vocab_size=cfg.n_vocab, n_positions=cfg.n_ctx, n_embd=cfg.n_embd,
+                                     n_layer=cfg.n_layer, n_head=cfg.n_head, layer_norm_epsilon=cfg.eps)
+        self.torch, self.model = torch, transformers.GPT2LMHeadModel(hf).eval()
+        state = {"transformer." + n: torch.from_numpy(np.array(a)) for n, a in weights.flatten(params).items()
+                 if n != "lm_head.weight"}
+        missing, _ = self.model.load_state_dict(state, strict=False)
+        if set(missing) - {"lm_head.weight"}:
+            raise RuntimeError(f"torch baseline: weights not set: {missing}")
+        self.version = f"torch {torch.__version__}, transformers {transformers.__version__}"
+
+    def forward(self, ids, cache=None):
+        with self.torch.no_grad():
+            out = self.model(self.torch.from_numpy(ids), past_key_values=cache.get("past"), use_cache=True)
+        cache["past"] = out.past_key_values
+        return out.logits
+
+    def prefill(self, ids):
+        with self.torch.no_grad():
+            self.model(self.torch.from_numpy(ids), use_cache=False)
+
+
+def jit_cache_stats():
+    """(hits, misses) of numba's on-disk cache over every kernel dispatcher loaded so far."""
+    import kernels
+
+    hits = misses = 0
+    for module in (kernels.activation, kernels.attention, kernels.matmul, kernels.norm, kernels.softmax):
+        for f in vars(module).values():
+            if isinstance(f, numba.core.registry.CPUDispatcher):
+                hits += sum(f.stats.cache_hits.values())
+                misses += sum(f.stats.cache_misses.values())
+    return hits, misses
+
+
+def run(*, weights_path=None, config="gpt2", backends=("numpy", "numba"), prompts=(128, 512), gens=(128,),
+        batches=(1,), threads=None, reps=3, compare=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
+    """Run every (backend, batch, test) and return a report dict (results, ceilings, JIT timings)."""
+    threads = threads or numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(threads)
+    report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
+                          "numba_threading_layer": None}, "jit": {}, "results": []}
+    with threadpool_limits(limits=threads):
+        log(f"measuring machine ceilings ({threads} threads) ...")
+        report["ceilings"] = ceilings = measure_ceilings()
+        t = time.perf_counter()
+        if weights_path:
+            base = api.load(weights_path)
+            name = f"{weights_path}"
+        else:
+            base = api.random_model(config, seed=0)
+            name = f"{config} (random)"
+        cfg = base.config
+        log(f"model {name}: {cfg.n_params / 1e6:.1f} M params, ready in {time.perf_counter() - t:.1f} s")
+        rng = np.random.default_rng(0)
+        runners = []
+        for backend in backends:
+            t = time.perf_counter()
+            model = base if backend == "numpy" else api.Model(base.params, cfg, backend=backend, info=base.info)
+            prepared = time.perf_counter() - t
+            if backend == "numba":
+                t = time.perf_counter()
+                model.forward(np.zeros(1, np.int64))                    # first call: compiles or loads the JIT cache
+                hits, misses = jit_cache_stats()
+                report["jit"] = {"prepare_s": round(prepared, 3), "first_token_s": round(time.perf_counter() - t, 3),
+                                 "cache_hits": hits, "cache_misses": misses,
+                                 "state": "compiled (cold)" if misses else "loaded from cache (warm)"}
+                report["machine"]["numba_threading_layer"] = numba.threading_layer()
+                log(f"numba: prepare {prepared:.2f} s, first token {report['jit']['first_token_s']:.2f} s, "
+                    f"{report['jit']['state']}")
+            runners.append((backend, model.forward, lambda b, m=model: m.new_cache(b), model.forward))
+        if compare == "torch":
+            baseline = TorchBaseline(base.params, cfg, threads)
+            report["torch"] = baseline.version
+            runners.append(("torch", baseline.prefill, lambda b: {}, baseline.forward))
+        step_bytes = decode_bytes_per_step(base.params)
+        for B in batches:
+            for kind, n in [("pp", T) for T in prompts] + [("tg", N) for N in gens]:
+                if n > cfg.n_ctx:
+                    log(f"skip {kind}{n}: longer than the context ({cfg.n_ctx})")
+                    continue
+                ids = rng.integers(0, cfg.n_vocab, size=(B, n))
+                if kind == "pp":
+                    fns = [lambda prefill=prefill: _prefill(prefill, ids) for _, prefill, _, _ in runners]
+                    bound = ceilings["sgemm_gflops"] * 1e9 / flops_per_token(cfg, n)
+                else:
+                    fns = [lambda step=step, new_cache=new_cache: _decode(step, new_cache, ids) for _, _, new_cache, step in runners]
+                    bound = B * ceilings["read_bandwidth_gbs"] * 1e9 / step_bytes
+                log(f"b{B} {kind}{n}: " + ", ".join(r[0] for r in runners))
+                for (backend, *_), (median, std, samples) in zip(runners, _interleaved(fns, B * n, reps, log)):
+                    report["results"].append(asdict(Result(name, cfg.n_params, backend, "fp32", threads, B, f"{kind}{n}",
+                                                            round(median, 2), round(std, 2), round(bound, 2),
+                                                            [round(s, 2) for s in samples])))
+    return report
+
+
+def table(report):
+    """The results as a llama-bench style markdown table, then the ceilings, JIT timings and torch ratios."""
+    rows = ["| model | params | backend | weights | threads | batch | test | t/s | % of bound |",
+            "| --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: |"]
+    for r in report["results"]:
+        rows.append(f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['backend']} | {r['weights']} | {r['threads']} | "
+                    f"{r['batch']} | {r['test']} | {r['tokens_per_s']:.2f} ± {r['std']:.2f} | "
+                    f"{100 * r['tokens_per_s'] / r['bound']:.0f}% |")
+    c = report["ceilings"]
+    rows.append("")
+    rows.append(f"ceilings: memory read {c['read_bandwidth_gbs']:.1f} GB/s, sgemm {c['sgemm_gflops']:.0f} GFLOP/s "
+                f"(1024x768x3072), {report['machine']['threads']} threads")
+    if report.get("jit"):
+        j = report["jit"]
+        rows.append(f"numba: first token {j['first_token_s']:.2f} s after load ({j['state']}; "
+                    f"{j['cache_hits']} cache hits, {j['cache_misses']} misses), weight layout prepared in {j['prepare_s']:.2f} s")
+    by_key = {(r["backend"], r["batch"], r["test"]): r["tokens_per_s"] for r in report["results"]}
+    ratios = [f"{test} b{b}: {by_key[(be, b, test)] / t:.2f}x" for (be0, b, test), t in by_key.items() if be0 == "torch"
+              for be in ["numba"] if (be, b, test) in by_key]
+    if ratios:
+        rows.append(f"numba / torch ({report['torch']}): " + ", ".join(ratios))
+    return "\n".join(rows)
+
+
+def dump_json(report, path):
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
