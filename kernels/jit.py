@@ -74,10 +74,10 @@ def blas_per_band():
             _state.inside = False
 
 
-def bands(fn, n):                                          # fn(slice) over range(n), one contiguous band per thread
+def bands(fn, n, inline_upto=DECODE_ROWS):                 # fn(slice) over range(n), one contiguous band per thread
     """Run fn on numba.get_num_threads() bands of n rows at once, BLAS single-threaded inside each.
-    Decode-sized work runs inline: waking threads would cost more than it saves."""
-    P = 1 if n <= DECODE_ROWS else min(numba.get_num_threads(), n)
+    Decode-sized work (n <= inline_upto) runs inline: waking threads would cost more than it saves."""
+    P = 1 if n <= inline_upto else min(numba.get_num_threads(), n)
     if P == 1:
         fn(slice(0, n))
         return
