@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 import weights
 
 from . import api
+from .errors import InputError
 
 _BANDWIDTH_BYTES = 2**29                                   # 512 MiB: far past any last-level cache
 
@@ -159,6 +160,10 @@ def run(*, weights_path=None, config="gpt2", backends=("numpy", "numba"), prompt
         batches=(1,), threads=None, reps=3, compare=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
     """Run every (backend, batch, test) and return a report dict (results, ceilings, JIT timings)."""
     threads = threads or numba.config.NUMBA_NUM_THREADS
+    if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+        raise InputError(f"-t {threads}: this machine runs 1 to {numba.config.NUMBA_NUM_THREADS} threads")
+    if reps < 1:
+        raise InputError(f"--reps {reps}: need at least 1")
     numba.set_num_threads(threads)
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
                           "numba_threading_layer": None}, "jit": {}, "results": []}
