@@ -1,6 +1,6 @@
 """Matrix products. Weights are rows of outputs, W [out, in] (the loader transposes HF's Conv1D once,
 see kernels.prepare): decode streams each row once with a contiguous dot on every core; prefill gives
-each core a band of rows and a single-threaded sgemm on the same array transposed."""
+each core a band of output columns and a single-threaded sgemm on the same array transposed."""
 
 import numba
 import numpy as np
@@ -67,11 +67,12 @@ def matmul_rows(x, w, b=None):                             # [..., K] x [M, K] r
         y = gemv(x2, w, b)
     else:
         y = np.empty((x2.shape[0], w.shape[0]), dtype=np.float32)
-        bands(lambda r: _gemm_band(x2[r], w, b, y[r]), x2.shape[0])
+        bands(lambda cols: _gemm_band(x2, w[cols], None if b is None else b[cols], y[:, cols]), w.shape[0], inline_upto=1)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-def _gemm_band(x, w, b, out):                              # [n, K] x [M, K]^T (+ [M]) -> out [n, M]
+def _gemm_band(x, w, b, out):                              # [N, K] x [m, K]^T (+ [m]) -> out [N, m], a band of output columns
+    """Each core takes a band of the weight's rows: it reads only its share of W, and x is small."""
     np.matmul(x, w.T, out=out)
     if b is not None:
         out += b
