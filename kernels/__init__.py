@@ -5,6 +5,9 @@ Layout: the kernel GEMV streams weight rows, so `prepare` stores each Conv1D wei
 `linear` on a prepared dict fails loudly (no `weight` key) instead of multiplying the wrong way.
 """
 
+import numpy as np
+
+from npgpt import quant
 from npgpt.model import REFERENCE
 
 from . import activation, attention, matmul, norm, softmax
@@ -14,8 +17,20 @@ KERNELS = REFERENCE._replace(layer_norm=norm.layer_norm, linear=matmul.linear, g
                              attention=attention.attention, lm_head=matmul.lm_head)
 
 
+def rows(w):                                               # Conv1D weight [in, out] in any format -> rows [out, in]
+    if isinstance(w, quant.BF16):
+        return quant.BF16(matmul.transpose(w.bits))
+    if isinstance(w, quant.Int8):
+        return quant.Int8(matmul.transpose(w.q), np.ascontiguousarray(w.scale.ravel()))
+    return matmul.transpose(w)
+
+
+def head_rows(w):                                          # LM head [V, C]: already rows; int8 scale [V, 1] -> [V]
+    return quant.Int8(w.q, np.ascontiguousarray(w.scale.ravel())) if isinstance(w, quant.Int8) else w
+
+
 def transpose_linear(layer):                               # {"weight": [in, out], "bias"} -> {"weight_t": [out, in], "bias"}
-    return {"weight_t": matmul.transpose(layer["weight"]), "bias": layer["bias"]}
+    return {"weight_t": rows(layer["weight"]), "bias": layer["bias"]}
 
 
 def prepare(params):
@@ -23,7 +38,7 @@ def prepare(params):
     blocks = [{**block, "attn": {name: transpose_linear(block["attn"][name]) for name in ("c_attn", "c_proj")},
                "mlp": {name: transpose_linear(block["mlp"][name]) for name in ("c_fc", "c_proj")}}
               for block in params["h"]]
-    return {**params, "h": blocks}
+    return {**params, "h": blocks, "lm_head": {"weight": head_rows(params["lm_head"]["weight"])}}
 
 
 __all__ = ["KERNELS", "prepare", "runtime", "activation", "attention", "matmul", "norm", "softmax"]

@@ -5,14 +5,15 @@ import itertools
 
 import numpy as np
 
-import weights
+import weights as weight_io
 
 from .cache import KVCache
 from .config import Config, preset
 from .errors import InputError
 from .generate import detokenize, generate_ids
 from .inputs import check_ids
-from .model import REFERENCE, forward
+from . import quant
+from .model import REFERENCE, cross_entropy, forward
 from .tokenizer import EOT, get_encoding
 
 BACKENDS = ("numpy", "numba")
@@ -35,10 +36,18 @@ class Model:
     def __init__(self, params, config, *, backend="numpy", info=None):
         self.ops, prepare, self._runtime = resolve_backend(backend)
         self.params, self.config, self.info, self.backend = prepare(params), config, info, backend
+        self.weights = quant.params_format(params)
 
     def forward(self, ids, cache=None, last=False):        # [T] or [B, T] -> float32 [T, V] or [B, T, V]
         with self._runtime():
             return forward(self.params, ids, self.config, ops=self.ops, cache=cache, last=last)
+
+    def loss(self, ids):                                   # [T] or [B, T] -> mean next-token cross-entropy (nats)
+        """As transformers' `labels=ids` loss: every position predicts the next token, averaged."""
+        ids, _ = check_ids(ids, self.config)
+        if ids.shape[1] < 2:
+            raise InputError("loss needs at least 2 tokens: each position predicts the next one")
+        return float(cross_entropy(self.forward(ids)[:, :-1], ids[:, 1:]).mean())
 
     def new_cache(self, batch=1):
         return KVCache(self.config, batch=batch)
@@ -78,13 +87,24 @@ class Model:
         return detokenize(itertools.takewhile(lambda t: t != EOT, (int(t[0]) for t in steps)), get_encoding())
 
 
-def load(path, backend="numpy"):
-    """A Model from a HF GPT-2 .safetensors file or a directory holding model.safetensors (+ config.json)."""
-    params, config, info = weights.load_params(path)
-    return Model(params, config, backend=backend, info=info)
+def load(path, backend="numpy", weights=None):
+    """A Model from a HF GPT-2 .safetensors file or a directory holding model.safetensors (+ config.json).
+    weights: "fp32", "bf16" or "int8" for the matmul weights; default fp32, or int8 for an int8 checkpoint.
+    A checkpoint already in the asked format (bf16 on disk, int8 from `npgpt quantize`) is used as stored."""
+    if weights not in (None, *quant.FORMATS):
+        raise InputError(f"unknown weights format {weights!r}; choose one of {', '.join(quant.FORMATS)}")
+    params, config, info = weight_io.load_params(path)
+    fmt = weights or ("int8" if info.format == "int8" else "fp32")
+    params = quant.quantize(params, fmt)
+    model = Model(params, config, backend=backend, info=info)
+    if fmt != info.format or model.params is not params:   # converted or re-laid-out: the mapped originals are dead weight
+        info.source.release_pages()
+    return model
 
 
-def random_model(config="gpt2", seed=0, backend="numpy"):
+def random_model(config="gpt2", seed=0, backend="numpy", weights="fp32"):
     """A seeded random GPT-2 (noise, for tests and benchmarks): a preset name or a Config."""
+    if weights not in quant.FORMATS:
+        raise InputError(f"unknown weights format {weights!r}; choose one of {', '.join(quant.FORMATS)}")
     cfg = config if isinstance(config, Config) else preset(config)
-    return Model(weights.random_params(cfg, seed), cfg, backend=backend)
+    return Model(quant.quantize(weight_io.random_params(cfg, seed), weights), cfg, backend=backend)

@@ -9,6 +9,7 @@ prefill does ~2 FLOP per weight per token, so t/s <= sgemm FLOP/s / FLOP per tok
 """
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -21,7 +22,7 @@ from threadpoolctl import threadpool_limits
 
 import weights
 
-from . import api
+from . import api, quant
 from .errors import InputError
 
 _BANDWIDTH_BYTES = 2**29                                   # 512 MiB: far past any last-level cache
@@ -56,15 +57,11 @@ def _timed(f, *args):
 
 
 def decode_bytes_per_step(params):
-    """Bytes a decode step reads: every array except the embedding tables (wte is read whole as the LM head,
-    wpe one row)."""
+    """Bytes a decode step reads: every weight once, but of the embedding tables one row each (wte is
+    read whole only when it is itself the LM head)."""
     flat = weights.flatten(params)
-    seen, total = set(), 0
-    for name, a in flat.items():
-        if name != "wpe.weight" and id(a) not in seen:     # a tied head is the same array as wte: count once
-            seen.add(id(a))
-            total += a.nbytes
-    return total
+    head = flat["lm_head.weight"]
+    return sum(a.nbytes for name, a in flat.items() if name not in ("wte.weight", "wpe.weight") or a is head)
 
 
 def flops_per_token(cfg, T):
@@ -157,8 +154,10 @@ def jit_cache_stats():
 
 
 def run(*, weights_path=None, config="gpt2", backends=("numpy", "numba"), prompts=(128, 512), gens=(128,),
-        batches=(1,), threads=None, reps=3, compare=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
-    """Run every (backend, batch, test) and return a report dict (results, ceilings, JIT timings)."""
+        batches=(1,), threads=None, reps=3, compare=None, formats=("fp32",),
+        log=lambda msg: print(msg, file=sys.stderr, flush=True)):
+    """Run every (backend, weights format, batch, test) and return a report dict (results, ceilings,
+    JIT timings, resident memory per format). The numpy backend runs fp32 only: it is the spec."""
     threads = threads or numba.config.NUMBA_NUM_THREADS
     if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
         raise InputError(f"-t {threads}: this machine runs 1 to {numba.config.NUMBA_NUM_THREADS} threads")
@@ -180,27 +179,27 @@ def run(*, weights_path=None, config="gpt2", backends=("numpy", "numba"), prompt
         cfg = base.config
         log(f"model {name}: {cfg.n_params / 1e6:.1f} M params, ready in {time.perf_counter() - t:.1f} s")
         rng = np.random.default_rng(0)
-        runners = []
+        runners = []                                       # (backend, weights format, model or torch baseline)
         for backend in backends:
-            t = time.perf_counter()
-            model = base if backend == "numpy" else api.Model(base.params, cfg, backend=backend, info=base.info)
-            prepared = time.perf_counter() - t
-            if backend == "numba":
+            for fmt in (["fp32"] if backend == "numpy" else formats):
                 t = time.perf_counter()
-                model.forward(np.zeros(1, np.int64))                    # first call: compiles or loads the JIT cache
-                hits, misses = jit_cache_stats()
-                report["jit"] = {"prepare_s": round(prepared, 3), "first_token_s": round(time.perf_counter() - t, 3),
-                                 "cache_hits": hits, "cache_misses": misses,
-                                 "state": "compiled (cold)" if misses else "loaded from cache (warm)"}
-                report["machine"]["numba_threading_layer"] = numba.threading_layer()
-                log(f"numba: prepare {prepared:.2f} s, first token {report['jit']['first_token_s']:.2f} s, "
-                    f"{report['jit']['state']}")
-            runners.append((backend, model.forward, lambda b, m=model: m.new_cache(b), model.forward))
+                model = base if backend == "numpy" else api.Model(quant.quantize(base.params, fmt), cfg, backend=backend)
+                prepared = time.perf_counter() - t
+                if backend == "numba" and not report["jit"]:
+                    t = time.perf_counter()
+                    model.forward(np.zeros(1, np.int64))                # first call: compiles or loads the JIT cache
+                    hits, misses = jit_cache_stats()
+                    report["jit"] = {"prepare_s": round(prepared, 3), "first_token_s": round(time.perf_counter() - t, 3),
+                                     "cache_hits": hits, "cache_misses": misses,
+                                     "state": "compiled (cold)" if misses else "loaded from cache (warm)"}
+                    report["machine"]["numba_threading_layer"] = numba.threading_layer()
+                    log(f"numba: prepare {prepared:.2f} s, first token {report['jit']['first_token_s']:.2f} s, "
+                        f"{report['jit']['state']}")
+                runners.append((backend, fmt, model))
         if compare == "torch":
             baseline = TorchBaseline(base.params, cfg, threads)
             report["torch"] = baseline.version
-            runners.append(("torch", baseline.prefill, lambda b: {}, baseline.forward))
-        step_bytes = decode_bytes_per_step(base.params)
+            runners.append(("torch", "fp32", baseline))
         for B in batches:
             for kind, n in [("pp", T) for T in prompts] + [("tg", N) for N in gens]:
                 if n > cfg.n_ctx:
@@ -208,17 +207,59 @@ def run(*, weights_path=None, config="gpt2", backends=("numpy", "numba"), prompt
                     continue
                 ids = rng.integers(0, cfg.n_vocab, size=(B, n))
                 if kind == "pp":
-                    fns = [lambda prefill=prefill: _prefill(prefill, ids) for _, prefill, _, _ in runners]
-                    bound = ceilings["sgemm_gflops"] * 1e9 / flops_per_token(cfg, n)
+                    fns = [lambda m=m: _prefill(m.prefill if isinstance(m, TorchBaseline) else m.forward, ids) for _, _, m in runners]
                 else:
-                    fns = [lambda step=step, new_cache=new_cache: _decode(step, new_cache, ids) for _, _, new_cache, step in runners]
-                    bound = B * ceilings["read_bandwidth_gbs"] * 1e9 / step_bytes
-                log(f"b{B} {kind}{n}: " + ", ".join(r[0] for r in runners))
-                for (backend, *_), (median, std, samples) in zip(runners, _interleaved(fns, B * n, reps, log)):
-                    report["results"].append(asdict(Result(name, cfg.n_params, backend, "fp32", threads, B, f"{kind}{n}",
+                    fns = [lambda m=m: _decode(m.forward, (lambda b: {}) if isinstance(m, TorchBaseline) else m.new_cache, ids)
+                           for _, _, m in runners]
+                log(f"b{B} {kind}{n}: " + ", ".join(f"{b}/{f}" for b, f, _ in runners))
+                for (backend, fmt, m), (median, std, samples) in zip(runners, _interleaved(fns, B * n, reps, log)):
+                    if kind == "pp":
+                        bound = ceilings["sgemm_gflops"] * 1e9 / flops_per_token(cfg, n)
+                    else:
+                        step_bytes = decode_bytes_per_step(base.params if backend == "torch" else m.params)
+                        bound = B * ceilings["read_bandwidth_gbs"] * 1e9 / step_bytes
+                    report["results"].append(asdict(Result(name, cfg.n_params, backend, fmt, threads, B, f"{kind}{n}",
                                                             round(median, 2), round(std, 2), round(bound, 2),
                                                             [round(s, 2) for s in samples])))
+    if len(formats) > 1 and "numba" in backends:
+        report["rss"] = resident_memory(base, formats, log)
     return report
+
+
+def _rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def rss_child(path, fmt, tokens=16):
+    """In a fresh process: load `path` as `fmt` on numba, decode `tokens` tokens, print resident MiB."""
+    import kernels  # noqa: F401  (imports and JIT cache out of the way before the baseline)
+
+    warm = api.random_model(api.Config(n_vocab=64, n_ctx=32, n_embd=16, n_head=2, n_layer=1), backend="numba")
+    warm.generate([1, 2], max_new_tokens=2, temperature=0)
+    before = _rss_mb()
+    model = api.load(path, backend="numba", weights=fmt)
+    model.generate(list(range(8)), max_new_tokens=tokens, temperature=0)
+    print(json.dumps({"weights": fmt, "rss_before_mb": before, "rss_decoding_mb": _rss_mb(),
+                      "model_mb": _rss_mb() - before}))
+
+
+def resident_memory(base, formats, log):
+    """Each format's resident memory while decoding, each in a fresh process loading a checkpoint of
+    that format from disk (as deployed: quantize once, load the small file)."""
+    import subprocess
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in formats:
+            path = os.path.join(tmp, f"{fmt}.safetensors")
+            weights.save(quant.quantize(base.params, fmt), path, base.config)
+            log(f"resident memory: {fmt} ...")
+            out = subprocess.run([sys.executable, "-c", f"from npgpt.bench import rss_child; rss_child({path!r}, {fmt!r})"],
+                                 capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
 
 
 def table(report):
@@ -237,11 +278,21 @@ def table(report):
         j = report["jit"]
         rows.append(f"numba: first token {j['first_token_s']:.2f} s after load ({j['state']}; "
                     f"{j['cache_hits']} cache hits, {j['cache_misses']} misses), weight layout prepared in {j['prepare_s']:.2f} s")
-    by_key = {(r["backend"], r["batch"], r["test"]): r["tokens_per_s"] for r in report["results"]}
-    ratios = [f"{test} b{b}: {by_key[(be, b, test)] / t:.2f}x" for (be0, b, test), t in by_key.items() if be0 == "torch"
-              for be in ["numba"] if (be, b, test) in by_key]
+    by_key = {(r["backend"], r["weights"], r["batch"], r["test"]): r["tokens_per_s"] for r in report["results"]}
+    ratios = [f"{test} b{b}: {by_key[('numba', 'fp32', b, test)] / t:.2f}x" for (be, _, b, test), t in by_key.items()
+              if be == "torch" and ("numba", "fp32", b, test) in by_key]
     if ratios:
         rows.append(f"numba / torch ({report['torch']}): " + ", ".join(ratios))
+    for fmt in ("bf16", "int8"):
+        ratios = [f"{test} b{b}: {t / by_key[('numba', 'fp32', b, test)]:.2f}x" for (be, f, b, test), t in by_key.items()
+                  if be == "numba" and f == fmt and ("numba", "fp32", b, test) in by_key]
+        if ratios:
+            rows.append(f"numba {fmt} / numba fp32: " + ", ".join(ratios))
+    if report.get("rss"):
+        fp32 = next((r["model_mb"] for r in report["rss"] if r["weights"] == "fp32"), None)
+        rows.append("resident memory while decoding (model's share, fresh process per format): " + ", ".join(
+            f"{r['weights']} {r['model_mb']:.0f} MiB" + (f" ({r['model_mb'] / fp32:.2f}x fp32)" if fp32 and r["weights"] != "fp32" else "")
+            for r in report["rss"]))
     return "\n".join(rows)
 
 

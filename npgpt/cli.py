@@ -3,17 +3,58 @@
 import argparse
 import sys
 
-from . import api
+import weights as weight_io
+
+from . import api, quant
 from .config import PRESETS
 from .errors import NpgptError
+from .tokenizer import get_encoding
 
 
 def _model(args):
     if args.weights:
-        return api.load(args.weights, backend=args.backend)
+        return api.load(args.weights, backend=args.backend, weights=args.weights_dtype)
     print(f"npgpt: no --weights given: using a seeded random model at {args.config} shapes; "
           "its text is noise (see README for real GPT-2 weights)", file=sys.stderr)
-    return api.random_model(args.config, seed=0, backend=args.backend)
+    return api.random_model(args.config, seed=0, backend=args.backend, weights=args.weights_dtype or "fp32")
+
+
+def _read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise NpgptError(f"{path}: cannot read text: {e}") from None
+
+
+def cmd_perplexity(args):
+    from .perplexity import perplexity
+
+    model = _model(args)
+    ids = get_encoding().encode(_read_text(args.text), allowed_special={"<|endoftext|>"})
+    progress = lambda done, total: print(f"  {done}/{total} tokens", file=sys.stderr, flush=True)
+    r = perplexity(model, ids, ctx=args.ctx, stride=args.stride, progress=progress)
+    print(f"{args.text}: {r['tokens']} tokens scored, cross-entropy {r['nll']:.4f} nats/token, perplexity {r['ppl']:.3f} "
+          f"(weights {model.weights}, ctx {args.ctx}, stride {args.stride})")
+
+
+def cmd_quantize(args):
+    model = api.load(args.input, weights=args.dtype)
+    weight_io.save(model.params, args.output, model.config)
+    print(f"wrote {args.output} ({args.dtype}) and config.json beside it")
+
+
+def cmd_quality(args):
+    from . import quality
+
+    if args.weights:
+        params, cfg, _ = weight_io.load_params(args.weights)
+    else:
+        cfg = PRESETS[args.config]
+        params = weight_io.random_params(cfg, seed=0)
+        print(f"npgpt: no --weights given: seeded random model at {args.config} shapes", file=sys.stderr)
+    ids = quality.text_ids(args.text) if args.text else quality.text_ids()
+    print(quality.table(quality.compare(params, cfg, ids, steps=args.steps, backend=args.backend)))
 
 
 def cmd_generate(args):
@@ -59,6 +100,13 @@ def _backends(text):
     return names
 
 
+def _formats(text):
+    names = [v for v in text.split(",") if v]
+    if not names or any(n not in quant.FORMATS for n in names):
+        raise argparse.ArgumentTypeError(f"weights formats are {', '.join(quant.FORMATS)}; got {text!r}")
+    return names
+
+
 def cmd_bench(args):
     from . import bench                                   # numba and threadpoolctl load only for the bench
 
@@ -69,7 +117,8 @@ def cmd_bench(args):
         except ImportError as e:
             raise NpgptError(f"--compare torch needs torch and transformers ({e}); pip install '.[compare]'") from None
     report = bench.run(weights_path=args.weights, config=args.config, backends=args.backend, prompts=args.p,
-                       gens=args.n, batches=args.b, threads=args.t, reps=args.reps, compare=args.compare)
+                       gens=args.n, batches=args.b, threads=args.t, reps=args.reps, compare=args.compare,
+                       formats=args.weights_dtype)
     print(bench.table(report))
     if args.json:
         bench.dump_json(report, args.json)
@@ -79,10 +128,11 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="npgpt", description="GPT-2 in NumPy, with numba kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_args(p):
+    def model_args(p, backend="numpy"):
         p.add_argument("--weights", help="model.safetensors file or a directory holding it (+ config.json)")
         p.add_argument("--config", default="gpt2", choices=list(PRESETS), help="shapes of the random model used without --weights")
-        p.add_argument("--backend", default="numpy", choices=api.BACKENDS)
+        p.add_argument("--backend", default=backend, choices=api.BACKENDS)
+        p.add_argument("--weights-dtype", choices=quant.FORMATS, help="matmul weights: fp32 (default), bf16, int8")
 
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
     model_args(g)
@@ -94,10 +144,34 @@ def build_parser():
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(func=cmd_generate)
 
+    pp = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
+    model_args(pp, backend="numba")
+    pp.add_argument("--text", required=True, help="UTF-8 text file")
+    pp.add_argument("--ctx", type=int, default=1024, help="window length in tokens (default 1024)")
+    pp.add_argument("--stride", type=int, default=512, help="window step; each window scores its new tokens (default 512)")
+    pp.set_defaults(func=cmd_perplexity)
+
+    q = sub.add_parser("quantize", help="write a bf16 or int8 copy of a checkpoint")
+    q.add_argument("input", help="model.safetensors or its directory")
+    q.add_argument("output", help="output .safetensors path (config.json is written beside it)")
+    q.add_argument("--dtype", required=True, choices=["bf16", "int8"])
+    q.set_defaults(func=cmd_quantize)
+
+    ql = sub.add_parser("quality", help="bf16 and int8 against fp32: logit error, cosine, greedy agreement, perplexity")
+    ql.add_argument("--weights", help="model.safetensors (default: seeded random model at --config shapes)")
+    ql.add_argument("--config", default="gpt2", choices=list(PRESETS))
+    ql.add_argument("--backend", default="numba", choices=api.BACKENDS)
+    ql.add_argument("--text", help="UTF-8 text (default: the 2.6 KB sample shipped with npgpt)")
+    ql.add_argument("--steps", type=int, default=64, help="greedy steps compared (default 64)")
+    ql.set_defaults(func=cmd_quality)
+
     b = sub.add_parser("bench", help="prefill and decode tokens/s per backend, against the machine's limits")
     b.add_argument("--weights", help="model.safetensors (default: seeded random model at --config shapes)")
     b.add_argument("--config", default="gpt2", choices=list(PRESETS))
     b.add_argument("--backend", type=_backends, default=["numpy", "numba"], help="comma-separated (default numpy,numba)")
+    b.add_argument("--weights-dtype", type=_formats, default=["fp32"],
+                   help="comma-separated matmul weight formats for the numba backend: fp32,bf16,int8 (default fp32); "
+                        "more than one also measures each one's resident memory")
     b.add_argument("-p", type=_ints, default=[128, 512], help="prompt lengths for pp tests (default 128,512)")
     b.add_argument("-n", type=_ints, default=[128], help="tokens to decode for tg tests (default 128)")
     b.add_argument("-b", type=_ints, default=[1], help="batch sizes (default 1)")

@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .inputs import check_ids
+from .quant import dequantize
 
 
 def layer_norm(x, weight, bias, eps):                      # [..., C], [C], [C] -> [..., C]
@@ -30,7 +31,7 @@ def softmax(x):                                            # [..., S] -> [..., S
 
 
 def linear(x, weight, bias):                               # [..., in], [in, out], [out] -> [..., out]
-    return x @ weight + bias
+    return x @ dequantize(weight) + bias                   # bf16/int8 weights: back to float32 first (npgpt.quant)
 
 
 def causal_mask(T, S):                                     # -> [T, S]; the T queries are the last T of S positions
@@ -43,7 +44,14 @@ def attention(q, k, v):                                    # [B, H, T, D], [B, H
 
 
 def lm_head(x, weight):                                    # [..., C], [V, C] -> [..., V]
-    return x @ weight.T
+    return x @ dequantize(weight).T
+
+
+def cross_entropy(logits, targets):                        # [..., V], [...] ids -> [...] nats
+    z = logits.astype(np.float64)                          # float64: a 50257-way log-sum-exp loses digits in float32
+    peak = z.max(axis=-1, keepdims=True)
+    log_total = np.log(np.exp(z - peak).sum(axis=-1)) + peak[..., 0]
+    return log_total - np.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
 
 
 class Ops(NamedTuple):

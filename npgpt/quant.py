@@ -61,17 +61,27 @@ def to_int8(w, axis):                                      # float32 -> Int8, on
     return Int8(q, scale)
 
 
+def format_of(w):
+    return "bf16" if isinstance(w, BF16) else "int8" if isinstance(w, Int8) else "fp32"
+
+
+def convert(w, fmt, axis):                                 # a matmul weight in any format -> `fmt`
+    """axis: the output-channel axis (1 for Conv1D, 0 for the LM head). Same format: returned as is."""
+    if format_of(w) == fmt:
+        return w
+    w32 = dequantize(w)
+    return {"fp32": lambda: w32, "bf16": lambda: to_bf16(w32), "int8": lambda: to_int8(w32, axis)}[fmt]()
+
+
 def quantize(params, fmt):
     """params with every matmul weight (c_attn, c_proj, c_fc, LM head) in `fmt`; other arrays shared."""
-    if fmt == "fp32":
-        return params
-    convert = {"bf16": lambda w, axis: to_bf16(w), "int8": to_int8}[fmt]
-    blocks = [{**b, "attn": {n: {**b["attn"][n], "weight": convert(b["attn"][n]["weight"], 1)} for n in ("c_attn", "c_proj")},
-               "mlp": {n: {**b["mlp"][n], "weight": convert(b["mlp"][n]["weight"], 1)} for n in ("c_fc", "c_proj")}}
+    def layer(group, names):
+        return {n: {**group[n], "weight": convert(group[n]["weight"], fmt, 1)} for n in names}
+
+    blocks = [{**b, "attn": layer(b["attn"], ("c_attn", "c_proj")), "mlp": layer(b["mlp"], ("c_fc", "c_proj"))}
               for b in params["h"]]
-    return {**params, "h": blocks, "lm_head": {"weight": convert(params["lm_head"]["weight"], 0)}}
+    return {**params, "h": blocks, "lm_head": {"weight": convert(params["lm_head"]["weight"], fmt, 0)}}
 
 
-def format_of(params):
-    w = params["h"][0]["attn"]["c_attn"]["weight"]
-    return "bf16" if isinstance(w, BF16) else "int8" if isinstance(w, Int8) else "fp32"
+def params_format(params):
+    return format_of(params["h"][0]["attn"]["c_attn"]["weight"])

@@ -43,6 +43,12 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: cannot read: {e.strerror}") from None
         self.metadata, self.tensors = self._parse_header(size)
 
+    def release_pages(self):
+        """Drop the file's pages from this process's resident set (they are re-read if touched again):
+        after the weights were converted or copied, the mapped originals would only inflate RSS."""
+        if isinstance(self._map, mmap.mmap) and hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
     def _fail(self, problem):
         raise CheckpointError(f"{self.path}: {problem}")
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from npgpt import quant
 from npgpt.config import Config
 from npgpt.errors import CheckpointError, ConfigError
 
@@ -16,6 +17,7 @@ FLOAT_DTYPES = ("F32", "F16", "BF16")
 KNOWN_SIZES = {768: ("gpt2", 12), 1024: ("gpt2-medium", 16), 1280: ("gpt2-large", 20), 1600: ("gpt2-xl", 25)}
 BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers older HF versions saved
 LAYER = re.compile(r"h\.(\d+)\.")
+MATMUL = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight|lm_head\.weight")
 
 
 def tensor_shapes(cfg):
@@ -67,6 +69,8 @@ class LoadInfo:
     prefix: str = ""
     file_bytes: int = 0
     ignored: list = field(default_factory=list)
+    format: str = "fp32"                                   # matmul weights as stored: fp32 (F32/F16), bf16, int8
+    source: object = None                                  # the open SafetensorsFile the arrays map
 
 
 def resolve(path):                                         # file or HF model dir -> (safetensors path, config.json path or None)
@@ -137,9 +141,10 @@ def load_params(path):
     if "lm_head.weight" in stored:
         expected["lm_head.weight"] = (cfg.n_vocab, cfg.n_embd)
     info = LoadInfo(path=weights_path, config_source=source, tied="lm_head.weight" not in expected,
-                    prefix=prefix, file_bytes=os.path.getsize(weights_path))
+                    prefix=prefix, file_bytes=os.path.getsize(weights_path), source=st)
     info.ignored = sorted(n for n in stored if BUFFER.fullmatch(n))
-    unexpected = sorted(set(stored) - set(expected) - set(info.ignored))
+    scales = {name + "_scale" for name in expected if MATMUL.fullmatch(name)}   # int8 checkpoints (npgpt quantize)
+    unexpected = sorted(set(stored) - set(expected) - set(info.ignored) - scales)
     if unexpected:
         raise CheckpointError(f"{weights_path}: unexpected tensor '{stored[unexpected[0]]}' "
                               f"({len(unexpected)} in all) for GPT-2 with n_layer={cfg.n_layer}")
@@ -151,13 +156,35 @@ def load_params(path):
         if t.shape != shape:
             raise CheckpointError(f"{weights_path}: tensor '{t.name}' has shape {t.shape}; "
                                   f"GPT-2 with n_embd={cfg.n_embd}, n_vocab={cfg.n_vocab}, n_ctx={cfg.n_ctx} needs {shape}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{weights_path}: tensor '{t.name}' has dtype {t.dtype}; expected one of {', '.join(FLOAT_DTYPES)}")
         info.dtypes[t.dtype] = info.dtypes.get(t.dtype, 0) + 1
-        flat[name] = widen(st.array(t.name), t.dtype)
-    params = unflatten(flat)
-    params.setdefault("lm_head", {"weight": params["wte"]["weight"]})
-    return params, cfg, info
+        flat[name] = stored_weight(st, t, name, stored, weights_path)
+    if "lm_head.weight" not in flat:                       # tied: the head is wte, kept as stored (bf16 stays bf16)
+        wte = st.tensors[stored["wte.weight"]]
+        flat["lm_head.weight"] = quant.BF16(st.array(wte.name)) if wte.dtype == "BF16" else flat["wte.weight"]
+    info.format = quant.format_of(flat["h.0.attn.c_attn.weight"])
+    return unflatten(flat), cfg, info
+
+
+def stored_weight(st, t, name, stored, path):
+    """A tensor as npgpt keeps it: matmul weights in their stored format (F32, BF16 bits, or int8 +
+    scale), everything else widened to float32."""
+    matmul = MATMUL.fullmatch(name)
+    if matmul and t.dtype == "BF16":
+        return quant.BF16(st.array(t.name))
+    if matmul and t.dtype == "I8":
+        scale_name = stored.get(name + "_scale")
+        out_axis = 0 if name == "lm_head.weight" else 1
+        want = (t.shape[out_axis],)
+        if scale_name is None:
+            raise CheckpointError(f"{path}: int8 tensor '{t.name}' has no '{t.name}_scale'")
+        s = st.tensors[scale_name]
+        if s.dtype != "F32" or s.shape != want:
+            raise CheckpointError(f"{path}: tensor '{s.name}' is {s.dtype} {s.shape}; int8 scales must be F32 {want}")
+        scale = st.array(s.name)
+        return quant.Int8(st.array(t.name), scale.reshape((1, -1) if out_axis == 1 else (-1, 1)))
+    if t.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{path}: tensor '{t.name}' has dtype {t.dtype}; expected one of {', '.join(FLOAT_DTYPES)}")
+    return widen(st.array(t.name), t.dtype)
 
 
 def random_params(cfg, seed=0):
@@ -179,14 +206,24 @@ def random_params(cfg, seed=0):
 
 
 def save(params, path, cfg=None, *, dtype="F32", prefix="", metadata=None):
-    """Write params in HF layout. A head tied to wte is not written; `cfg` also writes config.json beside it."""
+    """Write params in HF layout. A head tied to wte is not written; float32 arrays are stored as
+    `dtype`; bf16 weights as BF16, int8 weights as I8 `name` plus F32 `name_scale` (one per output
+    channel). `cfg` also writes config.json beside the file."""
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {FLOAT_DTYPES}")
     flat = flatten(params)
     if flat["lm_head.weight"] is flat["wte.weight"]:
         del flat["lm_head.weight"]
-    write(path, {(name if name == "lm_head.weight" else prefix + name): (dtype, narrow(a, dtype)) for name, a in flat.items()},
-          {"format": "pt", **(metadata or {})})
+    tensors = {}
+    for name, a in flat.items():
+        key = name if name == "lm_head.weight" else prefix + name
+        if isinstance(a, quant.BF16):
+            tensors[key] = ("BF16", a.bits)
+        elif isinstance(a, quant.Int8):
+            tensors[key], tensors[key + "_scale"] = ("I8", a.q), ("F32", a.scale.ravel())
+        else:
+            tensors[key] = (dtype, narrow(a, dtype))
+    write(path, tensors, {"format": "pt", "npgpt.weights": quant.params_format(params), **(metadata or {})})
     if cfg is not None:
         hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.n_vocab,
               "n_positions": cfg.n_ctx, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,

@@ -1,0 +1,60 @@
+"""How much a weight format changes the model: bf16/int8 against fp32 on the same weights and inputs."""
+
+import os
+
+import numpy as np
+
+from . import quant
+from .api import Model
+from .perplexity import perplexity
+from .tokenizer import get_encoding
+
+SAMPLE_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample.txt")   # 2.6 KB, written for npgpt
+
+
+def text_ids(path=SAMPLE_TEXT):
+    with open(path, encoding="utf-8") as f:
+        return np.array(get_encoding().encode(f.read(), allowed_special={"<|endoftext|>"}))
+
+
+def compare(params, cfg, ids, formats=("bf16", "int8"), steps=64, backend="numba", prompt=16):
+    """Rows for fp32 and each format: logit errors and cosine over the text's first window, greedy-token
+    agreement over `steps` steps (teacher-forced on fp32's greedy continuation), perplexity and its delta."""
+    window = ids[: cfg.n_ctx]
+    ctx = min(1024, cfg.n_ctx)
+    ref = Model(params, cfg, backend=backend)
+    ref_logits = ref.forward(window).astype(np.float64)                            # [T, V]
+    steps = min(steps, cfg.n_ctx - prompt)
+    continuation = np.array(ref.generate(window[:prompt], max_new_tokens=steps, temperature=0))
+    seq = np.concatenate([window[:prompt], continuation])
+    base_ppl = None
+    rows = []
+    for fmt in ("fp32", *formats):
+        model = ref if fmt == "fp32" else Model(quant.quantize(params, fmt), cfg, backend=backend)
+        logits = ref_logits if fmt == "fp32" else model.forward(window).astype(np.float64)
+        err = np.abs(logits - ref_logits).max()
+        cosine = float((logits * ref_logits).sum() / np.linalg.norm(logits) / np.linalg.norm(ref_logits))
+        picks = model.forward(seq[:-1])[prompt - 1 :].argmax(axis=-1)                 # next token at each step
+        ppl = perplexity(model, ids, ctx=ctx, stride=ctx // 2)["ppl"]
+        base_ppl = base_ppl or ppl
+        rows.append({"weights": fmt, "matmul_bytes": _matmul_bytes(model.params), "max_abs_err": float(err),
+                     "rel_err": float(err / np.abs(ref_logits).max()), "cosine": cosine,
+                     "greedy_agreement": float((picks == continuation).mean()), "steps": int(continuation.size),
+                     "ppl": ppl, "ppl_delta": ppl - base_ppl})
+    return rows
+
+
+def _matmul_bytes(params):
+    heads = params["lm_head"]["weight"]
+    return sum(layer[g][n]["weight" if "weight" in layer[g][n] else "weight_t"].nbytes
+               for layer in params["h"] for g, names in (("attn", ("c_attn", "c_proj")), ("mlp", ("c_fc", "c_proj")))
+               for n in names) + heads.nbytes
+
+
+def table(rows):
+    out = ["| weights | matmul MB | max-abs logit err | rel err | cosine | greedy agreement | ppl | Δppl |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        out.append(f"| {r['weights']} | {r['matmul_bytes'] / 1e6:.1f} | {r['max_abs_err']:.2e} | {r['rel_err']:.2e} | "
+                   f"{r['cosine']:.7f} | {r['greedy_agreement'] * r['steps']:.0f}/{r['steps']} | {r['ppl']:.3f} | {r['ppl_delta']:+.3f} |")
+    return "\n".join(out)
