@@ -1,6 +1,7 @@
 """`npgpt` command line: generate, inspect, bench. Logic lives in the API; this file only parses and prints."""
 
 import argparse
+import os
 import sys
 
 import weights as weight_io
@@ -39,6 +40,9 @@ def cmd_perplexity(args):
 
 
 def cmd_quantize(args):
+    source, _ = weight_io.gpt2.resolve(args.input)
+    if os.path.exists(args.output) and os.path.samefile(source, args.output):
+        raise NpgptError(f"{args.output}: is the input checkpoint; write the quantized copy elsewhere")
     model = api.load(args.input, weights=args.dtype)
     weight_io.save(model.params, args.output, model.config)
     print(f"wrote {args.output} ({args.dtype}) and config.json beside it")

@@ -12,6 +12,7 @@ import struct
 
 import numpy as np
 
+from npgpt import quant
 from npgpt.errors import CheckpointError
 
 ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
@@ -112,7 +113,7 @@ def widen(array, dtype):                                   # stored array -> flo
     if dtype == "F16":
         return array.astype(np.float32)
     if dtype == "BF16":                                    # bf16 is the top half of a float32
-        return (array.astype(np.uint32) << 16).view(np.float32)
+        return quant.dequantize(quant.BF16(array))
     raise ValueError(dtype)
 
 
@@ -124,8 +125,7 @@ def narrow(array, dtype):                                  # float32 -> stored a
     if dtype == "F16":
         return array.astype(np.float16)
     if dtype == "BF16":
-        bits = np.ascontiguousarray(array).view(np.uint32)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        return quant.to_bf16(array).bits
     raise ValueError(dtype)
 
 
@@ -140,7 +140,9 @@ def write(path, tensors, metadata=None):
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)                        # keep tensor data 8-byte aligned
-    with open(path, "wb") as f:
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:                             # then rename: a process mapping the old file keeps it intact
         f.write(struct.pack("<Q", len(blob)) + blob)
         for dtype, arr in tensors.values():
             np.ascontiguousarray(arr).tofile(f)           # x86/ARM hosts are little-endian like the format
+    os.replace(tmp, path)

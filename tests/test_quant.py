@@ -1,0 +1,124 @@
+"""bf16 and int8 weights: the formats, the kernels that read them, checkpoints that store them."""
+
+import numpy as np
+import pytest
+
+import kernels
+import npgpt
+import weights
+from kernels import matmul
+from npgpt import model as spec
+from npgpt import quant
+from npgpt.cli import main
+from conftest import TINY, max_rel_err
+
+rng = np.random.default_rng(11)
+IDS = rng.integers(0, TINY.n_vocab, size=(2, 29))
+
+
+def test_bf16_keeps_upper_half_rounded_to_nearest_even():
+    x = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -2.5, 3.0e38], dtype=np.float32)   # 3e38 = 0x7F61B1E6
+    up = np.array([0x7F620000], np.uint32).view(np.float32)[0]                           # its low half > 0x8000
+    assert quant.dequantize(quant.to_bf16(x)).tolist() == [1.0, 1.0, 1.0 + 2**-6, -2.5, up]
+
+
+@pytest.mark.parametrize("axis, shape", [(1, (60, 180)), (0, (1000, 60))])
+def test_int8_is_symmetric_per_output_channel(axis, shape):
+    w = rng.standard_normal(shape, dtype=np.float32) * rng.uniform(0.01, 3, size=shape[axis]).astype(np.float32).reshape(
+        (1, -1) if axis == 1 else (-1, 1))
+    q = quant.to_int8(w, axis)
+    assert q.q.dtype == np.int8 and np.abs(q.q.astype(int)).max() == 127
+    assert q.scale.shape == ((1, shape[1]) if axis == 1 else (shape[0], 1))
+    assert np.all(np.abs(quant.dequantize(q) - w) <= q.scale / 2 * (1 + 1e-6))   # rounding error only
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_kernel_tiles_dequantize_to_exactly_the_reference_values(fmt):
+    w = quant.quantize({"h": [], "lm_head": {"weight": rng.standard_normal((37, 60), dtype=np.float32)}}, fmt)["lm_head"]["weight"]
+    rows = kernels.head_rows(w)
+    out = np.empty(w.shape, np.float32)
+    matmul.bf16_tile(rows.bits, out) if fmt == "bf16" else matmul.int8_tile(rows.q, rows.scale, out)
+    assert np.array_equal(out, quant.dequantize(w))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+@pytest.mark.parametrize("rows", [1, 3, 4, 16, 17, 300])                # GEMV up to 16 rows, tiled sgemm above
+@pytest.mark.parametrize("n_in, n_out", [(60, 180), (180, 60), (768, 301)])
+def test_linear_on_quantized_weights(fmt, rows, n_in, n_out):
+    x, b = rng.standard_normal((rows, n_in), dtype=np.float32), rng.standard_normal(n_out, dtype=np.float32)
+    w = quant.convert(rng.standard_normal((n_in, n_out), dtype=np.float32) * np.float32(0.1), fmt, 1)
+    got = matmul.linear(x, **kernels.transpose_linear({"weight": w, "bias": b}))
+    assert max_rel_err(got, spec.linear(x, w, b)) < 1e-5                # same quantized weights, fp32 arithmetic
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+@pytest.mark.parametrize("shape", [(1, 60), (2, 3, 60), (1, 40, 60)])
+def test_lm_head_on_quantized_weights(fmt, shape):
+    x = rng.standard_normal(shape, dtype=np.float32)
+    w = quant.convert(rng.standard_normal((1000, 60), dtype=np.float32), fmt, 0)
+    assert max_rel_err(matmul.lm_head(x, kernels.head_rows(w)), spec.lm_head(x, w)) < 1e-5
+
+
+@pytest.mark.parametrize("fmt, min_cosine", [("bf16", 0.9999), ("int8", 0.999)])
+def test_quantized_model_numba_matches_numpy_and_stays_close_to_fp32(tiny_params, fmt, min_cosine):
+    params = quant.quantize(tiny_params, fmt)
+    ref = npgpt.Model(params, TINY).forward(IDS)
+    assert max_rel_err(npgpt.Model(params, TINY, backend="numba").forward(IDS), ref) < 1e-4
+    fp32 = npgpt.Model(tiny_params, TINY).forward(IDS).astype(np.float64)
+    cosine = (ref * fp32).sum() / np.linalg.norm(ref) / np.linalg.norm(fp32)
+    assert cosine >= min_cosine
+
+
+def test_numba_int8_model_holds_no_float32_matmul_weights(tiny_params):
+    prepared = npgpt.Model(quant.quantize(tiny_params, "int8"), TINY, backend="numba").params
+    for name, w in weights.flatten(prepared).items():
+        if name.endswith("weight_t") or name == "lm_head.weight":
+            assert isinstance(w, quant.Int8) and w.q.dtype == np.int8, name
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_quantize_command_round_trips_without_requantizing(tmp_path, tiny_file, fmt):
+    out = tmp_path / "q" / "model.safetensors"
+    out.parent.mkdir()
+    assert main(["quantize", str(tiny_file), str(out), "--dtype", fmt]) == 0
+    expected = quant.quantize(npgpt.load(tiny_file).params, fmt)
+    loaded = npgpt.load(out, weights=fmt)
+    assert loaded.info.format == fmt and loaded.weights == fmt
+    for name, w in weights.flatten(expected).items():
+        got = weights.flatten(loaded.params)[name]
+        assert type(got) is type(w), name
+        for a, b in zip(got if isinstance(w, tuple) else [got], w if isinstance(w, tuple) else [w]):
+            assert np.array_equal(a, b), name                  # bit for bit: nothing was re-quantized
+    assert np.array_equal(loaded.forward(IDS), npgpt.Model(expected, TINY).forward(IDS))
+
+
+def test_quantize_refuses_to_overwrite_its_input(tiny_file, capsys):
+    assert main(["quantize", str(tiny_file), str(tiny_file), "--dtype", "int8"]) == 1
+    assert "is the input checkpoint" in capsys.readouterr().err
+    assert npgpt.load(tiny_file).weights == "fp32"
+
+
+def test_int8_checkpoint_loads_as_int8_by_default_and_names_its_scales(tmp_path, tiny_file):
+    out = tmp_path / "int8" / "model.safetensors"
+    out.parent.mkdir()
+    assert main(["quantize", str(tiny_file), str(out), "--dtype", "int8"]) == 0
+    names = weights.SafetensorsFile(out).tensors
+    assert names["h.0.attn.c_attn.weight"].dtype == "I8" and names["h.0.attn.c_attn.weight_scale"].shape == (180,)
+    assert names["lm_head.weight"].dtype == "I8" and names["lm_head.weight_scale"].shape == (1000,)
+    assert names["wte.weight"].dtype == "F32" and names["h.0.ln_1.weight"].dtype == "F32"
+    assert npgpt.load(out).weights == "int8"
+
+
+def test_bf16_checkpoint_loads_as_bf16_bits_without_float32_round_trip(tmp_path, tiny_params):
+    weights.save(tiny_params, tmp_path / "model.safetensors", TINY, dtype="BF16")
+    m = npgpt.load(tmp_path, weights="bf16")
+    stored = weights.SafetensorsFile(tmp_path / "model.safetensors")
+    w = m.params["h"][1]["mlp"]["c_fc"]["weight"]
+    assert isinstance(w, quant.BF16) and not w.bits.flags.owndata             # a view of the file, not a copy
+    assert np.array_equal(w.bits, stored.array("h.1.mlp.c_fc.weight"))
+    assert np.array_equal(m.params["lm_head"]["weight"].bits, stored.array("wte.weight"))   # tied head
+
+
+def test_unknown_weights_format_is_refused(tiny_file):
+    with pytest.raises(npgpt.InputError, match="unknown weights format 'int4'"):
+        npgpt.load(tiny_file, weights="int4")
