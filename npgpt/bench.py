@@ -57,11 +57,9 @@ def _timed(f, *args):
 
 
 def decode_bytes_per_step(params):
-    """Bytes a decode step reads: every weight once, but of the embedding tables one row each (wte is
-    read whole only when it is itself the LM head)."""
-    flat = weights.flatten(params)
-    head = flat["lm_head.weight"]
-    return sum(a.nbytes for name, a in flat.items() if name not in ("wte.weight", "wpe.weight") or a is head)
+    """Bytes a decode step reads: every weight once (the LM head whole, even when tied to wte), but only
+    one row of each embedding table."""
+    return sum(a.nbytes for name, a in weights.flatten(params).items() if name not in ("wte.weight", "wpe.weight"))
 
 
 def flops_per_token(cfg, T):
