@@ -67,9 +67,9 @@ class Ops(NamedTuple):
 REFERENCE = Ops(layer_norm=layer_norm, linear=linear, gelu=gelu, attention=attention, lm_head=lm_head)
 
 
-def split_heads(x, n_head):                                # [B, T, C] -> [B, H, T, C/H]
-    B, T, C = x.shape
-    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+def split_heads(qkv, n_head):                              # [B, T, 3C] -> [3, B, H, T, C/H]: q, k, v
+    B, T, C3 = qkv.shape
+    return qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head)).transpose(2, 0, 3, 1, 4)
 
 
 def merge_heads(x):                                        # [B, H, T, D] -> [B, T, H*D]
@@ -78,8 +78,7 @@ def merge_heads(x):                                        # [B, H, T, D] -> [B,
 
 
 def self_attention(x, c_attn, c_proj, *, n_head, ops, kv=None):   # [B, T, C] -> [B, T, C]
-    q, k, v = np.split(ops.linear(x, **c_attn), 3, axis=-1)       # [B, T, 3C] -> 3 x [B, T, C]
-    q, k, v = (split_heads(a, n_head) for a in (q, k, v))         # 3 x [B, H, T, D]
+    q, k, v = split_heads(ops.linear(x, **c_attn), n_head)        # [B, T, 3C] -> 3 x [B, H, T, D]
     if kv is not None:
         k, v = kv.append(k, v)                                    # 2 x [B, H, past + T, D]
     return ops.linear(merge_heads(ops.attention(q, k, v)), **c_proj)
