@@ -23,14 +23,13 @@ def fused_attention(q, k, v, S, scale):                    # [B, H, T, D], [B, H
         n = S - T + t + 1                                  # causal: query t sees keys 0 .. S-T+t
         qt = q[b, h, t].copy()                             # contiguous copies let the d-loops vectorize
         p = np.empty(n, dtype=np.float32)
-        scratch = np.empty(n, dtype=np.int32)
         for s in range(n):
             ks = k[b, h, s]
             acc = np.float32(0.0)
             for d in range(D):
                 acc += qt[d] * ks[d]
             p[s] = acc * scale
-        softmax_row(p, n, scratch)
+        softmax_row(p, n)
         o = np.zeros(D, dtype=np.float32)
         for s in range(n):
             w, vs = p[s], v[b, h, s]

@@ -16,6 +16,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
+from numba import types
+from numba.extending import intrinsic
 from threadpoolctl import ThreadpoolController
 
 # reassoc + contract let LLVM vectorize float32 reductions and use FMA. Not fastmath=True: that also
@@ -48,6 +50,16 @@ if _cache_dir:                                            # an installed, read-o
 
 parallel = numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
 serial = numba.njit(nogil=True, fastmath=FASTMATH, cache=True)   # nogil: bands of it run on Python threads at once
+
+@intrinsic
+def f32_from_bits(typingctx, bits):                        # uint32 -> float32 with the same bits (no conversion)
+    """A bit cast inside a loop, which LLVM still vectorizes: bf16 widening and building 2**k for exp."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+    return sig, codegen
+
 
 _BLAS = ThreadpoolController()
 _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="npgpt")

@@ -4,13 +4,10 @@ each core a band of output columns and a single-threaded sgemm on the same array
 
 import numba
 import numpy as np
-from numba import types
-from numba.extending import intrinsic
 
 from npgpt import quant
 
-from .jit import DECODE_ROWS, bands, parallel, serial
-
+from .jit import DECODE_ROWS, bands, f32_from_bits, parallel, serial
 
 
 @serial
@@ -45,15 +42,6 @@ def gemv(x, w, b):                                         # [N, K] x [M, K] row
             for n in range(x.shape[0]):
                 out[n, m] += b[m]
     return out
-
-
-@intrinsic
-def f32_from_bits(typingctx, bits):                        # uint32 -> float32 with the same bits (no conversion)
-    sig = types.float32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
-    return sig, codegen
 
 
 @parallel

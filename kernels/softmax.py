@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from .jit import bands, serial
+from .jit import bands, f32_from_bits, serial
 
 
 LOG2E = np.float32(1.4426950408889634)
@@ -14,22 +14,19 @@ P4, P5, P6 = np.float32(0.009618129107628477), np.float32(0.0013333558146428443)
 
 
 @serial
-def softmax_row(row, n, scratch):                          # row[:n] -> probabilities in place, row[n:] -> 0; scratch: int32 [>= n]
+def softmax_row(row, n):                                   # row[:n] -> probabilities in place, row[n:] -> 0
     """exp is computed as 2**k * 2**f with the 2**k built from exponent bits, so the loop vectorizes
     (numba's np.exp is a scalar libm call: 6 ns an element, most of prefill attention's time)."""
     peak = -np.inf
     for s in range(n):
         peak = max(peak, row[s])
+    total = np.float32(0.0)
     for s in range(n):
         y = max((row[s] - peak) * LOG2E, np.float32(-127.0))   # <= 0; below 2**-127 the result is 0
         k = np.floor(y + np.float32(0.5))
         f = y - k
-        row[s] = np.float32(1.0) + f * (P1 + f * (P2 + f * (P3 + f * (P4 + f * (P5 + f * P6)))))
-        scratch[s] = (np.int32(k) + np.int32(127)) << np.int32(23)
-    two_k = scratch.view(np.float32)
-    total = np.float32(0.0)
-    for s in range(n):
-        row[s] *= two_k[s]
+        two_k = f32_from_bits(np.uint32(np.int32(k) + np.int32(127)) << np.uint32(23))
+        row[s] = two_k * (np.float32(1.0) + f * (P1 + f * (P2 + f * (P3 + f * (P4 + f * (P5 + f * P6))))))
         total += row[s]
     inv = np.float32(1.0) / total
     for s in range(n):
@@ -40,9 +37,8 @@ def softmax_row(row, n, scratch):                          # row[:n] -> probabil
 
 @serial
 def softmax_rows(x):                                       # [N, S] in place
-    scratch = np.empty(x.shape[1], dtype=np.int32)
     for i in range(x.shape[0]):
-        softmax_row(x[i], x.shape[1], scratch)
+        softmax_row(x[i], x.shape[1])
 
 
 def softmax(x):                                            # [..., S] -> [..., S]
@@ -54,14 +50,13 @@ def softmax(x):                                            # [..., S] -> [..., S
 @serial
 def causal_softmax_rows(scores, scale):                    # [R, T, S] in place: softmax(scale * scores + causal mask)
     R, T, S = scores.shape
-    scratch = np.empty(S, dtype=np.int32)
     for r in range(R):
         for t in range(T):
             row = scores[r, t]
             n = S - T + t + 1                              # query t sees keys 0 .. S-T+t
             for s in range(n):
                 row[s] *= scale
-            softmax_row(row, n, scratch)
+            softmax_row(row, n)
 
 
 def causal_softmax(scores, head_dim):                      # [B, H, T, S] raw q.k -> [B, H, T, S] probabilities, in place
