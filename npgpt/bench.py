@@ -97,13 +97,19 @@ def _decode(forward, new_cache, ids):
         forward(ids[:, t : t + 1], cache)
 
 
+SETTLE_S = 0.2                                             # > OpenBLAS's ~0.1 s of spinning after its last call
+
+
 def _interleaved(fns, tokens, reps, log):
-    """Time every runner once per round, round after round: drift on a shared machine hits all alike."""
+    """Time every runner once per round, round after round: drift on a shared machine hits all alike.
+    Before each run the machine idles briefly, so the worker threads one backend leaves spinning do
+    not slow the next one down."""
     for fn in fns:
         fn()                                               # warm-up: caches, page faults, thread pools
     samples = [[] for _ in fns]
     for i in range(reps):
         for fn, out in zip(fns, samples):
+            time.sleep(SETTLE_S)
             out.append(tokens / _timed(fn))
         log(f"  round {i + 1}/{reps}: " + ", ".join(f"{s[-1]:.1f}" for s in samples) + " t/s")
     return [(statistics.median(s), statistics.stdev(s) if reps > 1 else 0.0, s) for s in samples]
