@@ -7,12 +7,12 @@ import numpy as np
 
 import weights as weight_io
 
+from . import quant
 from .cache import KVCache
 from .config import Config, preset
 from .errors import InputError
 from .generate import detokenize, generate_ids
 from .inputs import check_ids
-from . import quant
 from .model import REFERENCE, cross_entropy, forward
 from .tokenizer import EOT, get_encoding
 
@@ -91,8 +91,8 @@ def load(path, backend="numpy", weights=None):
     """A Model from a HF GPT-2 .safetensors file or a directory holding model.safetensors (+ config.json).
     weights: "fp32", "bf16" or "int8" for the matmul weights; default fp32, or int8 for an int8 checkpoint.
     A checkpoint already in the asked format (bf16 on disk, int8 from `npgpt quantize`) is used as stored."""
-    if weights not in (None, *quant.FORMATS):
-        raise InputError(f"unknown weights format {weights!r}; choose one of {', '.join(quant.FORMATS)}")
+    if weights is not None:
+        quant.check_format(weights)
     params, config, info = weight_io.load_params(path)
     fmt = weights or ("int8" if info.format == "int8" else "fp32")
     params = quant.quantize(params, fmt)
@@ -104,7 +104,6 @@ def load(path, backend="numpy", weights=None):
 
 def random_model(config="gpt2", seed=0, backend="numpy", weights="fp32"):
     """A seeded random GPT-2 (noise, for tests and benchmarks): a preset name or a Config."""
-    if weights not in quant.FORMATS:
-        raise InputError(f"unknown weights format {weights!r}; choose one of {', '.join(quant.FORMATS)}")
+    quant.check_format(weights)
     cfg = config if isinstance(config, Config) else preset(config)
     return Model(quant.quantize(weight_io.random_params(cfg, seed), weights), cfg, backend=backend)

@@ -11,7 +11,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .errors import InputError
+
 FORMATS = ("fp32", "bf16", "int8")
+
+
+def check_format(name):
+    if name not in FORMATS:
+        raise InputError(f"unknown weights format {name!r}; choose one of {', '.join(FORMATS)}")
 
 
 class BF16(NamedTuple):
