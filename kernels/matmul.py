@@ -4,6 +4,8 @@ each core a band of output columns and a single-threaded sgemm on the same array
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 from npgpt import quant
 
@@ -44,48 +46,41 @@ def gemv(x, w, b):                                         # [N, K] x [M, K] row
     return out
 
 
+def widen(w, m, k):                                        # stored weight element -> float32 (numba-only; see overload)
+    raise NotImplementedError
+
+
+@overload(widen)
+def _widen(w, m, k):
+    """Chosen per dtype at compile time: bf16 bits << 16 are its float32 (a bit cast, not a conversion);
+    int8 converts, its scale applied after the dot. Either way the loops still vectorize."""
+    if w.dtype == types.uint16:
+        return lambda w, m, k: f32_from_bits(np.uint32(w[m, k]) << np.uint32(16))
+    return lambda w, m, k: np.float32(w[m, k])
+
+
 @parallel
-def gemv_bf16(x, bits, b):                                 # [N, K] x bf16 [M, K] rows (uint16) -> [N, M]
-    """Widened in registers: bf16 << 16 is its float32, and the loop still vectorizes."""
+def gemv_stored(x, w, scale, b):                           # [N, K] x bf16 bits or int8 [M, K] rows (scale [M] or None) -> [N, M]
+    """Widened in registers: no float32 copy of the row exists. x . (q * scale) is (x . q) * scale."""
     N, K = x.shape
-    M = bits.shape[0]
+    M = w.shape[0]
     out = np.empty((N, M), dtype=np.float32)
     for m in numba.prange(M):
         for n in range(N):
             s = np.float32(0.0)
             for k in range(K):
-                s += x[n, k] * f32_from_bits(np.uint32(bits[m, k]) << np.uint32(16))
+                s += x[n, k] * widen(w, m, k)
+            if scale is not None:
+                s *= scale[m]
             out[n, m] = s if b is None else s + b[m]
     return out
 
 
-@parallel
-def gemv_int8(x, q, scale, b):                             # [N, K] x int8 [M, K] rows, scale [M] -> [N, M]
-    N, K = x.shape
-    M = q.shape[0]
-    out = np.empty((N, M), dtype=np.float32)
-    for m in numba.prange(M):
-        for n in range(N):
-            s = np.float32(0.0)
-            for k in range(K):
-                s += x[n, k] * np.float32(q[m, k])
-            out[n, m] = s * scale[m] if b is None else s * scale[m] + b[m]   # x . (q * scale), reassociated
-    return out
-
-
 @serial
-def bf16_tile(bits, out):                                  # bf16 bits [m, K] -> out float32 [m, K]
-    wide = out.view(np.uint32)
-    for m in range(bits.shape[0]):
-        for k in range(bits.shape[1]):
-            wide[m, k] = np.uint32(bits[m, k]) << np.uint32(16)
-
-
-@serial
-def int8_tile(q, scale, out):                              # int8 [m, K], scale [m] -> out float32 [m, K]
-    for m in range(q.shape[0]):
-        for k in range(q.shape[1]):
-            out[m, k] = np.float32(q[m, k]) * scale[m]
+def widen_tile(w, scale, out):                             # bf16 bits or int8 [m, K] (scale [m] or None) -> out float32 [m, K]
+    for m in range(w.shape[0]):
+        for k in range(w.shape[1]):
+            out[m, k] = widen(w, m, k) if scale is None else widen(w, m, k) * scale[m]
 
 
 @parallel
@@ -113,17 +108,16 @@ def transpose(a):                                          # [R, C] -> [C, R], c
 PREFILL_TILE = 256                                         # low-precision rows widened at a time for sgemm (768 KiB at K=768)
 
 
+def stored(w):                                             # quant.BF16 / quant.Int8 rows -> (values, scale or None)
+    return (w.bits, None) if isinstance(w, quant.BF16) else (w.q, w.scale)
+
+
 def matmul_rows(x, w, b=None):                             # [..., K] x [M, K] rows (+ [M]) -> [..., M]
     """w: float32 rows, or quant.BF16 / quant.Int8 rows (scale [M]) read as they are stored."""
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     M = w.shape[0]
     if x2.shape[0] <= DECODE_ROWS:
-        if isinstance(w, quant.BF16):
-            y = gemv_bf16(x2, w.bits, b)
-        elif isinstance(w, quant.Int8):
-            y = gemv_int8(x2, w.q, w.scale, b)
-        else:
-            y = gemv(x2, w, b)
+        y = gemv(x2, w, b) if isinstance(w, np.ndarray) else gemv_stored(x2, *stored(w), b)
     else:
         y = np.empty((x2.shape[0], M), dtype=np.float32)
         bands(lambda cols: _gemm_band(x2, w, b, y, cols), M, inline_upto=1)
@@ -140,10 +134,8 @@ def _gemm_band(x, w, b, y, cols):                          # y[:, cols] = x [N, 
         for t0 in range(cols.start, cols.stop, PREFILL_TILE):
             t1 = min(t0 + PREFILL_TILE, cols.stop)
             part = tile[: t1 - t0]
-            if isinstance(w, quant.BF16):
-                bf16_tile(w.bits[t0:t1], part)
-            else:
-                int8_tile(w.q[t0:t1], w.scale[t0:t1], part)
+            values, scale = stored(w)
+            widen_tile(values[t0:t1], None if scale is None else scale[t0:t1], part)
             np.matmul(x, part.T, out=y[:, t0:t1])
     if b is not None:
         y[:, cols] += b[cols]

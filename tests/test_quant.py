@@ -37,7 +37,7 @@ def test_kernel_tiles_dequantize_to_exactly_the_reference_values(fmt):
     w = quant.quantize({"h": [], "lm_head": {"weight": rng.standard_normal((37, 60), dtype=np.float32)}}, fmt)["lm_head"]["weight"]
     rows = kernels.head_rows(w)
     out = np.empty(w.shape, np.float32)
-    matmul.bf16_tile(rows.bits, out) if fmt == "bf16" else matmul.int8_tile(rows.q, rows.scale, out)
+    matmul.widen_tile(*matmul.stored(rows), out)
     assert np.array_equal(out, quant.dequantize(w))
 
 
