@@ -6,6 +6,7 @@ import numpy as np
 
 from . import quant
 from .api import Model
+from .bench import decode_bytes_per_step
 from .perplexity import perplexity
 from .tokenizer import get_encoding
 
@@ -37,24 +38,17 @@ def compare(params, cfg, ids, formats=("bf16", "int8"), steps=64, backend="numba
         picks = model.forward(seq[:-1])[prompt - 1 :].argmax(axis=-1)                 # next token at each step
         ppl = perplexity(model, ids, ctx=ctx, stride=ctx // 2)["ppl"]
         base_ppl = base_ppl or ppl
-        rows.append({"weights": fmt, "matmul_bytes": _matmul_bytes(model.params), "max_abs_err": float(err),
+        rows.append({"weights": fmt, "bytes_per_token": decode_bytes_per_step(model.params), "max_abs_err": float(err),
                      "rel_err": float(err / np.abs(ref_logits).max()), "cosine": cosine,
                      "greedy_agreement": float((picks == continuation).mean()), "steps": int(continuation.size),
                      "ppl": ppl, "ppl_delta": ppl - base_ppl})
     return rows
 
 
-def _matmul_bytes(params):
-    heads = params["lm_head"]["weight"]
-    return sum(layer[g][n]["weight" if "weight" in layer[g][n] else "weight_t"].nbytes
-               for layer in params["h"] for g, names in (("attn", ("c_attn", "c_proj")), ("mlp", ("c_fc", "c_proj")))
-               for n in names) + heads.nbytes
-
-
 def table(rows):
-    out = ["| weights | matmul MB | max-abs logit err | rel err | cosine | greedy agreement | ppl | Δppl |",
+    out = ["| weights | MB read per token | max-abs logit err | rel err | cosine | greedy agreement | ppl | Δppl |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        out.append(f"| {r['weights']} | {r['matmul_bytes'] / 1e6:.1f} | {r['max_abs_err']:.2e} | {r['rel_err']:.2e} | "
+        out.append(f"| {r['weights']} | {r['bytes_per_token'] / 1e6:.1f} | {r['max_abs_err']:.2e} | {r['rel_err']:.2e} | "
                    f"{r['cosine']:.7f} | {r['greedy_agreement'] * r['steps']:.0f}/{r['steps']} | {r['ppl']:.3f} | {r['ppl_delta']:+.3f} |")
     return "\n".join(out)

@@ -3,6 +3,7 @@
 import numpy as np
 
 from .inputs import check_sampling
+from .model import softmax
 
 
 def sample(logits, rng, temperature=1.0, top_k=0, top_p=1.0):   # [B, V] logits -> [B] token ids
@@ -14,8 +15,7 @@ def sample(logits, rng, temperature=1.0, top_k=0, top_p=1.0):   # [B, V] logits 
     if 0 < top_k < z.shape[-1]:
         kth = np.partition(z, -top_k, axis=-1)[:, -top_k, None]
         z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
+    p = softmax(z)
     if top_p < 1:                                          # keep the most likely tokens until their mass reaches top_p
         order = np.argsort(-p, axis=-1, kind="stable")
         sorted_p = np.take_along_axis(p, order, axis=-1)

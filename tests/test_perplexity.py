@@ -80,5 +80,5 @@ def test_quality_report_meets_the_format_targets(gpt2_vocab_file):
     rows = {r["weights"]: r for r in quality.compare(params, cfg, quality.text_ids(), steps=32)}
     assert rows["fp32"]["cosine"] == pytest.approx(1.0) and rows["fp32"]["max_abs_err"] == 0
     assert rows["bf16"]["cosine"] >= 0.9999 and rows["int8"]["cosine"] >= 0.999
-    assert rows["int8"]["matmul_bytes"] < rows["bf16"]["matmul_bytes"] < rows["fp32"]["matmul_bytes"]
+    assert rows["int8"]["bytes_per_token"] < rows["bf16"]["bytes_per_token"] < rows["fp32"]["bytes_per_token"]
     assert all(0 <= r["greedy_agreement"] <= 1 and r["steps"] == 32 for r in rows.values())
