@@ -7,8 +7,8 @@ Layout: the kernel GEMV streams weight rows, so `prepare` stores each Conv1D wei
 
 import numpy as np
 
-from npgpt import quant
-from npgpt.model import REFERENCE
+from .. import quant
+from ..model import REFERENCE
 
 from . import activation, attention, matmul, norm, softmax
 from .jit import blas_per_band as runtime

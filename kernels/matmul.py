@@ -7,7 +7,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from npgpt import quant
+from .. import quant
 
 from .jit import DECODE_ROWS, bands, f32_from_bits, parallel, serial
 

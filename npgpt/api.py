@@ -5,7 +5,7 @@ import itertools
 
 import numpy as np
 
-import weights as weight_io
+from . import weights as weight_io
 
 from . import quant
 from .cache import KVCache
@@ -25,7 +25,7 @@ def resolve_backend(name):
     if name == "numpy":
         return REFERENCE, lambda params: params, contextlib.nullcontext
     if name == "numba":
-        import kernels                                     # imported on demand: numba start-up is not free
+        from . import kernels                              # imported on demand: numba start-up is not free
         return kernels.KERNELS, kernels.prepare, kernels.runtime
     raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 

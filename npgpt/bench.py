@@ -20,7 +20,7 @@ import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-import weights
+from . import weights
 
 from . import api, quant
 from .errors import InputError
@@ -146,7 +146,7 @@ class TorchBaseline:
 
 def jit_cache_stats():
     """(hits, misses) of numba's on-disk cache over every kernel dispatcher loaded so far."""
-    import kernels
+    from . import kernels
 
     hits = misses = 0
     for module in (kernels.activation, kernels.attention, kernels.matmul, kernels.norm, kernels.softmax):
@@ -237,7 +237,7 @@ def _rss_mb():
 
 def rss_child(path, fmt, tokens=16):
     """In a fresh process: load `path` as `fmt` on numba, decode `tokens` tokens, print resident MiB."""
-    import kernels  # noqa: F401  (imports and JIT cache out of the way before the baseline)
+    from . import kernels  # noqa: F401  (imports and JIT cache out of the way before the baseline)
 
     warm = api.random_model(api.Config(n_vocab=64, n_ctx=32, n_embd=16, n_head=2, n_layer=1), backend="numba")
     warm.generate([1, 2], max_new_tokens=2, temperature=0)

@@ -4,9 +4,9 @@ import argparse
 import os
 import sys
 
-import weights as weight_io
+from . import weights as weight_io
 
-from . import api, quant
+from . import __version__, api, quant
 from .config import PRESETS
 from .errors import NpgptError
 from .tokenizer import get_encoding
@@ -130,6 +130,7 @@ def cmd_bench(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="npgpt", description="GPT-2 in NumPy, with numba kernels.")
+    parser.add_argument("--version", action="version", version=f"npgpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p, backend="numpy"):

@@ -7,7 +7,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str  # the pre-tokenizer regex; importing it fetches nothing
 
-from weights.vocab import ENCODER_JSON, VOCAB_BPE
+from .weights.vocab import ENCODER_JSON, VOCAB_BPE
 
 from .errors import TokenizerError
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import npgpt
-import weights
+from npgpt import weights
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden")
 # A small model with awkward sizes: head_dim 10, vocab not a power of two.

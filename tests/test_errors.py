@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import npgpt
-import weights
+from npgpt import weights
 from npgpt import CheckpointError, ConfigError, InputError, NpgptError
 from npgpt.cli import main
-from weights.checkpoint import write
+from npgpt.weights.checkpoint import write
 from conftest import TINY
 
 

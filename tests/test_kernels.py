@@ -5,9 +5,9 @@ the kernels sum in a different order (vectorized partial sums), so results diffe
 import numpy as np
 import pytest
 
-import kernels
+from npgpt import kernels
 import npgpt
-from kernels import activation, attention, matmul, norm, softmax
+from npgpt.kernels import activation, attention, matmul, norm, softmax
 from npgpt import model as spec
 from npgpt.cache import KVCache
 from conftest import TINY, max_rel_err
@@ -108,7 +108,7 @@ def test_prepared_params_refuse_the_numpy_linear(tiny_params):
 
 
 def test_numba_cache_dir_falls_back_when_package_is_read_only(tmp_path, monkeypatch):
-    from kernels.jit import choose_cache_dir
+    from npgpt.kernels.jit import choose_cache_dir
     readonly = tmp_path / "pkg"
     readonly.mkdir()
     monkeypatch.setattr("os.access", lambda path, mode: str(path) != str(readonly) and not str(path).startswith(str(readonly)))

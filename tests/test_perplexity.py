@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import npgpt
-import weights
+from npgpt import weights
 from npgpt import quality
 from npgpt.cli import main
 from npgpt.model import cross_entropy

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-import kernels
+from npgpt import kernels
 import npgpt
-import weights
-from kernels import matmul
+from npgpt import weights
+from npgpt.kernels import matmul
 from npgpt import model as spec
 from npgpt import quant
 from npgpt.cli import main

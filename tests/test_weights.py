@@ -7,9 +7,9 @@ import pytest
 import safetensors.numpy
 
 import npgpt
-import weights
-from weights.checkpoint import narrow, widen, write
-from weights.gpt2 import infer_config
+from npgpt import weights
+from npgpt.weights.checkpoint import narrow, widen, write
+from npgpt.weights.gpt2 import infer_config
 from conftest import TINY, max_rel_err
 
 IDS = np.arange(0, 900, 37)

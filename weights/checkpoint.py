@@ -12,8 +12,8 @@ import struct
 
 import numpy as np
 
-from npgpt import quant
-from npgpt.errors import CheckpointError
+from .. import quant
+from ..errors import CheckpointError
 
 ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
             "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from npgpt import quant
-from npgpt.config import Config
-from npgpt.errors import CheckpointError, ConfigError
+from .. import quant
+from ..config import Config
+from ..errors import CheckpointError, ConfigError
 
 from .checkpoint import SafetensorsFile, narrow, widen, write
 
