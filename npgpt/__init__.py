@@ -3,9 +3,10 @@
 from .api import BACKENDS, Model, load, random_model
 from .cache import KVCache
 from .config import PRESETS, Config, preset
+from .generate import Timings
 from .errors import CheckpointError, ConfigError, InputError, NpgptError, TokenizerError
-from .tokenizer import EOT, get_encoding
+from .tokenizer import EOT, encode, get_encoding
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "Model", "load", "random_model", "KVCache", "PRESETS", "Config", "preset", "NpgptError",
-           "CheckpointError", "ConfigError", "InputError", "TokenizerError", "EOT", "get_encoding"]
+           "CheckpointError", "ConfigError", "InputError", "TokenizerError", "EOT", "encode", "get_encoding", "Timings"]

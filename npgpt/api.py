@@ -11,10 +11,10 @@ from . import quant
 from .cache import KVCache
 from .config import Config, preset
 from .errors import InputError
-from .generate import detokenize, generate_ids
-from .inputs import check_ids
+from .generate import detokenize, generate_ids, stop_at
+from .inputs import check_ids, check_seed
 from .model import REFERENCE, cross_entropy, forward
-from .tokenizer import EOT, get_encoding
+from .tokenizer import EOT, encode, get_encoding
 
 BACKENDS = ("numpy", "numba")
 
@@ -56,35 +56,46 @@ class Model:
         if isinstance(prompt, str):
             if not prompt:
                 raise InputError("empty prompt: give at least one character or token id")
-            return np.array([get_encoding().encode(prompt, allowed_special={"<|endoftext|>"})]), "text"
+            return np.array([encode(prompt)]), "text"
         ids, one_sequence = check_ids(prompt, self.config)
         return ids, "ids" if one_sequence else "batch"
 
-    def _tokens(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+    def _tokens(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, timings, text_output):
         ids, kind = self._prompt_ids(prompt)
-        steps = generate_ids(self, ids, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        steps = generate_ids(self, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, seed=seed, timings=timings,   # text: only ids the tokenizer can decode
+                             n_choices=get_encoding().n_vocab if text_output else None)
         return ids, steps, kind
 
-    def generate(self, prompt, max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=None):
-        """Text in -> continuation text (stops before <|endoftext|>); ids [T] -> list of new ids;
-        ids [B, T] -> int array [B, n]. Id outputs end with 50256 when the model emitted it."""
-        ids, steps, kind = self._tokens(prompt, max_new_tokens, temperature, top_k, top_p, seed)
+    def generate(self, prompt, max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None, timings=None):
+        """Text in -> continuation text (stops before <|endoftext|> or the first of the `stop` strings);
+        ids [T] -> list of new ids; ids [B, T] -> int array [B, n]. Id outputs end with 50256 when the
+        model emitted it. `timings`: an npgpt.Timings to fill in."""
+        if isinstance(prompt, str):
+            return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, timings))
+        if stop is not None:
+            raise InputError("stop strings apply to text output; with token ids, stop at the ids you want")
+        ids, steps, kind = self._tokens(prompt, max_new_tokens, temperature, top_k, top_p, seed, timings, False)
         steps = list(steps)
         new = np.stack(steps, axis=1) if steps else np.zeros((ids.shape[0], 0), np.int64)   # [B, n]
-        if kind == "batch":
-            return new
-        tokens = [int(t) for t in new[0]]
-        if kind == "ids":
-            return tokens
-        return "".join(detokenize(tokens[: tokens.index(EOT)] if EOT in tokens else tokens, get_encoding()))
+        return new if kind == "batch" else [int(t) for t in new[0]]
 
-    def stream(self, prompt, max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=None):
-        """Yield the continuation of a text prompt piece by piece, as soon as each piece is valid UTF-8."""
-        _, steps, kind = self._tokens(prompt, max_new_tokens, temperature, top_k, top_p, seed)
+    def stream(self, prompt, max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None, timings=None):
+        """Yield the continuation of a text prompt (or one sequence of ids) piece by piece, as soon as each
+        piece is valid UTF-8; it ends before <|endoftext|> or the first of the `stop` strings."""
+        stops = check_stops(stop)
+        _, steps, kind = self._tokens(prompt, max_new_tokens, temperature, top_k, top_p, seed, timings, True)
         if kind == "batch":
             raise InputError("stream() takes one sequence; use generate() for a batch")
-        return detokenize(itertools.takewhile(lambda t: t != EOT, (int(t[0]) for t in steps)), get_encoding())
+        tokens = itertools.takewhile(lambda t: t != EOT, (int(t[0]) for t in steps))
+        return stop_at(detokenize(tokens, get_encoding()), stops)
+
+
+def check_stops(stop):                                     # None | str | list of str -> list of non-empty str
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+        raise InputError(f"stop must be a non-empty string or a list of them; got {stop!r}")
+    return list(stops)
 
 
 def load(path, backend="numpy", weights=None):
@@ -105,5 +116,6 @@ def load(path, backend="numpy", weights=None):
 def random_model(config="gpt2", seed=0, backend="numpy", weights="fp32"):
     """A seeded random GPT-2 (noise, for tests and benchmarks): a preset name or a Config."""
     quant.check_format(weights)
+    check_seed(seed)
     cfg = config if isinstance(config, Config) else preset(config)
     return Model(quant.quantize(weight_io.random_params(cfg, seed), weights), cfg, backend=backend)

@@ -1,32 +1,58 @@
 """Prompt -> stream of new tokens: one prefill over the prompt, then one cached decode step per token."""
 
 import codecs
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from .inputs import check_count, check_ids, check_sampling
+from .inputs import check_count, check_ids, check_sampling, check_seed
 from .sampling import sample
 from .tokenizer import EOT
 
 
+@dataclass
+class Timings:
+    """What a generation cost, as llama.cpp reports it: the prompt's prefill, then the decode steps."""
+
+    prompt_tokens: int = 0                                 # prefill: the prompt, one forward; it also yields the first new token
+    prompt_s: float = 0.0
+    decode_steps: int = 0                                  # one cached forward per later token
+    decode_s: float = 0.0
+
+    def summary(self):
+        rate = lambda n, s: f"{n / s:.2f}" if s > 0 else "-"
+        return (f"prompt eval: {self.prompt_tokens} tokens in {self.prompt_s * 1e3:.1f} ms "
+                f"({rate(self.prompt_tokens, self.prompt_s)} t/s); "
+                f"eval: {self.decode_steps} tokens in {self.decode_s * 1e3:.1f} ms ({rate(self.decode_steps, self.decode_s)} t/s)")
+
+
 def generate_ids(model, ids, *, max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0,
-                 seed=None, stop_token=EOT):               # [B, T] prompt -> iterator of [B] new ids per step
+                 seed=None, stop_token=EOT, n_choices=None, timings=None):   # [B, T] prompt -> iterator of [B] new ids per step
     """`model`: an npgpt.Model (forward with a KV cache, new_cache, config). Iterate over the next token of every sequence until max_new_tokens, the stop token in every row, or the
     context end (n_ctx positions: the last token yielded is the prediction at position n_ctx - 1).
-    A row that emitted the stop token keeps yielding it, so a batch stays rectangular."""
+    A row that emitted the stop token keeps yielding it, so a batch stays rectangular.
+    n_choices: sample only ids below it (text output: a padded vocabulary's extra ids decode to nothing).
+    timings: a Timings to fill in (the first step is the prompt's prefill, the rest are decode steps)."""
     check_sampling(temperature, top_k, top_p)              # checked now, not at the first next()
     max_new_tokens = check_count("max_new_tokens", max_new_tokens)
     ids, _ = check_ids(ids, model.config)
-    return _decode(model, ids, max_new_tokens, (temperature, top_k, top_p), np.random.default_rng(seed), stop_token)
+    rng = np.random.default_rng(check_seed(seed))
+    return _decode(model, ids, max_new_tokens, (temperature, top_k, top_p), rng, stop_token, n_choices, timings or Timings())
 
 
-def _decode(model, ids, max_new_tokens, sampling, rng, stop_token):
+def _decode(model, ids, max_new_tokens, sampling, rng, stop_token, n_choices, timings):
     cache = model.new_cache(batch=ids.shape[0])
     done = np.zeros(ids.shape[0], dtype=bool)
     step = ids                                                                                  # [B, T], then [B, 1]
-    for _ in range(max_new_tokens):
-        logits = model.forward(step, cache=cache, last=True)[:, -1]                            # [B, V]
+    for i in range(max_new_tokens):
+        start = time.perf_counter()
+        logits = model.forward(step, cache=cache, last=True)[:, -1, :n_choices]               # [B, V]
         token = np.where(done, stop_token, sample(logits, rng, *sampling))                     # [B]
+        if i == 0:
+            timings.prompt_tokens, timings.prompt_s = step.size, time.perf_counter() - start
+        else:
+            timings.decode_steps, timings.decode_s = i, timings.decode_s + time.perf_counter() - start
         yield token
         done |= token == stop_token
         if done.all() or cache.pos == model.config.n_ctx:
@@ -44,3 +70,24 @@ def detokenize(tokens, enc):                               # token ids -> text p
     tail = decoder.decode(b"", final=True)
     if tail:
         yield tail
+
+
+def stop_at(pieces, stops):                                # text pieces -> text pieces, ending before the first stop string
+    """Hold back only text that could still be the start of a stop string; stop the source at a match."""
+    if not stops:
+        yield from pieces
+        return
+    held = ""
+    for piece in pieces:
+        held += piece
+        hits = [i for i in (held.find(s) for s in stops) if i >= 0]
+        if hits:
+            if min(hits):
+                yield held[: min(hits)]
+            return
+        keep = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+        if len(held) > keep:
+            yield held[: len(held) - keep]
+            held = held[len(held) - keep :]
+    if held:
+        yield held

@@ -48,3 +48,10 @@ def check_count(name, value):
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
         raise InputError(f"{name} must be an integer >= 0; got {value!r}")
     return int(value)
+
+
+def check_seed(seed):
+    """None (fresh entropy) or an integer >= 0, as np.random.default_rng takes it."""
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0):
+        raise InputError(f"seed must be an integer >= 0 or None; got {seed!r}")
+    return seed

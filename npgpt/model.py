@@ -97,6 +97,8 @@ def block(x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv=None):   # [B, T, C]
 def forward(params, ids, cfg, ops=REFERENCE, cache=None, last=False):   # [T] or [B, T] ids -> [T, V] or [B, T, V]
     """Logits for every position (only the last one if `last`, all generation needs).
     With a KVCache, `ids` continue the sequence the cache holds."""
+    if cache is not None:
+        cache.check(cfg)                                   # another model's cache: a clear error, not a NumPy one
     past = 0 if cache is None else cache.pos
     ids, one_sequence = check_ids(ids, cfg, past=past, batch=None if cache is None else cache.batch)   # [B, T]
     x = params["wte"]["weight"][ids] + params["wpe"]["weight"][past : past + ids.shape[1]]         # [B, T, C]

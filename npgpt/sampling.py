@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from .errors import InputError
 from .inputs import check_sampling
 from .model import softmax
 
@@ -9,9 +10,13 @@ from .model import softmax
 def sample(logits, rng, temperature=1.0, top_k=0, top_p=1.0):   # [B, V] logits -> [B] token ids
     """temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off. Filters apply in HF's order."""
     check_sampling(temperature, top_k, top_p)
+    if not np.isfinite(logits).all():                      # NaN would make argmax and the draw pick token 0 silently
+        row = int(np.argwhere(~np.isfinite(logits))[0][0])
+        raise InputError(f"the model's logits are not finite (NaN or inf) in row {row}: broken weights or inputs")
     if temperature == 0:
         return logits.argmax(axis=-1)
-    z = logits.astype(np.float64) / temperature            # float64: tiny probabilities survive the cumsum
+    z = logits.astype(np.float64)                          # float64: tiny probabilities survive the cumsum
+    z = (z - z.max(axis=-1, keepdims=True)) / temperature  # max first: at any tiny temperature the argmax stays 0, not inf/inf
     if 0 < top_k < z.shape[-1]:
         kth = np.partition(z, -top_k, axis=-1)[:, -top_k, None]
         z = np.where(z < kth, -np.inf, z)

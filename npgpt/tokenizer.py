@@ -33,3 +33,9 @@ def get_encoding():
                                             vocab_bpe_hash=VOCAB_BPE[1], encoder_json_hash=ENCODER_JSON[1])
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
+
+
+def encode(text):                                          # str -> GPT-2 token ids
+    """As transformers' GPT-2 tokenizer: a literal "<|endoftext|>" in the text is the special token 50256
+    (tiktoken's default would raise on it)."""
+    return get_encoding().encode(text, allowed_special={"<|endoftext|>"})

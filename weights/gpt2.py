@@ -1,6 +1,7 @@
 """Hugging Face GPT-2 checkpoints <-> npgpt's params dict and Config; seeded random init."""
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from .. import quant
 from ..config import Config
 from ..errors import CheckpointError, ConfigError
 
-from .checkpoint import SafetensorsFile, narrow, widen, write
+from .checkpoint import SafetensorsFile, ShardedFile, narrow, widen, write
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 KNOWN_SIZES = {768: ("gpt2", 12), 1024: ("gpt2-medium", 16), 1280: ("gpt2-large", 20), 1600: ("gpt2-xl", 25)}
@@ -73,28 +74,40 @@ class LoadInfo:
     source: object = None                                  # the open SafetensorsFile the arrays map
 
 
-def resolve(path):                                         # file or HF model dir -> (safetensors path, config.json path or None)
+INDEX = "model.safetensors.index.json"                    # save_pretrained's map of a sharded checkpoint
+
+
+def resolve(path):                                         # file or HF model dir -> (weights path, config.json path or None)
+    """The weights of `path`: model.safetensors, or the shard index model.safetensors.index.json."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        weights = os.path.join(path, "model.safetensors")
-        if not os.path.exists(weights):
+        for name in ("model.safetensors", INDEX):
+            weights = os.path.join(path, name)
+            if os.path.exists(weights):
+                break
+        else:
             found = ", ".join(sorted(os.listdir(path))[:8]) or "nothing"
-            raise CheckpointError(f"{path}: directory has no model.safetensors (it holds: {found})")
+            raise CheckpointError(f"{path}: directory has no model.safetensors or {INDEX} (it holds: {found})")
     elif not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     else:
         weights = path
-        if not path.endswith(".safetensors"):
+        if not path.endswith((".safetensors", ".safetensors.index.json")):
             raise CheckpointError(f"{path}: npgpt reads .safetensors checkpoints only (Hugging Face's model.safetensors)")
     config = os.path.join(os.path.dirname(weights), "config.json")
     return weights, config if os.path.exists(config) else None
+
+
+def open_checkpoint(weights_path):
+    """A validated, memory-mapped checkpoint: one SafetensorsFile, or a ShardedFile behind an index."""
+    return ShardedFile(weights_path) if weights_path.endswith(".index.json") else SafetensorsFile(weights_path)
 
 
 def read_config_json(path):
     try:
         with open(path) as f:
             hf = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:   # ValueError: bad JSON, or an int past the digit limit
         raise ConfigError(f"{path}: cannot read config.json: {e}") from None
     if not isinstance(hf, dict):
         raise ConfigError(f"{path}: config.json is not a JSON object")
@@ -107,13 +120,39 @@ def read_config_json(path):
     return hf
 
 
+def layer_count(names):
+    """n_layer from the names h.0. ... h.N-1.; the layers must be numbered without gaps (checked before
+    anything is built per layer, so one stray name cannot make a model of a hundred million layers)."""
+    indices = set()
+    for n in names:
+        if m := LAYER.match(n):
+            if len(m.group(1)) > 6:
+                raise CheckpointError(f"tensor '{n[:40]}...': layer index of {len(m.group(1))} digits is not a GPT-2 layer")
+            indices.add(int(m.group(1)))
+    n_layer = len(indices)
+    if indices != set(range(n_layer)):
+        gap = min(set(range(n_layer)) - indices)
+        raise CheckpointError(f"tensors name layer h.{max(indices)} but none names layer h.{gap}: "
+                              f"layers must be numbered 0 to n_layer - 1")
+    return n_layer
+
+
+def read_eps(hf, config_path):
+    eps = hf.get("layer_norm_epsilon", 1e-5) if hf else 1e-5
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+        raise ConfigError(f"{config_path}: layer_norm_epsilon must be a finite positive number, got {eps!r}")
+    return float(eps)
+
+
 def infer_config(names, shape_of, hf, config_path):
     """Config from tensor shapes, with n_head and eps from config.json or GPT-2's released sizes."""
     for needed in ("wte.weight", "wpe.weight"):
         if needed not in names:
             raise CheckpointError(f"missing tensor '{needed}'")
+        if len(shape_of(needed)) != 2:
+            raise CheckpointError(f"tensor '{needed}' has shape {shape_of(needed)}; an embedding table is 2-D")
     (n_vocab, n_embd), (n_ctx, _) = shape_of("wte.weight"), shape_of("wpe.weight")
-    n_layer = 1 + max((int(m.group(1)) for n in names if (m := LAYER.match(n))), default=-1)
+    n_layer = layer_count(names)
     if hf is not None and "n_head" in hf:
         n_head, source = hf["n_head"], f"n_head from {config_path}"
     elif n_embd in KNOWN_SIZES:
@@ -121,27 +160,29 @@ def infer_config(names, shape_of, hf, config_path):
         source = f"n_head={n_head} assumed from n_embd={n_embd} ({size}); no config.json"
     else:
         raise ConfigError(f"cannot infer n_head for n_embd={n_embd}: put a config.json with n_head beside the checkpoint")
-    eps = float(hf.get("layer_norm_epsilon", 1e-5)) if hf else 1e-5
-    cfg = Config(n_vocab=n_vocab, n_ctx=n_ctx, n_embd=n_embd, n_head=n_head, n_layer=n_layer, eps=eps)
     for key, value in {"vocab_size": n_vocab, "n_positions": n_ctx, "n_embd": n_embd, "n_layer": n_layer}.items():
         if hf is not None and key in hf and hf[key] != value:
-            raise ConfigError(f"{config_path}: {key}={hf[key]} but the checkpoint's tensors say {value}")
+            raise ConfigError(f"{config_path}: {key}={hf[key]!r} but the checkpoint's tensors say {value}")
+    cfg = Config(n_vocab=n_vocab, n_ctx=n_ctx, n_embd=n_embd, n_head=n_head, n_layer=n_layer, eps=read_eps(hf, config_path))
     return cfg, source
 
 
 def load_params(path):
     """Read a HF GPT-2 safetensors checkpoint -> (params, Config, LoadInfo). F32 is zero-copy."""
     weights_path, config_path = resolve(path)
-    st = SafetensorsFile(weights_path)
+    st = open_checkpoint(weights_path)
     prefix = "transformer." if any(n.startswith("transformer.") for n in st.tensors) else ""
     stored = {(n[len(prefix):] if n.startswith(prefix) else n): n for n in st.tensors}
+    if len(stored) != len(st.tensors):
+        twice = next(n for n in stored if prefix + n in st.tensors and n in st.tensors)
+        raise CheckpointError(f"{weights_path}: holds both '{twice}' and '{prefix}{twice}'")
     hf = read_config_json(config_path) if config_path else None
     cfg, source = infer_config(stored, lambda n: st.tensors[stored[n]].shape, hf, config_path)
     expected = tensor_shapes(cfg)
     if "lm_head.weight" in stored:
         expected["lm_head.weight"] = (cfg.n_vocab, cfg.n_embd)
     info = LoadInfo(path=weights_path, config_source=source, tied="lm_head.weight" not in expected,
-                    prefix=prefix, file_bytes=os.path.getsize(weights_path), source=st)
+                    prefix=prefix, file_bytes=st.nbytes, source=st)
     info.ignored = sorted(n for n in stored if BUFFER.fullmatch(n))
     scales = {name + "_scale" for name in expected if MATMUL.fullmatch(name)}   # int8 checkpoints (npgpt quantize)
     unexpected = sorted(set(stored) - set(expected) - set(info.ignored) - scales)
@@ -157,7 +198,7 @@ def load_params(path):
             raise CheckpointError(f"{weights_path}: tensor '{t.name}' has shape {t.shape}; "
                                   f"GPT-2 with n_embd={cfg.n_embd}, n_vocab={cfg.n_vocab}, n_ctx={cfg.n_ctx} needs {shape}")
         info.dtypes[t.dtype] = info.dtypes.get(t.dtype, 0) + 1
-        flat[name] = stored_weight(st, t, name, stored, weights_path)
+        flat[name] = check_finite(stored_weight(st, t, name, stored, weights_path), t.name, weights_path)
     if "lm_head.weight" not in flat:                       # tied: the head is wte, kept as stored (bf16 stays bf16)
         wte = st.tensors[stored["wte.weight"]]
         flat["lm_head.weight"] = quant.BF16(st.array(wte.name)) if wte.dtype == "BF16" else flat["wte.weight"]
@@ -185,6 +226,21 @@ def stored_weight(st, t, name, stored, path):
     if t.dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"{path}: tensor '{t.name}' has dtype {t.dtype}; expected one of {', '.join(FLOAT_DTYPES)}")
     return widen(st.array(t.name), t.dtype)
+
+
+def check_finite(w, name, path):
+    """A NaN or inf weight makes every logit NaN: refuse it at load, naming the tensor (one pass over it)."""
+    if isinstance(w, quant.BF16):
+        bad = (w.bits & 0x7F80) == 0x7F80                  # exponent all ones: inf or NaN
+    elif isinstance(w, quant.Int8):
+        bad = ~np.isfinite(w.scale)
+    else:
+        bad = ~np.isfinite(w)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise CheckpointError(f"{path}: tensor '{name}' holds {int(bad.sum())} non-finite values (NaN or inf), "
+                              f"the first at index {where}")
+    return w
 
 
 def random_params(cfg, seed=0):
