@@ -126,8 +126,8 @@ def layer_count(names):
     indices = set()
     for n in names:
         if m := LAYER.match(n):
-            if len(m.group(1)) > 6:
-                raise CheckpointError(f"tensor '{n[:40]}...': layer index of {len(m.group(1))} digits is not a GPT-2 layer")
+            if len(m.group(1)) > 18:                       # int() of thousands of digits is slow, then refused
+                raise CheckpointError(f"tensor '{n[:40]}...': a layer index of {len(m.group(1))} digits is not a GPT-2 layer")
             indices.add(int(m.group(1)))
     n_layer = len(indices)
     if indices != set(range(n_layer)):
