@@ -2,6 +2,7 @@
 
 import contextlib
 import itertools
+import os
 
 import numpy as np
 
@@ -10,13 +11,33 @@ from . import weights as weight_io
 from . import quant
 from .cache import KVCache
 from .config import Config, preset
-from .errors import InputError
-from .generate import detokenize, generate_ids, stop_at
+from .errors import CheckpointError, InputError
+from .generate import Timings, detokenize, generate_ids, stop_at
 from .inputs import check_ids, check_seed
 from .model import REFERENCE, cross_entropy, forward
 from .tokenizer import EOT, encode, get_encoding
 
 BACKENDS = ("numpy", "numba")
+
+
+@contextlib.contextmanager
+def threads(n=None):
+    """Run the body on n threads: NumPy's BLAS and numba's parallel kernels (None: leave all cores)."""
+    if n is None:
+        yield
+        return
+    import numba                                           # numba's thread count is only read, or set, here
+    from threadpoolctl import threadpool_limits
+
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+        raise InputError(f"threads must be an integer from 1 to {numba.config.NUMBA_NUM_THREADS} on this machine; got {n!r}")
+    before = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n, user_api="blas"):
+            yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def resolve_backend(name):
@@ -111,6 +132,28 @@ def load(path, backend="numpy", weights=None):
     if fmt != info.format or model.params is not params:   # converted or re-laid-out: the mapped originals are dead weight
         info.source.release_pages()
     return model
+
+
+def quantize_checkpoint(source, dest, fmt):
+    """Write a bf16 or int8 copy of a checkpoint -> the path written. `dest`: a .safetensors path (its
+    folder is created) or a directory (gets model.safetensors). config.json is written beside it, keeping
+    the source's and any existing config.json's other keys."""
+    if fmt not in ("bf16", "int8"):
+        raise InputError(f"quantize writes bf16 or int8; got {fmt!r}")
+    source_weights, source_config = weight_io.gpt2.resolve(source)
+    dest = os.fspath(dest)
+    if os.path.isdir(dest) or not dest.endswith(".safetensors"):
+        dest = os.path.join(dest, "model.safetensors")
+    if os.path.exists(dest) and os.path.samefile(source_weights, dest):
+        raise InputError(f"{dest}: is the input checkpoint; write the quantized copy elsewhere")
+    model = load(source, weights=fmt)
+    base = weight_io.gpt2.read_config_json(source_config) if source_config else None
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        weight_io.save(model.params, dest, model.config, config_base=base)
+    except OSError as e:
+        raise CheckpointError(f"{e.filename or dest}: cannot write: {e.strerror}") from None
+    return dest
 
 
 def random_model(config="gpt2", seed=0, backend="numpy", weights="fp32"):

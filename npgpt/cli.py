@@ -9,7 +9,7 @@ from . import weights as weight_io
 from . import __version__, api, quant
 from .config import PRESETS
 from .errors import NpgptError
-from .tokenizer import get_encoding
+from .tokenizer import encode
 
 
 def _model(args):
@@ -32,7 +32,7 @@ def cmd_perplexity(args):
     from .perplexity import perplexity
 
     model = _model(args)
-    ids = get_encoding().encode(_read_text(args.text), allowed_special={"<|endoftext|>"})
+    ids = encode(_read_text(args.text))
     progress = lambda done, total: print(f"  {done}/{total} tokens", file=sys.stderr, flush=True)
     r = perplexity(model, ids, ctx=args.ctx, stride=args.stride, progress=progress)
     print(f"{args.text}: {r['tokens']} tokens scored, cross-entropy {r['nll']:.4f} nats/token, perplexity {r['ppl']:.3f} "
@@ -40,12 +40,8 @@ def cmd_perplexity(args):
 
 
 def cmd_quantize(args):
-    source, _ = weight_io.gpt2.resolve(args.input)
-    if os.path.exists(args.output) and os.path.samefile(source, args.output):
-        raise NpgptError(f"{args.output}: is the input checkpoint; write the quantized copy elsewhere")
-    model = api.load(args.input, weights=args.dtype)
-    weight_io.save(model.params, args.output, model.config)
-    print(f"wrote {args.output} ({args.dtype}) and config.json beside it")
+    written = api.quantize_checkpoint(args.input, args.output, args.dtype)
+    print(f"wrote {written} ({args.dtype}) and config.json beside it")
 
 
 def cmd_quality(args):
@@ -61,14 +57,30 @@ def cmd_quality(args):
     print(quality.table(quality.compare(params, cfg, ids, steps=args.steps, backend=args.backend)))
 
 
+def _prompt(args):
+    if args.prompt_file is None:
+        return args.prompt
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    return _read_text(args.prompt_file)
+
+
 def cmd_generate(args):
-    model = _model(args)
-    pieces = model.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)   # checks its arguments first
-    print(args.prompt, end="", flush=True)
-    for piece in pieces:
-        print(piece, end="", flush=True)
-    print()
+    prompt = _prompt(args)
+    with api.threads(args.threads):
+        model = _model(args)
+        room = model.config.n_ctx - len(encode(prompt)) + 1
+        if 0 < room < args.max_new_tokens:
+            print(f"npgpt: warning: the prompt leaves room for {room} new tokens in the {model.config.n_ctx}-token "
+                  f"context; generation stops there, not at --max-new-tokens {args.max_new_tokens}", file=sys.stderr)
+        timings = api.Timings()
+        pieces = model.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, stop=args.stop, timings=timings)   # checks its arguments first
+        print(prompt, end="", flush=True)
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
+    print(f"npgpt: {timings.summary()}", file=sys.stderr)
 
 
 def cmd_inspect(args):
@@ -140,8 +152,12 @@ def build_parser():
         p.add_argument("--weights-dtype", choices=quant.FORMATS, help="matmul weights: fp32 (default), bf16, int8")
 
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
-    model_args(g)
-    g.add_argument("--prompt", required=True)
+    model_args(g, backend="numba")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text (a literal <|endoftext|> is the special token)")
+    source.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a UTF-8 file ('-': standard input)")
+    g.add_argument("--stop", action="append", metavar="STR", help="stop before this text (repeatable)")
+    g.add_argument("-t", "--threads", type=int, default=None, help="threads for the kernels and BLAS (default: all cores)")
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -158,7 +174,7 @@ def build_parser():
 
     q = sub.add_parser("quantize", help="write a bf16 or int8 copy of a checkpoint")
     q.add_argument("input", help="model.safetensors or its directory")
-    q.add_argument("output", help="output .safetensors path (config.json is written beside it)")
+    q.add_argument("output", help="output .safetensors path or directory (created if missing; config.json is written beside it)")
     q.add_argument("--dtype", required=True, choices=["bf16", "int8"])
     q.set_defaults(func=cmd_quantize)
 

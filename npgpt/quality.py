@@ -8,19 +8,28 @@ from . import quant
 from .api import Model
 from .bench import decode_bytes_per_step
 from .perplexity import perplexity
-from .tokenizer import get_encoding
+from .errors import InputError
+from .tokenizer import encode
 
 SAMPLE_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample.txt")   # 2.6 KB, written for npgpt
 
 
 def text_ids(path=SAMPLE_TEXT):
-    with open(path, encoding="utf-8") as f:
-        return np.array(get_encoding().encode(f.read(), allowed_special={"<|endoftext|>"}))
+    try:
+        with open(path, encoding="utf-8") as f:
+            return np.array(encode(f.read()), dtype=np.int64)
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read UTF-8 text: {e}") from None
 
 
 def compare(params, cfg, ids, formats=("bf16", "int8"), steps=64, backend="numba", prompt=16):
     """Rows for fp32 and each format: logit errors and cosine over the text's first window, greedy-token
     agreement over `steps` steps (teacher-forced on fp32's greedy continuation), perplexity and its delta."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise InputError(f"--steps must be an integer >= 1; got {steps!r}")
+    if len(ids) < prompt + 1:
+        raise InputError(f"the text has {len(ids)} tokens; quality needs at least {prompt + 1} "
+                         f"(a {prompt}-token prompt and one token to score)")
     window = ids[: cfg.n_ctx]
     ctx = min(1024, cfg.n_ctx)
     ref = Model(params, cfg, backend=backend)

@@ -16,7 +16,8 @@ def sample(logits, rng, temperature=1.0, top_k=0, top_p=1.0):   # [B, V] logits 
     if temperature == 0:
         return logits.argmax(axis=-1)
     z = logits.astype(np.float64)                          # float64: tiny probabilities survive the cumsum
-    z = (z - z.max(axis=-1, keepdims=True)) / temperature  # max first: at any tiny temperature the argmax stays 0, not inf/inf
+    with np.errstate(over="ignore"):                       # max first: at a tiny temperature the argmax stays 0 and
+        z = (z - z.max(axis=-1, keepdims=True)) / temperature   # the rest go to -inf, instead of inf - inf = NaN
     if 0 < top_k < z.shape[-1]:
         kth = np.partition(z, -top_k, axis=-1)[:, -top_k, None]
         z = np.where(z < kth, -np.inf, z)

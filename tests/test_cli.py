@@ -8,7 +8,7 @@ from npgpt.cli import main
 
 
 def test_generate_streams_the_same_text_as_the_api(tiny_file, capsys):
-    assert main(["generate", "--weights", str(tiny_file), "--prompt", "a b", "--max-new-tokens", "6", "--seed", "2",
+    assert main(["generate", "--weights", str(tiny_file), "--backend", "numpy", "--prompt", "a b", "--max-new-tokens", "6", "--seed", "2",
                  "--top-k", "40", "--top-p", "0.95", "--temperature", "0.8"]) == 0
     expected = npgpt.load(tiny_file).generate("a b", max_new_tokens=6, seed=2, top_k=40, top_p=0.95, temperature=0.8)
     assert capsys.readouterr().out == "a b" + expected + "\n"

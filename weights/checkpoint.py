@@ -228,9 +228,26 @@ def write(path, tensors, metadata=None):
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)                        # keep tensor data 8-byte aligned
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:                             # then rename: a process mapping the old file keeps it intact
+    def dump(f):
         f.write(struct.pack("<Q", len(blob)) + blob)
         for dtype, arr in tensors.values():
             np.ascontiguousarray(arr).tofile(f)           # x86/ARM hosts are little-endian like the format
-    os.replace(tmp, path)
+    atomic_write(path, dump)
+
+
+def atomic_write(path, dump, mode="wb"):
+    """Write through a temp file beside `path`, then rename it into place: a reader (or a process mapping
+    the old file) sees the old file or the new one, never half of one; on any failure the temp file goes."""
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            dump(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise

@@ -12,7 +12,7 @@ from .. import quant
 from ..config import Config
 from ..errors import CheckpointError, ConfigError
 
-from .checkpoint import SafetensorsFile, ShardedFile, narrow, widen, write
+from .checkpoint import SafetensorsFile, ShardedFile, atomic_write, narrow, widen, write
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 KNOWN_SIZES = {768: ("gpt2", 12), 1024: ("gpt2-medium", 16), 1280: ("gpt2-large", 20), 1600: ("gpt2-xl", 25)}
@@ -261,10 +261,10 @@ def random_params(cfg, seed=0):
     return params
 
 
-def save(params, path, cfg=None, *, dtype="F32", prefix="", metadata=None):
+def save(params, path, cfg=None, *, dtype="F32", prefix="", metadata=None, config_base=None):
     """Write params in HF layout. A head tied to wte is not written; float32 arrays are stored as
     `dtype`; bf16 weights as BF16, int8 weights as I8 `name` plus F32 `name_scale` (one per output
-    channel). `cfg` also writes config.json beside the file."""
+    channel). `cfg` also writes config.json beside the file (see write_config; `config_base`: other keys to keep)."""
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {FLOAT_DTYPES}")
     flat = flatten(params)
@@ -281,8 +281,20 @@ def save(params, path, cfg=None, *, dtype="F32", prefix="", metadata=None):
             tensors[key] = (dtype, narrow(a, dtype))
     write(path, tensors, {"format": "pt", "npgpt.weights": quant.params_format(params), **(metadata or {})})
     if cfg is not None:
-        hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.n_vocab,
-              "n_positions": cfg.n_ctx, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-              "layer_norm_epsilon": cfg.eps, "activation_function": "gelu_new"}
-        with open(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
+        write_config(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"), cfg, base=config_base)
+
+
+def write_config(path, cfg, base=None):
+    """config.json for `cfg`, keeping every other key of `base` and of a config.json already at `path`
+    (tokenizer settings, task parameters, ...): npgpt owns only the keys it writes."""
+    keys = {}
+    if os.path.exists(path):
+        try:
+            keys = read_config_json(path)
+        except ConfigError:
+            keys = {}                                      # unreadable: nothing to keep
+    keys.update(base or {})
+    keys.update({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.n_vocab,
+                 "n_positions": cfg.n_ctx, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+                 "layer_norm_epsilon": cfg.eps, "activation_function": "gelu_new"})
+    atomic_write(path, lambda f: json.dump(keys, f, indent=2), mode="w")
