@@ -10,8 +10,9 @@ import numpy as np
 from .. import quant
 from ..model import REFERENCE
 
-from . import activation, attention, matmul, norm, softmax
+from . import activation, attention, matmul, memory, norm, softmax
 from .jit import blas_per_band as runtime
+from .jit import serialized
 
 KERNELS = REFERENCE._replace(layer_norm=norm.layer_norm, linear=matmul.linear, gelu=activation.gelu,
                              attention=attention.attention, lm_head=matmul.lm_head)
@@ -35,10 +36,15 @@ def transpose_linear(layer):                               # {"weight": [in, out
 
 def prepare(params):
     """params in the kernels' layout; arrays the kernels read as they are (embeddings, LayerNorm) are shared."""
+    with serialized():                                     # the transposes are parallel kernels
+        return _prepare(params)
+
+
+def _prepare(params):
     blocks = [{**block, "attn": {name: transpose_linear(block["attn"][name]) for name in ("c_attn", "c_proj")},
                "mlp": {name: transpose_linear(block["mlp"][name]) for name in ("c_fc", "c_proj")}}
               for block in params["h"]]
     return {**params, "h": blocks, "lm_head": {"weight": head_rows(params["lm_head"]["weight"])}}
 
 
-__all__ = ["KERNELS", "prepare", "runtime", "activation", "attention", "matmul", "norm", "softmax"]
+__all__ = ["KERNELS", "prepare", "runtime", "serialized", "activation", "attention", "matmul", "memory", "norm", "softmax"]

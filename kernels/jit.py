@@ -11,11 +11,13 @@ LayerNorm kernel 30x slower right after a multi-threaded sgemm).
 
 import contextlib
 import os
+import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
+import numpy as np
 from numba import types
 from numba.extending import intrinsic
 from threadpoolctl import ThreadpoolController
@@ -68,22 +70,88 @@ _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="
 DECODE_ROWS = 16                                           # up to this many rows (B*T) is decode-sized work
 
 
-_state = threading.local()
+class _BlasLimit:
+    """NumPy's BLAS held at one thread while any forward pass on the kernels runs, in any Python thread.
+    The BLAS thread count is process-wide, so the limit is reference-counted: the first caller in sets
+    it, the last one out restores what was there (a per-thread limit restored its own snapshot, and
+    left BLAS at 1 thread for good when threads interleaved). The library's own setter is called:
+    threadpoolctl >= 3.6 ignores OpenBLAS limits set from any thread but the first one that set one,
+    so the last caller out could not restore anything."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = []
+
+    @staticmethod
+    def _libs():
+        return [c for c in _BLAS.lib_controllers if c.user_api == "blas"]
+
+    @staticmethod
+    def _set(lib, n):
+        getattr(lib, "_real_set_num_threads", lib.set_num_threads)(n)
+
+    def __enter__(self):
+        with self._lock:
+            if self._users == 0:
+                self._saved = [(lib, lib.get_num_threads()) for lib in self._libs()]
+                for lib, _ in self._saved:
+                    self._set(lib, 1)
+            self._users += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                for lib, n in self._saved:
+                    self._set(lib, n)
+
+
+_BLAS_LIMIT = _BlasLimit()
+
+
+def _threading_layer():
+    """numba's threading layer, known only once a parallel kernel has run: run a trivial one now."""
+    _touch(np.zeros(2, np.float32))
+    return numba.threading_layer()
+
+
+@parallel
+def _touch(a):                                             # the smallest parallel kernel: starts numba's thread pool
+    for i in numba.prange(a.shape[0]):
+        a[i] += np.float32(0.0)
+
+
+_SERIALIZE = None                                          # a lock when numba fell back to its workqueue layer
+_SERIALIZE_INIT = threading.Lock()
+
+
+def _serializer():
+    """workqueue (numba's fallback when neither OpenMP nor TBB loads) aborts the process when two Python
+    threads enter parallel kernels at once, so then every forward pass takes one lock (said once)."""
+    global _SERIALIZE
+    with _SERIALIZE_INIT:
+        if _SERIALIZE is None:
+            layer = _threading_layer()
+            _SERIALIZE = threading.RLock() if layer == "workqueue" else contextlib.nullcontext()
+            if layer == "workqueue":
+                print("npgpt: numba runs on its 'workqueue' threading layer (no OpenMP or TBB found; install libgomp1 "
+                      "for OpenMP): kernel calls from several threads take turns", file=sys.stderr)
+    return _SERIALIZE
+
+
+def serialized():
+    """The lock a parallel kernel call takes on the workqueue layer (a no-op context elsewhere)."""
+    return _serializer()
 
 
 @contextlib.contextmanager
 def blas_per_band():
-    """Hold numpy's BLAS at one thread for a whole forward pass (npgpt.Model enters this). Switching
-    it per call instead cost ~1.5x on prefill GEMMs; outside this context `bands` still switches."""
-    if getattr(_state, "inside", False):
+    """What a forward pass on the kernels runs inside (npgpt.Model enters this): BLAS held at one thread
+    (switching it per call cost ~1.5x on prefill GEMMs; outside this context `bands` still switches),
+    and, on numba's workqueue layer only, one forward pass at a time."""
+    with _serializer(), _BLAS_LIMIT:
         yield
-        return
-    with _BLAS.limit(limits=1, user_api="blas"):
-        _state.inside = True
-        try:
-            yield
-        finally:
-            _state.inside = False
 
 
 def bands(fn, n, inline_upto=DECODE_ROWS):                 # fn(slice) over range(n), one contiguous band per thread
@@ -93,6 +161,6 @@ def bands(fn, n, inline_upto=DECODE_ROWS):                 # fn(slice) over rang
     if P == 1:
         fn(slice(0, n))
         return
-    with blas_per_band():
+    with _BLAS_LIMIT:
         for f in [_POOL.submit(fn, slice(p * n // P, (p + 1) * n // P)) for p in range(P)]:
             f.result()

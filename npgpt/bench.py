@@ -28,22 +28,13 @@ from .errors import InputError
 _BANDWIDTH_BYTES = 2**29                                   # 512 MiB: far past any last-level cache
 
 
-@numba.njit(parallel=True, fastmath={"reassoc"}, cache=True)
-def _read_all(a):                                          # [R, C] -> [R]: touches every byte once, both cores
-    out = np.empty(a.shape[0], dtype=np.float32)
-    for i in numba.prange(a.shape[0]):
-        s = np.float32(0.0)
-        for j in range(a.shape[1]):
-            s += a[i, j]
-        out[i] = s
-    return out
-
-
 def measure_ceilings(reps=5):
     """Memory read bandwidth (GB/s) and sgemm GFLOP/s at 1024x768x3072, best of `reps`."""
+    from .kernels.memory import read_all                   # jitted code lives in kernels/ (one cache-dir policy)
+
     big = np.ones((_BANDWIDTH_BYTES // 4096, 1024), dtype=np.float32)
-    _read_all(big)
-    bandwidth = max(big.nbytes / _timed(_read_all, big) for _ in range(reps)) / 1e9
+    read_all(big)
+    bandwidth = max(big.nbytes / _timed(read_all, big) for _ in range(reps)) / 1e9
     a, b = np.ones((1024, 768), np.float32), np.ones((768, 3072), np.float32)
     a @ b
     gflops = max(2 * 1024 * 768 * 3072 / _timed(np.matmul, a, b) for _ in range(reps)) / 1e9
@@ -149,7 +140,7 @@ def jit_cache_stats():
     from . import kernels
 
     hits = misses = 0
-    for module in (kernels.activation, kernels.attention, kernels.matmul, kernels.norm, kernels.softmax):
+    for module in (kernels.activation, kernels.attention, kernels.matmul, kernels.norm, kernels.softmax, kernels.memory, kernels.jit):
         for f in vars(module).values():
             if isinstance(f, numba.core.registry.CPUDispatcher):
                 hits += sum(f.stats.cache_hits.values())
