@@ -93,3 +93,27 @@ def test_python_dash_m_ignores_weights_and_kernels_modules_in_the_working_dir(tm
                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "n_vocab=1000" in r.stdout
+
+
+def test_run_time_code_imports_only_declared_packages():
+    """Module-level imports of the installed packages are the standard library, npgpt itself, or a package
+    setup.cfg declares at run time (safetensors is only a test tool; torch/transformers load lazily)."""
+    import ast
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+    declared = {line.split(">")[0].split("=")[0].strip() for line in cfg["options"]["install_requires"].split("\n") if line.strip()}
+    allowed = declared | {"tiktoken_ext"} | set(sys.stdlib_module_names) | {"npgpt"}
+    found = {}
+    for folder in ("npgpt", "kernels", "weights"):
+        for root, _, files in os.walk(os.path.join(REPO, folder)):
+            for name in (f for f in files if f.endswith(".py")):
+                tree = ast.parse(open(os.path.join(root, name)).read())
+                for node in tree.body:                     # module level only: lazy imports inside functions are extras
+                    if isinstance(node, ast.Import):
+                        found.update({a.name.split(".")[0]: name for a in node.names})
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                        found[node.module.split(".")[0]] = name
+    assert {m: f for m, f in found.items() if m not in allowed} == {}
+    assert "safetensors" not in declared
