@@ -8,6 +8,7 @@ Layout: the kernel GEMV streams weight rows, so `prepare` stores each Conv1D wei
 import numpy as np
 
 from .. import quant
+from ..backward import SPEC
 from ..model import REFERENCE
 
 from . import activation, attention, matmul, memory, norm, softmax
@@ -16,6 +17,9 @@ from .jit import serialized
 
 KERNELS = REFERENCE._replace(layer_norm=norm.layer_norm, linear=matmul.linear, gelu=activation.gelu,
                              attention=attention.attention, lm_head=matmul.lm_head)
+BACKWARD = SPEC._replace(layer_norm=norm.layer_norm_backward, linear=matmul.linear_backward, gelu=activation.gelu_backward,
+                         attention=attention.attention_backward, lm_head=matmul.lm_head_backward,
+                         cross_entropy=softmax.cross_entropy_backward)
 
 
 def rows(w):                                               # Conv1D weight [in, out] in any format -> rows [out, in]
@@ -47,4 +51,4 @@ def _prepare(params):
     return {**params, "h": blocks, "lm_head": {"weight": head_rows(params["lm_head"]["weight"])}}
 
 
-__all__ = ["KERNELS", "prepare", "runtime", "serialized", "activation", "attention", "matmul", "memory", "norm", "softmax"]
+__all__ = ["KERNELS", "BACKWARD", "prepare", "runtime", "serialized", "activation", "attention", "matmul", "memory", "norm", "softmax"]

@@ -36,3 +36,20 @@ def gelu(x):                                               # [..., F] -> [..., F
     out = np.empty(x2.shape, dtype=np.float32)
     bands(lambda r: gelu_rows(x2[r], out[r]), x2.shape[0])
     return out.reshape(x.shape)
+
+
+@serial
+def gelu_backward_rows(dout, x, dx):                       # [N, F] x2 -> dx [N, F]
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            v = x[i, j]
+            t = tanh(SQRT_2_OVER_PI * (v + np.float32(0.044715) * v * v * v))
+            slope = SQRT_2_OVER_PI * (np.float32(1.0) + np.float32(3 * 0.044715) * v * v)
+            dx[i, j] = dout[i, j] * (np.float32(0.5) * (np.float32(1.0) + t) + np.float32(0.5) * v * (np.float32(1.0) - t * t) * slope)
+
+
+def gelu_backward(dout, x):                                # [..., F] x2 -> dx [..., F]
+    x2, d2 = x.reshape(-1, x.shape[-1]), np.ascontiguousarray(dout.reshape(-1, x.shape[-1]))
+    dx = np.empty(x2.shape, dtype=np.float32)
+    bands(lambda r: gelu_backward_rows(d2[r], x2[r], dx[r]), x2.shape[0])
+    return dx.reshape(x.shape)

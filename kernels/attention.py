@@ -7,7 +7,7 @@ import math
 import numba
 import numpy as np
 
-from .jit import bands, parallel
+from .jit import bands, parallel, serial
 from .softmax import causal_softmax_rows, softmax_row
 
 FUSED_MAX_QUERIES = 4                                      # more queries than this: the BLAS path wins (bench-measured)
@@ -71,3 +71,35 @@ def _prefill_band(q, k, v, scale, out):                    # [n, T, D], [n, S, D
             scores = q[h, t0:t1] @ k[h, :seen].T           # [t1 - t0, seen], single-threaded sgemm
             causal_softmax_rows(scores[None], scale)
             np.matmul(scores, v[h, :seen], out=out[h, t0:t1])
+
+
+@serial
+def softmax_backward_rows(p, dp, scale):                   # [T, S] probabilities, d/dp -> d/dscores in place of dp
+    for t in range(p.shape[0]):
+        total = np.float32(0.0)
+        for s in range(p.shape[1]):
+            total += dp[t, s] * p[t, s]
+        for s in range(p.shape[1]):
+            dp[t, s] = p[t, s] * (dp[t, s] - total) * scale
+
+
+def _backward_band(dout, q, k, v, scale, dq, dk, dv):      # [n, T, D] x2, [n, S, D] x2 -> dq, dk, dv for n heads
+    T, S = q.shape[1], k.shape[1]
+    for h in range(q.shape[0]):
+        p = q[h] @ k[h].T                                  # [T, S], recomputed as the spec does
+        causal_softmax_rows(p[None], scale)
+        np.matmul(p.T, dout[h], out=dv[h])
+        dp = dout[h] @ v[h].T
+        softmax_backward_rows(p, dp, scale)
+        np.matmul(dp, k[h], out=dq[h])
+        np.matmul(dp.T, q[h], out=dk[h])
+
+
+def attention_backward(dout, q, k, v):                     # [B, H, T, D] x2, [B, H, S, D] x2 -> dq, dk, dv
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    d3, q3, k3, v3 = (np.ascontiguousarray(a).reshape(B * H, -1, D) for a in (dout, q, k, v))
+    dq, dk, dv = np.empty((B * H, T, D), np.float32), np.empty((B * H, S, D), np.float32), np.empty((B * H, S, D), np.float32)
+    scale = np.float32(1.0 / math.sqrt(D))
+    bands(lambda r: _backward_band(d3[r], q3[r], k3[r], v3[r], scale, dq[r], dk[r], dv[r]), B * H, inline_upto=1)
+    return dq.reshape(B, H, T, D), dk.reshape(B, H, S, D), dv.reshape(B, H, S, D)

@@ -147,3 +147,24 @@ def linear(x, weight_t, bias):                             # [..., in], [out, in
 
 def lm_head(x, weight):                                    # [..., C], [V, C] -> [..., V]; wte already has rows per output
     return matmul_rows(x, weight)
+
+
+def gemm(a, b):                                            # [N, K] x [K, M] -> [N, M] float32, on every core
+    """One single-threaded sgemm per core on a band of a's rows, or of b's columns when a has fewer rows
+    than b has columns (transposed views are fine: BLAS reads them as they are)."""
+    out = np.empty((a.shape[0], b.shape[1]), dtype=np.float32)
+    if a.shape[0] >= b.shape[1]:
+        bands(lambda r: np.matmul(a[r], b, out=out[r]), a.shape[0], inline_upto=1)
+    else:
+        bands(lambda c: np.matmul(a, b[:, c], out=out[:, c]), b.shape[1], inline_upto=1)
+    return out
+
+
+def linear_backward(dout, x, weight_t, bias):              # [..., out], [..., in], [out, in], [out] -> dx, dweight [in, out], dbias [out]
+    d2, x2 = dout.reshape(-1, dout.shape[-1]), x.reshape(-1, x.shape[-1])
+    return gemm(d2, weight_t).reshape(x.shape), gemm(x2.T, d2), d2.sum(axis=0)
+
+
+def lm_head_backward(dout, x, weight):                     # [..., V], [..., C], [V, C] -> dx [..., C], dweight [V, C]
+    d2, x2 = dout.reshape(-1, dout.shape[-1]), x.reshape(-1, x.shape[-1])
+    return gemm(d2, weight).reshape(x.shape), gemm(d2.T, x2)

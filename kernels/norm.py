@@ -27,3 +27,44 @@ def layer_norm(x, weight, bias, eps):                      # [..., C], [C], [C] 
     out = np.empty(x2.shape, dtype=np.float32)
     bands(lambda r: layer_norm_rows(x2[r], weight, bias, eps, out[r]), x2.shape[0])
     return out.reshape(x.shape)
+
+
+@serial
+def layer_norm_backward_rows(dout, x, weight, eps, dx, dweight, dbias):   # [N, C] x2, [C] -> dx [N, C]; adds into dweight, dbias
+    N, C = x.shape
+    xhat = np.empty(C, dtype=np.float32)
+    for n in range(N):
+        mean = np.float32(0.0)
+        for c in range(C):
+            mean += x[n, c]
+        mean /= np.float32(C)
+        var = np.float32(0.0)
+        for c in range(C):
+            d = x[n, c] - mean
+            var += d * d
+        rstd = np.float32(1.0) / np.sqrt(var / np.float32(C) + np.float32(eps))
+        mean_dxhat = np.float32(0.0)
+        mean_dxhat_xhat = np.float32(0.0)
+        for c in range(C):
+            xhat[c] = (x[n, c] - mean) * rstd
+            g = dout[n, c] * weight[c]
+            mean_dxhat += g
+            mean_dxhat_xhat += g * xhat[c]
+            dweight[c] += dout[n, c] * xhat[c]
+            dbias[c] += dout[n, c]
+        mean_dxhat /= np.float32(C)
+        mean_dxhat_xhat /= np.float32(C)
+        for c in range(C):
+            dx[n, c] = (dout[n, c] * weight[c] - mean_dxhat - xhat[c] * mean_dxhat_xhat) * rstd
+
+
+def layer_norm_backward(dout, x, weight, bias, eps):       # [..., C] x2, [C] x2 -> dx [..., C], dweight [C], dbias [C]
+    x2, d2 = x.reshape(-1, x.shape[-1]), np.ascontiguousarray(dout.reshape(-1, x.shape[-1]))
+    dx = np.empty(x2.shape, dtype=np.float32)
+    partials = {}                                          # one (dweight, dbias) per band, summed after
+
+    def band(r):
+        partials[r.start] = dw, db = np.zeros(x2.shape[1], np.float32), np.zeros(x2.shape[1], np.float32)
+        layer_norm_backward_rows(d2[r], x2[r], weight, eps, dx[r], dw, db)
+    bands(band, x2.shape[0])
+    return dx.reshape(x.shape), sum(p[0] for p in partials.values()), sum(p[1] for p in partials.values())

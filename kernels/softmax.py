@@ -14,7 +14,7 @@ P4, P5, P6 = np.float32(0.009618129107628477), np.float32(0.0013333558146428443)
 
 
 @serial
-def softmax_row(row, n):                                   # row[:n] -> probabilities in place, row[n:] -> 0
+def softmax_row(row, n):                                   # row[:n] -> probabilities in place, row[n:] -> 0; returns log-sum-exp
     """exp is computed as 2**k * 2**f with the 2**k built from exponent bits, so the loop vectorizes
     (numba's np.exp is a scalar libm call: 6 ns an element, most of prefill attention's time)."""
     peak = -np.inf
@@ -33,6 +33,7 @@ def softmax_row(row, n):                                   # row[:n] -> probabil
         row[s] *= inv
     for s in range(n, row.shape[0]):
         row[s] = 0.0
+    return peak + np.log(total)
 
 
 @serial
@@ -65,3 +66,28 @@ def causal_softmax(scores, head_dim):                      # [B, H, T, S] raw q.
     scale = np.float32(1.0 / math.sqrt(head_dim))
     bands(lambda r: causal_softmax_rows(flat[r], scale), B * H)
     return scores
+
+
+@serial
+def cross_entropy_rows(z, targets, losses):                # [N, V] logits -> d(sum of losses)/dz in place; losses [N]
+    V = z.shape[1]
+    for i in range(z.shape[0]):
+        t = targets[i]
+        if t < 0:                                          # not scored: no loss, no gradient
+            losses[i] = 0.0
+            z[i, :] = 0.0
+            continue
+        zt = z[i, t]
+        losses[i] = softmax_row(z[i], V) - zt              # log-sum-exp minus the target's logit
+        z[i, t] -= np.float32(1.0)                         # softmax - one-hot
+
+
+def cross_entropy_backward(logits, targets):               # [N, V], [N] ids (-1: not scored) -> (mean loss, dlogits [N, V])
+    """Fused: the logits buffer becomes the gradient in place, so only one [N, V] buffer ever exists."""
+    z = logits if logits.flags.c_contiguous and logits.dtype == np.float32 else np.ascontiguousarray(logits, np.float32)
+    losses = np.empty(z.shape[0], dtype=np.float64)
+    targets = np.ascontiguousarray(targets, dtype=np.int64)
+    bands(lambda r: cross_entropy_rows(z[r], targets[r], losses[r]), z.shape[0])
+    n = int((targets >= 0).sum())
+    z *= np.float32(1.0 / n)
+    return float(losses.sum() / n), z

@@ -1,12 +1,14 @@
 """npgpt: GPT-2 as readable NumPy (npgpt.model is the spec), with numba kernels that make it fast."""
 
-from .api import BACKENDS, Model, load, random_model
+from .api import BACKENDS, Model, load, quantize_checkpoint, random_model
 from .cache import KVCache
 from .config import PRESETS, Config, preset
 from .generate import Timings
+from .optim import AdamW, clip_grad_norm, cosine_lr
 from .errors import CheckpointError, ConfigError, InputError, NpgptError, TokenizerError
 from .tokenizer import EOT, encode, get_encoding
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "Model", "load", "random_model", "KVCache", "PRESETS", "Config", "preset", "NpgptError",
-           "CheckpointError", "ConfigError", "InputError", "TokenizerError", "EOT", "encode", "get_encoding", "Timings"]
+           "CheckpointError", "ConfigError", "InputError", "TokenizerError", "EOT", "encode", "get_encoding", "Timings",
+           "AdamW", "clip_grad_norm", "cosine_lr", "quantize_checkpoint"]

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import weights as weight_io
 
-from . import quant
+from . import backward, quant
 from .cache import KVCache
 from .config import Config, preset
 from .errors import CheckpointError, InputError
@@ -55,9 +55,71 @@ class Model:
     """`params` are the arrays the backend runs on (the numba backend keeps linear weights as [out, in])."""
 
     def __init__(self, params, config, *, backend="numpy", info=None):
-        self.ops, prepare, self._runtime = resolve_backend(backend)
-        self.params, self.config, self.info, self.backend = prepare(params), config, info, backend
+        self.ops, self._prepare, self._runtime = resolve_backend(backend)
+        self._checkpoint = params                          # checkpoint layout: what state_dict, save and training see
+        self.params, self.config, self.info, self.backend = self._prepare(params), config, info, backend
         self.weights = quant.params_format(params)
+
+    def state_dict(self):
+        """Flat {HF tensor name: float32 array} in checkpoint layout, as model.save writes it (a head tied to
+        wte is not listed). The model's own arrays, not copies: copy them to keep a snapshot."""
+        flat = weight_io.flatten(self._checkpoint)
+        if flat["lm_head.weight"] is flat["wte.weight"]:
+            del flat["lm_head.weight"]
+        return flat
+
+    def save(self, path):
+        """Write model.safetensors + config.json into the directory `path` (created): an ordinary checkpoint
+        that npgpt.load and transformers' from_pretrained read. Files are replaced atomically."""
+        path = os.fspath(path)
+        try:
+            os.makedirs(path, exist_ok=True)
+            weight_io.save(self._checkpoint, os.path.join(path, "model.safetensors"), self.config)
+        except OSError as e:
+            raise CheckpointError(f"{e.filename or path}: cannot write: {e.strerror}") from None
+
+    def trainable_params(self):
+        """The weights as writable float32 arrays in checkpoint layout (memory-mapped ones are copied once),
+        shared with the model: update them in place, then call refresh()."""
+        if self.weights != "fp32":
+            raise InputError(f"training needs fp32 weights; this model's matmul weights are {self.weights} "
+                             "(load it with weights='fp32')")
+        flat = weight_io.flatten(self._checkpoint)
+        tied = flat["lm_head.weight"] is flat["wte.weight"]
+        for name, a in flat.items():
+            if not a.flags.writeable or a.dtype != np.float32 or not a.flags.c_contiguous:
+                flat[name] = np.array(a, dtype=np.float32)
+        if tied:
+            flat["lm_head.weight"] = flat["wte.weight"]
+        self._checkpoint = weight_io.unflatten(flat)
+        self.refresh()
+        return self.state_dict()
+
+    def refresh(self):
+        """Re-derive the backend's arrays after the checkpoint-layout weights changed in place."""
+        self.params = self._prepare(self._checkpoint)
+
+    def value_and_grad(self, ids, targets=None):           # [B, T] (or [T]) -> (mean loss, {HF name: float32 gradient})
+        """Without targets: the next-token loss of model.loss(ids) (transformers' labels=ids). With targets
+        [B, T]: position t predicts targets[b, t] (-1: not scored). Gradients in checkpoint layout; a tied
+        head's gradient is folded into "wte.weight"."""
+        if self.weights != "fp32":
+            raise InputError(f"training needs fp32 weights; this model's matmul weights are {self.weights}")
+        ids, _ = check_ids(ids, self.config)
+        if targets is None:
+            if ids.shape[1] < 2:
+                raise InputError("value_and_grad needs at least 2 tokens: each position predicts the next one")
+            targets = np.concatenate([ids[:, 1:], np.full((ids.shape[0], 1), -1)], axis=1)
+        else:
+            targets = backward.check_targets(targets, ids, self.config)
+        with self._runtime():
+            return backward.value_and_grad(self.params, ids, targets, self.config, self.ops, self._backward())
+
+    def _backward(self):
+        if self.backend == "numba":
+            from . import kernels
+            return kernels.BACKWARD
+        return backward.SPEC
 
     def forward(self, ids, cache=None, last=False):        # [T] or [B, T] -> float32 [T, V] or [B, T, V]
         with self._runtime():

@@ -38,9 +38,13 @@ def causal_mask(T, S):                                     # -> [T, S]; the T qu
     return np.triu(np.full((T, S), -np.inf, dtype=np.float32), k=S - T + 1)
 
 
-def attention(q, k, v):                                    # [B, H, T, D], [B, H, S, D] x2 -> [B, H, T, D]
+def attention_weights(q, k):                               # [B, H, T, D], [B, H, S, D] -> [B, H, T, S], rows sum to 1
     scores = np.einsum("bhtd,bhsd->bhts", q, k, optimize=True) / math.sqrt(q.shape[-1])
-    return np.einsum("bhts,bhsd->bhtd", softmax(scores + causal_mask(q.shape[2], k.shape[2])), v, optimize=True)
+    return softmax(scores + causal_mask(q.shape[2], k.shape[2]))
+
+
+def attention(q, k, v):                                    # [B, H, T, D], [B, H, S, D] x2 -> [B, H, T, D]
+    return np.einsum("bhts,bhsd->bhtd", attention_weights(q, k), v, optimize=True)
 
 
 def lm_head(x, weight):                                    # [..., C], [V, C] -> [..., V]

@@ -1,0 +1,90 @@
+"""Training arithmetic: AdamW (torch.optim.AdamW's update), global-norm clipping, nanoGPT's learning-rate schedule."""
+
+import math
+import numbers
+
+import numpy as np
+
+from .errors import InputError
+
+
+def clip_grad_norm(grads, max_norm):                       # {name: g} -> total norm before clipping; scales grads in place
+    """As torch.nn.utils.clip_grad_norm_: the L2 norm over every gradient together; if it exceeds
+    max_norm, every gradient is scaled by max_norm / (norm + 1e-6)."""
+    if not isinstance(max_norm, numbers.Real) or not max_norm > 0:
+        raise InputError(f"max_norm must be a positive number; got {max_norm!r}")
+    norm = math.sqrt(sum(float(np.dot(g.ravel().astype(np.float64), g.ravel())) for g in grads.values()))
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for g in grads.values():
+            g *= np.float32(coef)
+    return norm
+
+
+def cosine_lr(step, *, lr, min_lr, warmup, steps):         # step 0, 1, ... -> learning rate
+    """nanoGPT's schedule: linear warmup to lr over `warmup` steps, then a cosine down to min_lr at `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if step >= steps:
+        return min_lr
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def check_hyperparameters(lr, betas, eps, weight_decay):
+    if not isinstance(lr, numbers.Real) or not lr > 0 or not math.isfinite(lr):
+        raise InputError(f"learning rate must be a finite number > 0; got {lr!r}")
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in betas)):
+        raise InputError(f"betas must be two numbers in [0, 1); got {betas!r}")
+    if not isinstance(eps, numbers.Real) or not eps > 0:
+        raise InputError(f"eps must be a number > 0; got {eps!r}")
+    if not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0 or not math.isfinite(weight_decay):
+        raise InputError(f"weight decay must be a finite number >= 0; got {weight_decay!r}")
+
+
+class AdamW:
+    """torch.optim.AdamW's update (decoupled weight decay, bias-corrected moments), on a Model's weights in
+    place. Decay applies to tensors with ndim >= 2 (matmul weights and embeddings), as nanoGPT groups them."""
+
+    def __init__(self, model, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        check_hyperparameters(lr, betas, eps, weight_decay)
+        self.model = model
+        self.params = model.trainable_params()            # {name: writable float32 array}, checkpoint layout
+        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(map(float, betas)), float(eps), float(weight_decay)
+        self.t = 0
+        self.m = {name: np.zeros_like(p) for name, p in self.params.items()}
+        self.v = {name: np.zeros_like(p) for name, p in self.params.items()}
+
+    def step(self, grads, lr=None):
+        """One update with `grads` ({name: array} as value_and_grad returns); lr overrides self.lr for this step."""
+        missing = set(self.params) - set(grads)
+        if missing:
+            raise InputError(f"no gradient for {sorted(missing)[0]!r} ({len(missing)} missing)")
+        lr = self.lr if lr is None else float(lr)
+        b1, b2 = self.betas
+        self.t += 1
+        step_size = lr / (1.0 - b1**self.t)
+        root_c2 = math.sqrt(1.0 - b2**self.t)
+        for name, p in self.params.items():
+            g, m, v = grads[name], self.m[name], self.v[name]
+            if p.ndim >= 2 and self.weight_decay:
+                p *= np.float32(1.0 - lr * self.weight_decay)     # decoupled: shrinks the weight, not the gradient
+            m *= np.float32(b1)
+            m += np.float32(1.0 - b1) * g
+            v *= np.float32(b2)
+            v += np.float32(1.0 - b2) * (g * g)
+            p -= np.float32(step_size) * m / (np.sqrt(v) / np.float32(root_c2) + np.float32(self.eps))
+        self.model.refresh()
+
+    def state_dict(self):
+        return {"t": self.t, "lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay,
+                "m": self.m, "v": self.v}
+
+    def load_state_dict(self, state):
+        for name in self.params:
+            if name not in state["m"] or state["m"][name].shape != self.params[name].shape:
+                raise InputError(f"optimizer state has no moments of the right shape for {name!r}")
+            self.m[name][...] = state["m"][name]
+            self.v[name][...] = state["v"][name]
+        self.t = int(state["t"])
