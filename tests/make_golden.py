@@ -2,7 +2,8 @@
 
 Run by hand, never by CI (it needs torch and transformers):
     python -m venv /tmp/golden && /tmp/golden/bin/pip install torch==2.13.0 transformers numpy
-    /tmp/golden/bin/python tests/make_golden.py
+    /tmp/golden/bin/python tests/make_golden.py                   # everything
+    /tmp/golden/bin/python tests/make_golden.py --training-only   # only grads.npz, adamw.npz, training.json
 The default test run then compares npgpt against these files with NumPy only.
 """
 
@@ -52,5 +53,44 @@ def main():
     print(f"wrote {OUT}: max|logit| = {np.abs(logits).max():.3f}, loss_row0 = {loss_row0:.6f}")
 
 
+TRAIN = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, clip=1.0, steps=3)
+
+
+def training():
+    """transformers' labels= loss and the gradient of every parameter (dropout off), then 3 steps of
+    torch.optim.AdamW with clipping at 1.0 and decay only on tensors with ndim >= 2 (nanoGPT's groups)."""
+    model = transformers.GPT2LMHeadModel.from_pretrained(OUT, attn_implementation="eager").eval()   # eval: dropout off
+    ids = torch.from_numpy(np.load(os.path.join(OUT, "ids.npy")))
+    names = {n: n.removeprefix("transformer.") for n, _ in model.named_parameters()}   # tied head: wte only
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = {names[n]: p.grad.numpy().copy() for n, p in model.named_parameters()}
+    model.zero_grad()
+    params = [p for _, p in model.named_parameters()]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": TRAIN["weight_decay"]},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=TRAIN["lr"], betas=TRAIN["betas"], eps=TRAIN["eps"])
+    losses, norms, after = [], [], {}
+    for step in range(1, TRAIN["steps"] + 1):
+        opt.zero_grad()
+        step_loss = model(ids, labels=ids).loss
+        step_loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN["clip"]).item())
+        opt.step()
+        losses.append(step_loss.item())
+        if step in (1, TRAIN["steps"]):
+            after[step] = {f"step{step}/{names[n]}": p.detach().numpy().copy() for n, p in model.named_parameters()}
+    np.savez(os.path.join(OUT, "grads.npz"), **grads)
+    np.savez(os.path.join(OUT, "adamw.npz"), **after[1], **after[TRAIN["steps"]])
+    with open(os.path.join(OUT, "training.json"), "w") as f:
+        json.dump({"loss": loss.item(), "adamw": TRAIN, "losses": losses, "grad_norms": norms,
+                   "torch": torch.__version__, "transformers": transformers.__version__}, f, indent=2)
+    print(f"wrote gradients and {TRAIN['steps']} AdamW steps: loss {loss.item():.6f}, losses {losses}")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--training-only" not in sys.argv:                  # keep the checkpoint; add only the training data
+        main()
+    training()
