@@ -68,13 +68,13 @@ class Model:
             del flat["lm_head.weight"]
         return flat
 
-    def save(self, path):
+    def save(self, path, metadata=None):
         """Write model.safetensors + config.json into the directory `path` (created): an ordinary checkpoint
         that npgpt.load and transformers' from_pretrained read. Files are replaced atomically."""
         path = os.fspath(path)
         try:
             os.makedirs(path, exist_ok=True)
-            weight_io.save(self._checkpoint, os.path.join(path, "model.safetensors"), self.config)
+            weight_io.save(self._checkpoint, os.path.join(path, "model.safetensors"), self.config, metadata=metadata)
         except OSError as e:
             raise CheckpointError(f"{e.filename or path}: cannot write: {e.strerror}") from None
 

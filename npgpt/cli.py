@@ -83,6 +83,28 @@ def cmd_generate(args):
     print(f"npgpt: {timings.summary()}", file=sys.stderr)
 
 
+def cmd_train(args):
+    from . import train
+
+    if args.resume:
+        settings = train.Settings(out=args.resume, steps=args.steps, backend=args.backend)
+    else:
+        fields = {f.name for f in __import__("dataclasses").fields(train.Settings)}
+        settings = train.Settings(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    with api.threads(args.threads):
+        run = train.Run(settings, resume=bool(args.resume), log=lambda m: print(f"npgpt: {m}", file=sys.stderr))
+        s = run.s
+        print(f"npgpt: training {'from ' + s.init if s.init else s.config + ' from scratch'} on {s.data} "
+              f"({len(run.train_ids):,} train / {len(run.val_ids):,} val tokens), {s.steps} steps of "
+              f"{s.batch}x{s.seq}x{s.accum} tokens, backend {s.backend}, into {s.out}", file=sys.stderr)
+        update, close = train.progress_bar(s.steps, run.step)
+        try:
+            run.run(progress=update)
+        finally:
+            close()
+    print(f"npgpt: done: step {run.step}, checkpoint in {s.out} (npgpt generate --weights {s.out} ...)", file=sys.stderr)
+
+
 def cmd_inspect(args):
     model = api.load(args.path)
     cfg, info = model.config, model.info
@@ -201,6 +223,29 @@ def build_parser():
     b.add_argument("--json", help="also write the report as JSON to this file")
     b.add_argument("--compare", choices=["torch"], help="also run transformers' GPT-2 in PyTorch on the same weights")
     b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("train", help="pretrain a GPT-2 on a text, or fine-tune a checkpoint; resumable")
+    t.add_argument("--data", help="UTF-8 text file, or a directory of .txt files")
+    t.add_argument("--config", choices=list(PRESETS), help="model shapes to train from scratch (default tiny)")
+    t.add_argument("--init", metavar="PATH", help="fine-tune this checkpoint instead of training from scratch")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped (--steps may extend it)")
+    t.add_argument("--out", help="run directory: checkpoint, metrics.jsonl, loss.png")
+    t.add_argument("--steps", type=int, help="total optimizer steps (default 1000)")
+    t.add_argument("--batch", type=int, help="sequences per micro-batch (default 8)")
+    t.add_argument("--seq", type=int, help="tokens per sequence (default 256)")
+    t.add_argument("--accum", type=int, help="micro-batches per step (default 1)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 6e-4)")
+    t.add_argument("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
+    t.add_argument("--warmup", type=int, help="linear warmup steps (default 100)")
+    t.add_argument("--weight-decay", type=float, help="AdamW decay on ndim >= 2 tensors (default 0.1)")
+    t.add_argument("--grad-clip", type=float, help="global gradient-norm clip (default 1.0)")
+    t.add_argument("--dropout", type=float, help="dropout probability (default 0)")
+    t.add_argument("--eval-every", type=int, help="val loss every N steps (default 100)")
+    t.add_argument("--save-every", type=int, help="checkpoint every N steps (default 500)")
+    t.add_argument("--seed", type=int, help="init and data-order seed (default 0)")
+    t.add_argument("--backend", default="numba", choices=api.BACKENDS)
+    t.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("inspect", help="print a checkpoint's config, parameter count, dtypes and size")
     i.add_argument("path")

@@ -44,6 +44,7 @@ PRESETS = {
     "gpt2-medium": Config(n_embd=1024, n_head=16, n_layer=24),
     "gpt2-large": Config(n_embd=1280, n_head=20, n_layer=36),
     "gpt2-xl": Config(n_embd=1600, n_head=25, n_layer=48),
+    "tiny": Config(n_ctx=256, n_embd=256, n_head=4, n_layer=4),     # for pretraining on a laptop CPU
 }
 
 

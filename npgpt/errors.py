@@ -19,3 +19,7 @@ class InputError(NpgptError, ValueError):
 
 class TokenizerError(NpgptError):
     """The shipped GPT-2 vocabulary files are missing or fail their hash check."""
+
+
+class TrainingError(NpgptError):
+    """A training run cannot start or continue: no run to resume, another run in the way, a loss that diverged."""

@@ -243,6 +243,24 @@ def check_finite(w, name, path):
     return w
 
 
+def init_params(cfg, seed=0):
+    """GPT-2's initialization for training from scratch (as nanoGPT): weights and embeddings N(0, 0.02), the
+    residual projections N(0, 0.02 / sqrt(2 n_layer)), biases 0, LayerNorm gain 1; the head tied to wte."""
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for name, shape in tensor_shapes(cfg).items():
+        if name.endswith("bias"):
+            flat[name] = np.zeros(shape, np.float32)
+        elif re.search(r"ln_\w+\.weight", name):
+            flat[name] = np.ones(shape, np.float32)
+        else:
+            std = 0.02 / (2 * cfg.n_layer) ** 0.5 if name.endswith("c_proj.weight") else 0.02
+            flat[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    params = unflatten(flat)
+    params["lm_head"] = {"weight": params["wte"]["weight"]}
+    return params
+
+
 def random_params(cfg, seed=0):
     """Seeded random GPT-2 at any config: every weight, bias and LayerNorm gain random (none at 0 or 1)."""
     rng = np.random.default_rng(seed)
