@@ -51,4 +51,23 @@ def _prepare(params):
     return {**params, "h": blocks, "lm_head": {"weight": head_rows(params["lm_head"]["weight"])}}
 
 
-__all__ = ["KERNELS", "BACKWARD", "prepare", "runtime", "serialized", "activation", "attention", "matmul", "memory", "norm", "softmax"]
+def unrows(w):                                             # inverse of rows: [out, in] -> Conv1D [in, out]
+    if isinstance(w, quant.BF16):
+        return quant.BF16(matmul.transpose(w.bits))
+    if isinstance(w, quant.Int8):
+        return quant.Int8(matmul.transpose(w.q), w.scale.reshape(1, -1))
+    return matmul.transpose(w)
+
+
+def unprepare(params):
+    """The checkpoint layout of prepared params (new arrays for the linear weights; the rest shared)."""
+    with serialized():
+        blocks = [{**block, **{group: {name: {"weight": unrows(layer["weight_t"]), "bias": layer["bias"]}
+                                       for name, layer in block[group].items()} for group in ("attn", "mlp")}}
+                  for block in params["h"]]
+    head = params["lm_head"]["weight"]
+    head = quant.Int8(head.q, head.scale.reshape(-1, 1)) if isinstance(head, quant.Int8) else head
+    return {**params, "h": blocks, "lm_head": {"weight": head}}
+
+
+__all__ = ["KERNELS", "unprepare", "BACKWARD", "prepare", "runtime", "serialized", "activation", "attention", "matmul", "memory", "norm", "softmax"]

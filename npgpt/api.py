@@ -56,14 +56,22 @@ class Model:
 
     def __init__(self, params, config, *, backend="numpy", info=None):
         self.ops, self._prepare, self._runtime = resolve_backend(backend)
-        self._checkpoint = params                          # checkpoint layout: what state_dict, save and training see
         self.params, self.config, self.info, self.backend = self._prepare(params), config, info, backend
         self.weights = quant.params_format(params)
+        # checkpoint layout: what state_dict, save and training see. Where the backend re-laid the weights out,
+        # it is derived again on demand rather than kept (inference would hold every weight twice)
+        self._checkpoint = params if self.params is params else None
+
+    def _checkpoint_params(self):
+        if self._checkpoint is not None:
+            return self._checkpoint
+        from . import kernels
+        return kernels.unprepare(self.params)
 
     def state_dict(self):
         """Flat {HF tensor name: float32 array} in checkpoint layout, as model.save writes it (a head tied to
         wte is not listed). The model's own arrays, not copies: copy them to keep a snapshot."""
-        flat = weight_io.flatten(self._checkpoint)
+        flat = weight_io.flatten(self._checkpoint_params())
         if flat["lm_head.weight"] is flat["wte.weight"]:
             del flat["lm_head.weight"]
         return flat
@@ -74,7 +82,7 @@ class Model:
         path = os.fspath(path)
         try:
             os.makedirs(path, exist_ok=True)
-            weight_io.save(self._checkpoint, os.path.join(path, "model.safetensors"), self.config, metadata=metadata)
+            weight_io.save(self._checkpoint_params(), os.path.join(path, "model.safetensors"), self.config, metadata=metadata)
         except OSError as e:
             raise CheckpointError(f"{e.filename or path}: cannot write: {e.strerror}") from None
 
@@ -84,20 +92,20 @@ class Model:
         if self.weights != "fp32":
             raise InputError(f"training needs fp32 weights; this model's matmul weights are {self.weights} "
                              "(load it with weights='fp32')")
-        flat = weight_io.flatten(self._checkpoint)
+        flat = weight_io.flatten(self._checkpoint_params())
         tied = flat["lm_head.weight"] is flat["wte.weight"]
         for name, a in flat.items():
             if not a.flags.writeable or a.dtype != np.float32 or not a.flags.c_contiguous:
                 flat[name] = np.array(a, dtype=np.float32)
         if tied:
             flat["lm_head.weight"] = flat["wte.weight"]
-        self._checkpoint = weight_io.unflatten(flat)
+        self._checkpoint = weight_io.unflatten(flat)       # kept from now on: training updates it in place
         self.refresh()
         return self.state_dict()
 
     def refresh(self):
         """Re-derive the backend's arrays after the checkpoint-layout weights changed in place."""
-        self.params = self._prepare(self._checkpoint)
+        self.params = self._prepare(self._checkpoint_params())
 
     def value_and_grad(self, ids, targets=None):           # [B, T] (or [T]) -> (mean loss, {HF name: float32 gradient})
         """Without targets: the next-token loss of model.loss(ids) (transformers' labels=ids). With targets

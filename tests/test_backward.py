@@ -184,3 +184,19 @@ def test_numba_value_and_grad_matches_the_spec(tiny_params):
     for name in ga:
         assert gb[name].dtype == np.float32 and gb[name].shape == ga[name].shape
         assert rel(gb[name], ga[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+def test_state_dict_is_the_checkpoint_layout_on_both_backends(tiny_params, fmt):
+    """The numba backend keeps linear weights transposed and does not keep a second copy for inference; its
+    state_dict derives the checkpoint layout again, equal to the numpy backend's."""
+    from conftest import TINY
+    from npgpt import quant
+    params = quant.quantize(tiny_params, fmt)
+    a, b = npgpt.Model(params, TINY), npgpt.Model(params, TINY, backend="numba")
+    assert b._checkpoint is None
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for name in sa:
+        for x, y in zip(sa[name] if isinstance(sa[name], tuple) else [sa[name]], sb[name] if isinstance(sb[name], tuple) else [sb[name]]):
+            assert np.array_equal(x, y), name
