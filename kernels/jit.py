@@ -126,23 +126,20 @@ _SERIALIZE = None                                          # a lock when numba f
 _SERIALIZE_INIT = threading.Lock()
 
 
-def _serializer():
-    """workqueue (numba's fallback when neither OpenMP nor TBB loads) aborts the process when two Python
-    threads enter parallel kernels at once, so then every forward pass takes one lock (said once)."""
-    global _SERIALIZE
-    with _SERIALIZE_INIT:
-        if _SERIALIZE is None:
-            layer = _threading_layer()
-            _SERIALIZE = threading.RLock() if layer == "workqueue" else contextlib.nullcontext()
-            if layer == "workqueue":
-                print("npgpt: numba runs on its 'workqueue' threading layer (no OpenMP or TBB found; install libgomp1 "
-                      "for OpenMP): kernel calls from several threads take turns", file=sys.stderr)
-    return _SERIALIZE
-
-
 def serialized():
-    """The lock a parallel kernel call takes on the workqueue layer (a no-op context elsewhere)."""
-    return _serializer()
+    """The context every parallel kernel call runs in: a no-op, except on numba's workqueue layer (its
+    fallback when neither OpenMP nor TBB loads), which aborts the process when two Python threads enter
+    parallel kernels at once: there, one lock (said once on stderr)."""
+    global _SERIALIZE
+    if _SERIALIZE is None:
+        with _SERIALIZE_INIT:
+            if _SERIALIZE is None:
+                layer = _threading_layer()
+                if layer == "workqueue":
+                    print("npgpt: numba runs on its 'workqueue' threading layer (no OpenMP or TBB found; install "
+                          "libgomp1 for OpenMP): kernel calls from several threads take turns", file=sys.stderr)
+                _SERIALIZE = threading.RLock() if layer == "workqueue" else contextlib.nullcontext()
+    return _SERIALIZE
 
 
 @contextlib.contextmanager
@@ -150,7 +147,7 @@ def blas_per_band():
     """What a forward pass on the kernels runs inside (npgpt.Model enters this): BLAS held at one thread
     (switching it per call cost ~1.5x on prefill GEMMs; outside this context `bands` still switches),
     and, on numba's workqueue layer only, one forward pass at a time."""
-    with _serializer(), _BLAS_LIMIT:
+    with serialized(), _BLAS_LIMIT:
         yield
 
 

@@ -5,6 +5,10 @@ import numpy as np
 from .errors import InputError
 
 
+def cache_shape(cfg):                                      # what a cache depends on: another model with these fits it
+    return {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "head_dim": cfg.head_dim, "n_ctx": cfg.n_ctx}
+
+
 class KVCache:
     """Preallocated [B, H, n_ctx, D] key and value buffers per layer, and how many positions are filled."""
 
@@ -12,12 +16,12 @@ class KVCache:
         shape = (batch, cfg.n_head, cfg.n_ctx, cfg.head_dim)
         self.batch = batch
         self.pos = 0
-        self.shape = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "head_dim": cfg.head_dim, "n_ctx": cfg.n_ctx}
+        self.shape = cache_shape(cfg)
         self._layers = [LayerCache(self, np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(cfg.n_layer)]
 
     def check(self, cfg):
         """A cache belongs to models of one shape; another model's cache would fail deep in NumPy."""
-        want = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "head_dim": cfg.head_dim, "n_ctx": cfg.n_ctx}
+        want = cache_shape(cfg)
         if want != self.shape:
             diff = ", ".join(f"{k} {self.shape[k]} (model: {want[k]})" for k in want if want[k] != self.shape[k])
             raise InputError(f"this KV cache was made for another model: {diff}; make one with model.new_cache()")

@@ -1,7 +1,7 @@
 """`npgpt` command line: generate, inspect, bench. Logic lives in the API; this file only parses and prints."""
 
 import argparse
-import os
+import dataclasses
 import sys
 
 from . import weights as weight_io
@@ -89,7 +89,7 @@ def cmd_train(args):
     if args.resume:
         settings = train.Settings(out=args.resume, steps=args.steps, backend=args.backend)
     else:
-        fields = {f.name for f in __import__("dataclasses").fields(train.Settings)}
+        fields = {f.name for f in dataclasses.fields(train.Settings)}
         settings = train.Settings(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     with api.threads(args.threads):
         run = train.Run(settings, resume=bool(args.resume), log=lambda m: print(f"npgpt: {m}", file=sys.stderr))

@@ -97,7 +97,7 @@ class Run:
             self._claim(settings)
         self.s = s = settings
         self.tokens, self.data_sha = data.tokens(s.data, s.out)
-        self.model = self._model()
+        self.model = load(s.out, backend=s.backend) if resume else self._model()
         if s.seq > self.model.config.n_ctx:
             raise InputError(f"--seq {s.seq} is longer than the model's context n_ctx={self.model.config.n_ctx}")
         if int(self.tokens.max()) >= self.model.config.n_vocab:
@@ -149,8 +149,6 @@ class Run:
         path = trainer_path(self.s.out, step)
         if not os.path.exists(path):
             raise TrainingError(f"{self.s.out}: model.safetensors is at step {step} but {os.path.basename(path)} is missing")
-        self.model = load(self.s.out, backend=self.s.backend)
-        self.opt = AdamW(self.model, lr=self.s.lr, betas=tuple(self.s.betas), eps=1e-8, weight_decay=self.s.weight_decay)
         with np.load(path) as z:
             state = json.loads(str(z["state"]))
             self.opt.load_state_dict({"t": state["t"], "m": {n: z["m/" + n] for n in self.opt.params},

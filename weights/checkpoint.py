@@ -36,6 +36,20 @@ def _no_duplicates(pairs):                                 # json object_pairs_h
     return dict(pairs)
 
 
+def parse_json(raw):                                       # bytes or str -> object
+    """json.loads, with every way it can fail as one ValueError whose text completes "<what> ...": bad
+    JSON or UTF-8, an integer past Python's digit limit, nesting too deep, or a key given twice (JSON
+    would silently keep the last)."""
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise ValueError(f"names {e.args[0]!r} twice") from None
+    except RecursionError:
+        raise ValueError("is nested too deeply") from None
+    except ValueError as e:                                # JSONDecodeError, UnicodeDecodeError, the int digit limit
+        raise ValueError(f"is not valid JSON ({e})") from None
+
+
 def _is_count(v):
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
@@ -90,13 +104,9 @@ class SafetensorsFile:
         if n > MAX_HEADER or 8 + n > size:
             self._fail(f"header length {n} does not fit in a file of {size} bytes (truncated or not safetensors)")
         try:
-            header = json.loads(bytes(self._map[8 : 8 + n]), object_pairs_hook=_no_duplicates)
-        except _Duplicate as e:
-            self._fail(f"header names {e.args[0]!r} twice")
-        except (UnicodeDecodeError, ValueError) as e:          # JSONDecodeError, or an integer past Python's digit limit
-            self._fail(f"header is not valid JSON ({e})")
-        except RecursionError:
-            self._fail("header JSON is nested too deeply")
+            header = parse_json(bytes(self._map[8 : 8 + n]))
+        except ValueError as e:
+            self._fail(f"header {e}")
         if not isinstance(header, dict):
             self._fail("header JSON is not an object")
         self._data_start, data_len = 8 + n, size - 8 - n
@@ -158,12 +168,12 @@ class ShardedFile:
     def __init__(self, index_path):
         self.path = os.fspath(index_path)
         try:
-            with open(self.path, encoding="utf-8") as f:
-                index = json.load(f, object_pairs_hook=_no_duplicates)
-        except _Duplicate as e:
-            raise CheckpointError(f"{self.path}: index names {e.args[0]!r} twice") from None
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise CheckpointError(f"{self.path}: cannot read the shard index: {e}") from None
+            with open(self.path, "rb") as f:
+                index = parse_json(f.read())
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read the shard index: {e.strerror}") from None
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: the shard index {e}") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{self.path}: shard index needs a 'weight_map' of tensor name -> shard file name")

@@ -12,7 +12,7 @@ from .. import quant
 from ..config import Config
 from ..errors import CheckpointError, ConfigError
 
-from .checkpoint import SafetensorsFile, ShardedFile, atomic_write, narrow, widen, write
+from .checkpoint import SafetensorsFile, ShardedFile, atomic_write, narrow, parse_json, widen, write
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 KNOWN_SIZES = {768: ("gpt2", 12), 1024: ("gpt2-medium", 16), 1280: ("gpt2-large", 20), 1600: ("gpt2-xl", 25)}
@@ -105,9 +105,9 @@ def open_checkpoint(weights_path):
 
 def read_config_json(path):
     try:
-        with open(path) as f:
-            hf = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:   # ValueError: bad JSON, or an int past the digit limit
+        with open(path, "rb") as f:
+            hf = parse_json(f.read())
+    except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read config.json: {e}") from None
     if not isinstance(hf, dict):
         raise ConfigError(f"{path}: config.json is not a JSON object")
@@ -256,6 +256,10 @@ def init_params(cfg, seed=0):
         else:
             std = 0.02 / (2 * cfg.n_layer) ** 0.5 if name.endswith("c_proj.weight") else 0.02
             flat[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    return tied(flat)
+
+
+def tied(flat):                                            # flat tensors without a head -> params whose head is wte
     params = unflatten(flat)
     params["lm_head"] = {"weight": params["wte"]["weight"]}
     return params
@@ -274,9 +278,7 @@ def random_params(cfg, seed=0):
         else:
             x *= np.float32(0.02)
         flat[name] = x
-    params = unflatten(flat)
-    params["lm_head"] = {"weight": params["wte"]["weight"]}
-    return params
+    return tied(flat)
 
 
 def save(params, path, cfg=None, *, dtype="F32", prefix="", metadata=None, config_base=None):
