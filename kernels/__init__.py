@@ -8,10 +8,11 @@ Layout: the kernel GEMV streams weight rows, so `prepare` stores each Conv1D wei
 import numpy as np
 
 from .. import quant
+from .. import optim as optim_spec
 from ..backward import SPEC
 from ..model import REFERENCE
 
-from . import activation, attention, matmul, memory, norm, softmax
+from . import activation, attention, matmul, memory, norm, optim, softmax
 from .jit import blas_per_band as runtime
 from .jit import serialized
 
@@ -20,6 +21,7 @@ KERNELS = REFERENCE._replace(layer_norm=norm.layer_norm, linear=matmul.linear, g
 BACKWARD = SPEC._replace(layer_norm=norm.layer_norm_backward, linear=matmul.linear_backward, gelu=activation.gelu_backward,
                          attention=attention.attention_backward, lm_head=matmul.lm_head_backward,
                          cross_entropy=softmax.cross_entropy_backward)
+OPTIM = optim_spec.SPEC._replace(adamw_update=optim.adamw_update, sum_of_squares=optim.sum_of_squares)
 
 
 def rows(w):                                               # Conv1D weight [in, out] in any format -> rows [out, in]
@@ -51,6 +53,16 @@ def _prepare(params):
     return {**params, "h": blocks, "lm_head": {"weight": head_rows(params["lm_head"]["weight"])}}
 
 
+def prepare_again(prepared, params):
+    """After fp32 `params` changed in place (a training step): rewrite the prepared linear weights in
+    place, no new arrays. Everything else `prepare` shares with params already sees the change."""
+    with serialized():
+        for block, source in zip(prepared["h"], params["h"]):
+            for group in ("attn", "mlp"):
+                for name, layer in block[group].items():
+                    matmul.transpose_into(source[group][name]["weight"], layer["weight_t"])
+
+
 def unrows(w):                                             # inverse of rows: [out, in] -> Conv1D [in, out]
     if isinstance(w, quant.BF16):
         return quant.BF16(matmul.transpose(w.bits))
@@ -70,4 +82,4 @@ def unprepare(params):
     return {**params, "h": blocks, "lm_head": {"weight": head}}
 
 
-__all__ = ["KERNELS", "unprepare", "BACKWARD", "prepare", "runtime", "serialized", "activation", "attention", "matmul", "memory", "norm", "softmax"]
+__all__ = ["KERNELS", "unprepare", "BACKWARD", "OPTIM", "prepare_again", "prepare", "runtime", "serialized", "activation", "attention", "matmul", "memory", "norm", "optim", "softmax"]

@@ -49,18 +49,20 @@ def contiguous_keys(a):                                    # [B, H, S, D] -> C-c
     return np.ascontiguousarray(a)
 
 
-def attention(q, k, v):                                    # [B, H, T, D], [B, H, S, D] x2 -> [B, H, T, D]
+def attention(q, k, v, mask=None):                         # [B, H, T, D], [B, H, S, D] x2 (, dropout mask [B, H, T, S]) -> [B, H, T, D]
     B, H, T, D = q.shape
-    if T <= FUSED_MAX_QUERIES:
+    if T <= FUSED_MAX_QUERIES and mask is None:
         return fused_attention(q, contiguous_keys(k), contiguous_keys(v), k.shape[2], np.float32(1.0 / math.sqrt(D)))
     q3, k3, v3 = (a.reshape(B * H, *a.shape[2:]) for a in (q, k, v))          # [B*H, T or S, D]
+    m3 = None if mask is None else mask.reshape(B * H, T, -1)
     out = np.empty((B * H, T, D), dtype=np.float32)
     scale = np.float32(1.0 / math.sqrt(D))
-    bands(lambda heads: _prefill_band(q3[heads], k3[heads], v3[heads], scale, out[heads]), B * H, inline_upto=1)
+    bands(lambda heads: _prefill_band(q3[heads], k3[heads], v3[heads], scale, out[heads], None if m3 is None else m3[heads]),
+          B * H, inline_upto=1)
     return out.reshape(B, H, T, D)
 
 
-def _prefill_band(q, k, v, scale, out):                    # [n, T, D], [n, S, D] x2 -> out [n, T, D]
+def _prefill_band(q, k, v, scale, out, mask=None):         # [n, T, D], [n, S, D] x2 -> out [n, T, D]
     """Per head, per block of queries: only the keys a block can see, so the masked upper triangle of
     q.k^T is mostly never computed (T=512: 62% of the products)."""
     T, S = q.shape[1], k.shape[1]
@@ -70,6 +72,8 @@ def _prefill_band(q, k, v, scale, out):                    # [n, T, D], [n, S, D
             seen = S - T + t1                              # keys visible to the block's last query
             scores = q[h, t0:t1] @ k[h, :seen].T           # [t1 - t0, seen], single-threaded sgemm
             causal_softmax_rows(scores[None], scale)
+            if mask is not None:
+                scores *= mask[h, t0:t1, :seen]            # dropout on the probabilities
             np.matmul(scores, v[h, :seen], out=out[h, t0:t1])
 
 
@@ -83,23 +87,27 @@ def softmax_backward_rows(p, dp, scale):                   # [T, S] probabilitie
             dp[t, s] = p[t, s] * (dp[t, s] - total) * scale
 
 
-def _backward_band(dout, q, k, v, scale, dq, dk, dv):      # [n, T, D] x2, [n, S, D] x2 -> dq, dk, dv for n heads
+def _backward_band(dout, q, k, v, scale, dq, dk, dv, mask=None):   # [n, T, D] x2, [n, S, D] x2 -> dq, dk, dv for n heads
     T, S = q.shape[1], k.shape[1]
     for h in range(q.shape[0]):
         p = q[h] @ k[h].T                                  # [T, S], recomputed as the spec does
         causal_softmax_rows(p[None], scale)
-        np.matmul(p.T, dout[h], out=dv[h])
+        np.matmul(p.T if mask is None else (p * mask[h]).T, dout[h], out=dv[h])
         dp = dout[h] @ v[h].T
+        if mask is not None:
+            dp *= mask[h]                                  # back through dropout: the same mask
         softmax_backward_rows(p, dp, scale)
         np.matmul(dp, k[h], out=dq[h])
         np.matmul(dp.T, q[h], out=dk[h])
 
 
-def attention_backward(dout, q, k, v):                     # [B, H, T, D] x2, [B, H, S, D] x2 -> dq, dk, dv
+def attention_backward(dout, q, k, v, mask=None):          # [B, H, T, D] x2, [B, H, S, D] x2 (, mask [B, H, T, S]) -> dq, dk, dv
     B, H, T, D = q.shape
     S = k.shape[2]
     d3, q3, k3, v3 = (np.ascontiguousarray(a).reshape(B * H, -1, D) for a in (dout, q, k, v))
+    m3 = None if mask is None else mask.reshape(B * H, T, S)
     dq, dk, dv = np.empty((B * H, T, D), np.float32), np.empty((B * H, S, D), np.float32), np.empty((B * H, S, D), np.float32)
     scale = np.float32(1.0 / math.sqrt(D))
-    bands(lambda r: _backward_band(d3[r], q3[r], k3[r], v3[r], scale, dq[r], dk[r], dv[r]), B * H, inline_upto=1)
+    bands(lambda r: _backward_band(d3[r], q3[r], k3[r], v3[r], scale, dq[r], dk[r], dv[r], None if m3 is None else m3[r]),
+          B * H, inline_upto=1)
     return dq.reshape(B, H, T, D), dk.reshape(B, H, S, D), dv.reshape(B, H, S, D)

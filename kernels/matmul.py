@@ -97,6 +97,12 @@ def _transpose_into(a, out):                               # [R, C] -> out [C, R
                     out[c, r] = a[r, c]
 
 
+def transpose_into(a, out):                                # [R, C] -> into out [C, R], which must be C-contiguous
+    if out.shape != a.shape[::-1] or out.dtype != a.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"transpose_into: {a.dtype} {a.shape} into {out.dtype} {out.shape}")
+    _transpose_into(a, out)
+
+
 def transpose(a):                                          # [R, C] -> [C, R], contiguous
     """~20x faster than NumPy's .T copy. The result is NumPy-allocated: NumPy asks Linux for huge
     pages on large arrays (numba's allocator does not), and decode GEMV reads them ~10% faster."""

@@ -8,13 +8,13 @@ import numpy as np
 
 from . import weights as weight_io
 
-from . import backward, quant
+from . import backward, optim, quant
 from .cache import KVCache
 from .config import Config, preset
 from .errors import CheckpointError, InputError
 from .generate import Timings, detokenize, generate_ids, stop_at
 from .inputs import check_ids, check_seed
-from .model import REFERENCE, cross_entropy, forward
+from .model import REFERENCE, Dropout, cross_entropy, forward
 from .tokenizer import EOT, encode, get_encoding
 
 BACKENDS = ("numpy", "numba")
@@ -100,28 +100,44 @@ class Model:
         if tied:
             flat["lm_head.weight"] = flat["wte.weight"]
         self._checkpoint = weight_io.unflatten(flat)       # kept from now on: training updates it in place
-        self.refresh()
+        self.params = self._prepare(self._checkpoint)      # the backend's arrays, now over the writable copies
         return self.state_dict()
 
     def refresh(self):
-        """Re-derive the backend's arrays after the checkpoint-layout weights changed in place."""
-        self.params = self._prepare(self._checkpoint_params())
+        """Re-derive the backend's arrays after the checkpoint-layout weights changed in place (on numba:
+        the transposed linear weights are rewritten in place; the rest are the same arrays)."""
+        if self._checkpoint is None or self.params is self._checkpoint:
+            return                                         # no checkpoint-layout copy, or the backend runs on it
+        from . import kernels
+        kernels.prepare_again(self.params, self._checkpoint)
 
-    def value_and_grad(self, ids, targets=None):           # [B, T] (or [T]) -> (mean loss, {HF name: float32 gradient})
+    def optim_ops(self):
+        """The optimizer arithmetic of this backend (npgpt.optim.OptimOps)."""
+        if self.backend == "numba":
+            from . import kernels
+            return kernels.OPTIM
+        return optim.SPEC
+
+    def value_and_grad(self, ids, targets=None, dropout=0.0, rng=None):   # [B, T] (or [T]) -> (mean loss, {HF name: float32 gradient})
         """Without targets: the next-token loss of model.loss(ids) (transformers' labels=ids). With targets
         [B, T]: position t predicts targets[b, t] (-1: not scored). Gradients in checkpoint layout; a tied
-        head's gradient is folded into "wte.weight"."""
+        head's gradient is folded into "wte.weight". dropout: one probability for GPT-2's three dropouts
+        (embd, attn, resid) or a tuple of the three; rng: the np.random.Generator (or int seed) drawing
+        the masks, required when any is > 0."""
+        drop = dropout_masks(dropout, rng)
         if self.weights != "fp32":
             raise InputError(f"training needs fp32 weights; this model's matmul weights are {self.weights}")
         ids, _ = check_ids(ids, self.config)
-        if targets is None:
-            if ids.shape[1] < 2:
-                raise InputError("value_and_grad needs at least 2 tokens: each position predicts the next one")
-            targets = np.concatenate([ids[:, 1:], np.full((ids.shape[0], 1), -1)], axis=1)
-        else:
-            targets = backward.check_targets(targets, ids, self.config)
+        targets = self._targets(ids, targets, "value_and_grad")
         with self._runtime():
-            return backward.value_and_grad(self.params, ids, targets, self.config, self.ops, self._backward())
+            return backward.value_and_grad(self.params, ids, targets, self.config, self.ops, self._backward(), drop=drop)
+
+    def _targets(self, ids, targets, what):                # checked [B, T] ids, targets or None -> [B, T] targets
+        if targets is not None:
+            return backward.check_targets(targets, ids, self.config)
+        if ids.shape[1] < 2:
+            raise InputError(f"{what} needs at least 2 tokens: each position predicts the next one")
+        return np.concatenate([ids[:, 1:], np.full((ids.shape[0], 1), -1)], axis=1)   # the last position: nothing to predict
 
     def _backward(self):
         if self.backend == "numba":
@@ -133,12 +149,16 @@ class Model:
         with self._runtime():
             return forward(self.params, ids, self.config, ops=self.ops, cache=cache, last=last)
 
-    def loss(self, ids):                                   # [T] or [B, T] -> mean next-token cross-entropy (nats)
-        """As transformers' `labels=ids` loss: every position predicts the next token, averaged."""
+    def loss(self, ids, targets=None):                     # [T] or [B, T] -> mean next-token cross-entropy (nats)
+        """As transformers' `labels=ids` loss: every position predicts the next token, averaged. With
+        targets [B, T]: position t predicts targets[b, t] (-1: not scored), as value_and_grad."""
         ids, _ = check_ids(ids, self.config)
-        if ids.shape[1] < 2:
-            raise InputError("loss needs at least 2 tokens: each position predicts the next one")
-        return float(cross_entropy(self.forward(ids)[:, :-1], ids[:, 1:]).mean())
+        targets = self._targets(ids, targets, "loss")
+        logits = self.forward(ids)                         # [B, T, V]
+        if self.backend == "numba":                        # the fused kernel, in place on the logits: no float64 copy
+            return self._backward().cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))[0]
+        scored = targets >= 0
+        return float(cross_entropy(logits[scored], targets[scored]).mean())
 
     def new_cache(self, batch=1):
         return KVCache(self.config, batch=batch)
@@ -180,6 +200,18 @@ class Model:
             raise InputError("stream() takes one sequence; use generate() for a batch")
         tokens = itertools.takewhile(lambda t: t != EOT, (int(t[0]) for t in steps))
         return stop_at(detokenize(tokens, get_encoding()), stops)
+
+
+def dropout_masks(dropout, rng):                           # probability or (embd, attn, resid), Generator or seed -> Dropout
+    probs = tuple(dropout) if isinstance(dropout, (tuple, list)) else (dropout,) * 3
+    if len(probs) != 3 or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1 for p in probs):
+        raise InputError(f"dropout must be a probability in [0, 1) or three of them (embd, attn, resid); got {dropout!r}")
+    if any(probs):
+        if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) and rng >= 0:
+            rng = np.random.default_rng(int(rng))
+        if not isinstance(rng, np.random.Generator):
+            raise InputError(f"dropout {dropout!r} needs rng: an np.random.Generator or a seed (int >= 0); got {rng!r}")
+    return Dropout(*map(float, probs), rng=rng)
 
 
 def check_stops(stop):                                     # None | str | list of str -> list of non-empty str

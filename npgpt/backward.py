@@ -6,7 +6,8 @@ written in npgpt.model, with an op table whose every op first writes its tensor 
 ln_f and the head. Recording costs memory (~16 x B*T*C floats per layer, as PyTorch keeps) but no
 second forward; the forward's math is never written twice. One exception, for memory: attention
 recomputes its probabilities [B, H, T, S] from the recorded q and k (via the forward's own
-`attention_weights`) instead of keeping them for every layer.
+`attention_weights`) instead of keeping them for every layer. Dropout masks are not on the tape: the
+forward's Dropout keeps every mask it draws, and the backward multiplies by the same masks.
 
 Gradients come back flat, keyed by the checkpoint's tensor names (no prefix), in the checkpoint's
 layout and float32. A head tied to wte adds its gradient into "wte.weight".
@@ -18,7 +19,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .errors import InputError
-from .model import Ops, attention_weights, forward, softmax
+from .model import Dropout, Ops, attention_weights, dropout, forward, softmax
 
 BLOCK_CALLS = 8                                            # model.block calls, in order: ln_1, c_attn, attention,
                                                            # c_proj, ln_2, c_fc, gelu, c_proj
@@ -46,10 +47,10 @@ def gelu_backward(dout, x):                                # [...] x2 -> dx: d/d
     return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x))
 
 
-def attention_backward(dout, q, k, v):                     # [B, H, T, D], [B, H, T, D], [B, H, S, D] x2 -> dq, dk, dv
+def attention_backward(dout, q, k, v, mask=None):          # [B, H, T, D] x2, [B, H, S, D] x2 (, mask [B, H, T, S]) -> dq, dk, dv
     p = attention_weights(q, k)                            # [B, H, T, S], recomputed (see the module docstring)
-    dv = np.einsum("bhts,bhtd->bhsd", p, dout, optimize=True)
-    dp = np.einsum("bhtd,bhsd->bhts", dout, v, optimize=True)
+    dv = np.einsum("bhts,bhtd->bhsd", dropout(p, mask), dout, optimize=True)
+    dp = dropout(np.einsum("bhtd,bhsd->bhts", dout, v, optimize=True), mask)   # back through dropout: the same mask
     # softmax backward: each row's probabilities move together; masked positions have p = 0 and stay 0
     dscores = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) / math.sqrt(q.shape[-1])
     return (np.einsum("bhts,bhsd->bhtd", dscores, k, optimize=True),
@@ -108,16 +109,18 @@ def join_qkv(dq, dk, dv):                                  # 3 x [B, H, T, D] ->
     return np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * D)
 
 
-def block_backward(dout, calls, ln_1, attn, ln_2, mlp, *, n_head, eps, backward=SPEC):   # [B, T, C] -> dx [B, T, C], grads
-    """model.block in reverse. calls: the tensors its 8 op calls recorded, in forward order."""
+def block_backward(dout, calls, masks, ln_1, attn, ln_2, mlp, *, n_head, eps, backward=SPEC):   # [B, T, C] -> dx [B, T, C], grads
+    """model.block in reverse. calls: the tensors its 8 op calls recorded, in forward order; masks: its
+    3 dropout masks (attention, then the two residual branches), None where off."""
     (x,), (h1,), (q, k, v), (a,), (x1,), (h2,), (f,), (g,) = calls
+    attn_mask, attn_out_mask, mlp_out_mask = masks
     grads = {}
-    dg, grads["mlp.c_proj.weight"], grads["mlp.c_proj.bias"] = backward.linear(dout, g, **mlp["c_proj"])
+    dg, grads["mlp.c_proj.weight"], grads["mlp.c_proj.bias"] = backward.linear(dropout(dout, mlp_out_mask), g, **mlp["c_proj"])
     dh2, grads["mlp.c_fc.weight"], grads["mlp.c_fc.bias"] = backward.linear(backward.gelu(dg, f), h2, **mlp["c_fc"])
     dx1, grads["ln_2.weight"], grads["ln_2.bias"] = backward.layer_norm(dh2, x1, **ln_2, eps=eps)
     dx1 += dout                                            # the residual: x1 also reaches the block's output directly
-    da, grads["attn.c_proj.weight"], grads["attn.c_proj.bias"] = backward.linear(dx1, a, **attn["c_proj"])
-    dq, dk, dv = backward.attention(heads(da, n_head), q, k, v)
+    da, grads["attn.c_proj.weight"], grads["attn.c_proj.bias"] = backward.linear(dropout(dx1, attn_out_mask), a, **attn["c_proj"])
+    dq, dk, dv = backward.attention(heads(da, n_head), q, k, v, mask=attn_mask)
     dh1, grads["attn.c_attn.weight"], grads["attn.c_attn.bias"] = backward.linear(join_qkv(dq, dk, dv), h1, **attn["c_attn"])
     dx, grads["ln_1.weight"], grads["ln_1.bias"] = backward.layer_norm(dh1, x, **ln_1, eps=eps)
     return dx + dx1, grads                                 # the residual again: x reaches x1 directly
@@ -132,23 +135,28 @@ def embedding_backward(dx, ids, n_vocab, n_ctx):           # [B, T, C], [B, T] -
     return dwte, dwpe
 
 
-def value_and_grad(params, ids, targets, cfg, ops, backward=SPEC):   # [B, T] ids and targets -> (loss, grads)
+def value_and_grad(params, ids, targets, cfg, ops, backward=SPEC, drop=None):   # [B, T] ids and targets -> (loss, grads)
     """Mean cross-entropy of predicting targets[b, t] at position t (-1: not scored), and its gradient
-    with respect to every parameter. ids and targets must already be checked [B, T] int64 arrays."""
+    with respect to every parameter. ids and targets must already be checked [B, T] int64 arrays.
+    drop: a fresh model.Dropout to train with dropout (its masks are drawn in this forward)."""
     tape = []
-    logits = forward(params, ids, cfg, ops=recording(ops, tape))               # [B, T, V]
+    drop = Dropout() if drop is None else drop             # probabilities 0: every mask None
+    logits = forward(params, ids, cfg, ops=recording(ops, tape), drop=drop)    # [B, T, V]
+    embd_mask, *masks = drop.masks                         # 1 + 3 per block, in forward order
     B, T, V = logits.shape
     loss, dlogits = backward.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T))
     del logits                                             # at most one [B*T, V] buffer at a time
     *blocks, (xf,), (hf,) = [tape[i : i + BLOCK_CALLS] for i in range(0, cfg.n_layer * BLOCK_CALLS, BLOCK_CALLS)] + tape[-2:]
+    tape.clear()                                           # blocks.pop() below then frees each record once used
     grads = {}
     dx, grads["lm_head.weight"] = backward.lm_head(dlogits.reshape(B, T, V), hf, **params["lm_head"])
     del dlogits
     dx, grads["ln_f.weight"], grads["ln_f.bias"] = backward.layer_norm(dx, xf, **params["ln_f"], eps=cfg.eps)
     for i in reversed(range(cfg.n_layer)):
-        dx, block_grads = block_backward(dx, blocks[i], **params["h"][i], n_head=cfg.n_head, eps=cfg.eps, backward=backward)
+        dx, block_grads = block_backward(dx, blocks.pop(), masks[3 * i : 3 * i + 3], **params["h"][i], n_head=cfg.n_head,
+                                         eps=cfg.eps, backward=backward)
         grads.update({f"h.{i}.{name}": g for name, g in block_grads.items()})
-    grads["wte.weight"], grads["wpe.weight"] = embedding_backward(dx, ids, cfg.n_vocab, cfg.n_ctx)
+    grads["wte.weight"], grads["wpe.weight"] = embedding_backward(dropout(dx, embd_mask), ids, cfg.n_vocab, cfg.n_ctx)
     if params["lm_head"]["weight"] is params["wte"]["weight"]:
         grads["wte.weight"] += grads.pop("lm_head.weight")   # tied: the head is wte, so its gradient is wte's too
     return loss, {name: np.ascontiguousarray(g, dtype=np.float32) for name, g in grads.items()}

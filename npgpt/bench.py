@@ -243,10 +243,18 @@ def rss_child(path, fmt, tokens=16):
                       "model_mb": _rss_mb() - before}))
 
 
+def python_child(code, **kwargs):
+    """Run `code` in a fresh interpreter of this environment. Without the current directory on sys.path
+    (which `python -c` puts first): a checkout's kernels/ or weights/ folder must not shadow another
+    package of that top-level name (transformers imports HF's `kernels` when present)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-c", "import sys; sys.path.remove(''); " + code], capture_output=True, text=True, **kwargs)
+
+
 def resident_memory(base, formats, log):
     """Each format's resident memory while decoding, each in a fresh process loading a checkpoint of
     that format from disk (as deployed: quantize once, load the small file)."""
-    import subprocess
     import tempfile
 
     rows = []
@@ -255,8 +263,7 @@ def resident_memory(base, formats, log):
             path = os.path.join(tmp, f"{fmt}.safetensors")
             weights.save(quant.quantize(base.params, fmt), path, base.config)
             log(f"resident memory: {fmt} ...")
-            out = subprocess.run([sys.executable, "-c", f"from npgpt.bench import rss_child; rss_child({path!r}, {fmt!r})"],
-                                 capture_output=True, text=True, check=True)
+            out = python_child(f"from npgpt.bench import rss_child; rss_child({path!r}, {fmt!r})", check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
 

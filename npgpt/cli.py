@@ -8,7 +8,7 @@ from . import weights as weight_io
 
 from . import __version__, api, quant
 from .config import PRESETS
-from .errors import NpgptError
+from .errors import InputError, NpgptError
 from .tokenizer import encode
 
 
@@ -145,19 +145,43 @@ def _formats(text):
     return names
 
 
-def cmd_bench(args):
-    from . import bench                                   # numba and threadpoolctl load only for the bench
+def _configs(text):
+    names = [v for v in text.split(",") if v]
+    if not names or any(n not in PRESETS for n in names):
+        raise argparse.ArgumentTypeError(f"configs are {', '.join(PRESETS)}; got {text!r}")
+    return names
 
+
+def cmd_bench(args):
     if args.compare == "torch":
         try:
-            import torch  # noqa: F401
+            import torch  # noqa: F401  (torch first: started after numba's OpenMP pool, it runs ~2x slower)
             import transformers  # noqa: F401
         except ImportError as e:
             raise NpgptError(f"--compare torch needs torch and transformers ({e}); pip install '.[compare]'") from None
-    report = bench.run(weights_path=args.weights, config=args.config, backends=args.backend, prompts=args.p,
-                       gens=args.n, batches=args.b, threads=args.t, reps=args.reps, compare=args.compare,
+    if args.train:
+        return bench_train(args)
+    from . import bench                                   # numba and threadpoolctl load only for the bench
+
+    if args.config and len(args.config) > 1:
+        raise InputError("--config: the inference bench takes one config (several are for --train)")
+    report = bench.run(weights_path=args.weights, config=(args.config or ["gpt2"])[0], backends=args.backend, prompts=args.p or [128, 512],
+                       gens=args.n, batches=args.b or [1], threads=args.t, reps=args.reps, compare=args.compare,
                        formats=args.weights_dtype)
     print(bench.table(report))
+    if args.json:
+        bench.dump_json(report, args.json)
+
+
+def bench_train(args):
+    from . import bench, bench_train
+
+    if args.weights or args.weights_dtype != ["fp32"]:
+        raise InputError("--train measures seeded random fp32 models at --config shapes; --weights and --weights-dtype do not apply")
+    report = bench_train.run(configs=args.config or ["gpt2", "tiny"], backends=args.backend, batches=args.b or [4],
+                             seqs=args.p or [256], threads=args.t, reps=args.reps, compare=args.compare,
+                             memory=not args.no_memory)
+    print(bench_train.table(report))
     if args.json:
         bench.dump_json(report, args.json)
 
@@ -210,14 +234,17 @@ def build_parser():
 
     b = sub.add_parser("bench", help="prefill and decode tokens/s per backend, against the machine's limits")
     b.add_argument("--weights", help="model.safetensors (default: seeded random model at --config shapes)")
-    b.add_argument("--config", default="gpt2", choices=list(PRESETS))
+    b.add_argument("--config", type=_configs, help="random model shapes (default gpt2; with --train: gpt2,tiny)")
+    b.add_argument("--train", action="store_true",
+                   help="training tokens/s instead (forward + backward + AdamW): -b batches (default 4), -p sequence lengths (default 256)")
+    b.add_argument("--no-memory", action="store_true", help="with --train: skip the peak-memory runs (a fresh process each)")
     b.add_argument("--backend", type=_backends, default=["numpy", "numba"], help="comma-separated (default numpy,numba)")
     b.add_argument("--weights-dtype", type=_formats, default=["fp32"],
                    help="comma-separated matmul weight formats for the numba backend: fp32,bf16,int8 (default fp32); "
                         "more than one also measures each one's resident memory")
-    b.add_argument("-p", type=_ints, default=[128, 512], help="prompt lengths for pp tests (default 128,512)")
+    b.add_argument("-p", type=_ints, help="prompt lengths for pp tests (default 128,512)")
     b.add_argument("-n", type=_ints, default=[128], help="tokens to decode for tg tests (default 128)")
-    b.add_argument("-b", type=_ints, default=[1], help="batch sizes (default 1)")
+    b.add_argument("-b", type=_ints, help="batch sizes (default 1)")
     b.add_argument("-t", type=int, default=None, help="threads for numba and BLAS (default: all cores)")
     b.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (default 3)")
     b.add_argument("--json", help="also write the report as JSON to this file")
@@ -239,7 +266,7 @@ def build_parser():
     t.add_argument("--warmup", type=int, help="linear warmup steps (default 100)")
     t.add_argument("--weight-decay", type=float, help="AdamW decay on ndim >= 2 tensors (default 0.1)")
     t.add_argument("--grad-clip", type=float, help="global gradient-norm clip (default 1.0)")
-    t.add_argument("--dropout", type=float, help="dropout probability (default 0)")
+    t.add_argument("--dropout", type=float, help="probability of GPT-2's embd, attn and resid dropout (default 0)")
     t.add_argument("--eval-every", type=int, help="val loss every N steps (default 100)")
     t.add_argument("--save-every", type=int, help="checkpoint every N steps (default 500)")
     t.add_argument("--seed", type=int, help="init and data-order seed (default 0)")

@@ -43,8 +43,12 @@ def attention_weights(q, k):                               # [B, H, T, D], [B, H
     return softmax(scores + causal_mask(q.shape[2], k.shape[2]))
 
 
-def attention(q, k, v):                                    # [B, H, T, D], [B, H, S, D] x2 -> [B, H, T, D]
-    return np.einsum("bhts,bhsd->bhtd", attention_weights(q, k), v, optimize=True)
+def dropout(x, mask):                                      # [...], None or a mask [...] -> [...]
+    return x if mask is None else x * mask
+
+
+def attention(q, k, v, mask=None):                         # [B, H, T, D], [B, H, S, D] x2 (, mask [B, H, T, S]) -> [B, H, T, D]
+    return np.einsum("bhts,bhsd->bhtd", dropout(attention_weights(q, k), mask), v, optimize=True)
 
 
 def lm_head(x, weight):                                    # [..., C], [V, C] -> [..., V]
@@ -56,6 +60,31 @@ def cross_entropy(logits, targets):                        # [..., V], [...] ids
     peak = z.max(axis=-1, keepdims=True)
     log_total = np.log(np.exp(z - peak).sum(axis=-1)) + peak[..., 0]
     return log_total - np.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+
+
+class Dropout:
+    """GPT-2's dropout, for training: embd_pdrop (on the embeddings' sum), attn_pdrop (on the attention
+    probabilities), resid_pdrop (on each block's two outputs before they join the residual stream).
+    A mask holds 0 where an element is dropped (probability p) and 1/(1-p) where it is kept, so the
+    expectation is unchanged. Every mask drawn is kept in `masks`, in forward order: 1 + 3 per block
+    (None where p is 0), for the backward pass."""
+
+    def __init__(self, embd=0.0, attn=0.0, resid=0.0, rng=None):
+        self.embd, self.attn, self.resid, self.rng = embd, attn, resid, rng
+        self.masks = []
+
+    def mask(self, p, shape):                              # -> None (p = 0) or float32 [shape]
+        m = None if p == 0 else (self.rng.random(shape, dtype=np.float32) >= p) * np.float32(1.0 / (1.0 - p))
+        self.masks.append(m)
+        return m
+
+
+class _NoDropout(Dropout):                                 # inference: no masks, nothing kept
+    def mask(self, p, shape):
+        return None
+
+
+NO_DROPOUT = _NoDropout()
 
 
 class Ops(NamedTuple):
@@ -81,33 +110,37 @@ def merge_heads(x):                                        # [B, H, T, D] -> [B,
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
 
 
-def self_attention(x, c_attn, c_proj, *, n_head, ops, kv=None):   # [B, T, C] -> [B, T, C]
+def self_attention(x, c_attn, c_proj, *, n_head, ops, kv=None, drop=NO_DROPOUT):   # [B, T, C] -> [B, T, C]
     q, k, v = split_heads(ops.linear(x, **c_attn), n_head)        # [B, T, 3C] -> 3 x [B, H, T, D]
     if kv is not None:
         k, v = kv.append(k, v)                                    # 2 x [B, H, past + T, D]
-    return ops.linear(merge_heads(ops.attention(q, k, v)), **c_proj)
+    a = ops.attention(q, k, v, mask=drop.mask(drop.attn, q.shape[:3] + k.shape[2:3]))
+    return ops.linear(merge_heads(a), **c_proj)
 
 
 def feed_forward(x, c_fc, c_proj, *, ops):                 # [B, T, C] -> [B, T, C]  (HF: GPT2MLP)
     return ops.linear(ops.gelu(ops.linear(x, **c_fc)), **c_proj)   # [B, T, 4C] in between
 
 
-def block(x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv=None):   # [B, T, C] -> [B, T, C]
-    x = x + self_attention(ops.layer_norm(x, **ln_1, eps=eps), **attn, n_head=n_head, ops=ops, kv=kv)
-    x = x + feed_forward(ops.layer_norm(x, **ln_2, eps=eps), **mlp, ops=ops)
+def block(x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv=None, drop=NO_DROPOUT):   # [B, T, C] -> [B, T, C]
+    a = self_attention(ops.layer_norm(x, **ln_1, eps=eps), **attn, n_head=n_head, ops=ops, kv=kv, drop=drop)
+    x = x + dropout(a, drop.mask(drop.resid, x.shape))
+    m = feed_forward(ops.layer_norm(x, **ln_2, eps=eps), **mlp, ops=ops)
+    x = x + dropout(m, drop.mask(drop.resid, x.shape))
     return x
 
 
-def forward(params, ids, cfg, ops=REFERENCE, cache=None, last=False):   # [T] or [B, T] ids -> [T, V] or [B, T, V]
+def forward(params, ids, cfg, ops=REFERENCE, cache=None, last=False, drop=NO_DROPOUT):   # [T] or [B, T] ids -> [T, V] or [B, T, V]
     """Logits for every position (only the last one if `last`, all generation needs).
-    With a KVCache, `ids` continue the sequence the cache holds."""
+    With a KVCache, `ids` continue the sequence the cache holds. `drop`: a Dropout, for training."""
     if cache is not None:
         cache.check(cfg)                                   # another model's cache: a clear error, not a NumPy one
     past = 0 if cache is None else cache.pos
     ids, one_sequence = check_ids(ids, cfg, past=past, batch=None if cache is None else cache.batch)   # [B, T]
     x = params["wte"]["weight"][ids] + params["wpe"]["weight"][past : past + ids.shape[1]]         # [B, T, C]
+    x = dropout(x, drop.mask(drop.embd, x.shape))
     for i, layer in enumerate(params["h"]):
-        x = block(x, **layer, n_head=cfg.n_head, eps=cfg.eps, ops=ops, kv=None if cache is None else cache.layer(i))
+        x = block(x, **layer, n_head=cfg.n_head, eps=cfg.eps, ops=ops, kv=None if cache is None else cache.layer(i), drop=drop)
     if cache is not None:
         cache.advance(ids.shape[1])
     if last:

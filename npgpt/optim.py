@@ -1,19 +1,49 @@
-"""Training arithmetic: AdamW (torch.optim.AdamW's update), global-norm clipping, nanoGPT's learning-rate schedule."""
+"""Training arithmetic: AdamW (torch.optim.AdamW's update), global-norm clipping, nanoGPT's learning-rate schedule.
+
+The per-tensor arithmetic (`adamw_update`, `sum_of_squares`) is the spec; the numba backend supplies
+twins with the same call shapes (npgpt.kernels.OPTIM), which AdamW and clip_grad_norm take as `ops`.
+"""
 
 import math
 import numbers
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from .errors import InputError
 
 
-def clip_grad_norm(grads, max_norm):                       # {name: g} -> total norm before clipping; scales grads in place
+def adamw_update(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, t):   # p, g, m, v [...] float32; p, m, v in place
+    """torch.optim.AdamW's step t (1, 2, ...) on one tensor: decoupled decay, then bias-corrected moments."""
+    if weight_decay:
+        p *= np.float32(1.0 - lr * weight_decay)          # decoupled: shrinks the weight, not the gradient
+    m *= np.float32(beta1)
+    m += np.float32(1.0 - beta1) * g                       # first moment: a running mean of g
+    v *= np.float32(beta2)
+    v += np.float32(1.0 - beta2) * (g * g)                 # second moment: a running mean of g^2
+    step_size = np.float32(lr / (1.0 - beta1**t))          # bias corrections: both moments start at 0
+    root_c2 = np.float32(math.sqrt(1.0 - beta2**t))
+    p -= step_size * m / (np.sqrt(v) / root_c2 + np.float32(eps))
+
+
+def sum_of_squares(g):                                     # [...] float32 -> float, summed in float64
+    return float(np.dot(g.ravel().astype(np.float64), g.ravel()))
+
+
+class OptimOps(NamedTuple):
+    adamw_update: Callable
+    sum_of_squares: Callable
+
+
+SPEC = OptimOps(adamw_update=adamw_update, sum_of_squares=sum_of_squares)
+
+
+def clip_grad_norm(grads, max_norm, ops=SPEC):             # {name: g} -> total norm before clipping; scales grads in place
     """As torch.nn.utils.clip_grad_norm_: the L2 norm over every gradient together; if it exceeds
     max_norm, every gradient is scaled by max_norm / (norm + 1e-6)."""
     if not isinstance(max_norm, numbers.Real) or not max_norm > 0:
         raise InputError(f"max_norm must be a positive number; got {max_norm!r}")
-    norm = math.sqrt(sum(float(np.dot(g.ravel().astype(np.float64), g.ravel())) for g in grads.values()))
+    norm = math.sqrt(sum(ops.sum_of_squares(g) for g in grads.values()))
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
         for g in grads.values():
@@ -49,7 +79,7 @@ class AdamW:
 
     def __init__(self, model, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         check_hyperparameters(lr, betas, eps, weight_decay)
-        self.model = model
+        self.model, self.ops = model, model.optim_ops()
         self.params = model.trainable_params()            # {name: writable float32 array}, checkpoint layout
         self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(map(float, betas)), float(eps), float(weight_decay)
         self.t = 0
@@ -61,20 +91,14 @@ class AdamW:
         missing = set(self.params) - set(grads)
         if missing:
             raise InputError(f"no gradient for {sorted(missing)[0]!r} ({len(missing)} missing)")
-        lr = self.lr if lr is None else float(lr)
-        b1, b2 = self.betas
-        self.t += 1
-        step_size = lr / (1.0 - b1**self.t)
-        root_c2 = math.sqrt(1.0 - b2**self.t)
         for name, p in self.params.items():
-            g, m, v = grads[name], self.m[name], self.v[name]
-            if p.ndim >= 2 and self.weight_decay:
-                p *= np.float32(1.0 - lr * self.weight_decay)     # decoupled: shrinks the weight, not the gradient
-            m *= np.float32(b1)
-            m += np.float32(1.0 - b1) * g
-            v *= np.float32(b2)
-            v += np.float32(1.0 - b2) * (g * g)
-            p -= np.float32(step_size) * m / (np.sqrt(v) / np.float32(root_c2) + np.float32(self.eps))
+            if np.shape(grads[name]) != p.shape:
+                raise InputError(f"gradient {name!r} has shape {np.shape(grads[name])}; the weight is {p.shape}")
+        lr = self.lr if lr is None else float(lr)
+        self.t += 1
+        for name, p in self.params.items():
+            self.ops.adamw_update(p, grads[name], self.m[name], self.v[name], lr=lr, beta1=self.betas[0], beta2=self.betas[1],
+                                  eps=self.eps, weight_decay=self.weight_decay if p.ndim >= 2 else 0.0, t=self.t)
         self.model.refresh()
 
     def state_dict(self):

@@ -22,7 +22,6 @@ from . import data, weights
 from .api import Model, load
 from .config import PRESETS
 from .errors import InputError, TrainingError
-from .model import cross_entropy
 from .optim import AdamW, check_hyperparameters, clip_grad_norm, cosine_lr
 from .weights.checkpoint import SafetensorsFile, atomic_write
 
@@ -64,8 +63,8 @@ class Settings:
             raise InputError(f"--warmup must be an integer >= 0; got {self.warmup!r}")
         if not self.grad_clip > 0:
             raise InputError(f"--grad-clip must be > 0; got {self.grad_clip}")
-        if self.dropout != 0:
-            raise InputError("--dropout other than 0 is not implemented yet")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise InputError(f"--dropout must be a probability in [0, 1); got {self.dropout!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise InputError(f"--seed must be an integer >= 0; got {self.seed!r}")
         if self.init is None and self.config not in PRESETS:
@@ -180,7 +179,7 @@ class Run:
         total, n = 0.0, 0
         for i in range(0, len(starts), s.batch):
             x, y = data.batch(self.val_ids, starts[i : i + s.batch], s.seq)
-            total += float(cross_entropy(self.model.forward(x), y).sum())
+            total += self.model.loss(x, y) * y.size
             n += y.size
         return total / n
 
@@ -190,7 +189,7 @@ class Run:
         total, grads = 0.0, None
         for _ in range(s.accum):                           # gradient accumulation: the mean over accum micro-batches
             x, y = data.batch(self.train_ids, data.random_starts(self.rng, len(self.train_ids), s.batch, s.seq), s.seq)
-            loss, g = self.model.value_and_grad(x, y)
+            loss, g = self.model.value_and_grad(x, y, dropout=s.dropout, rng=self.rng)   # masks from the data-order RNG (saved)
             total += loss / s.accum
             if grads is None:
                 grads = {n: a / np.float32(s.accum) for n, a in g.items()}
@@ -200,7 +199,7 @@ class Run:
         if not math.isfinite(total):
             raise TrainingError(f"step {self.step + 1}: the loss is {total}; stopped. The last checkpoint "
                                 f"(step {saved_step(s.out)}) is intact in {s.out}; try a lower --lr")
-        norm = clip_grad_norm(grads, s.grad_clip)
+        norm = clip_grad_norm(grads, s.grad_clip, ops=self.opt.ops)
         self.opt.step(grads, lr=lr)
         self.step += 1
         return total, lr, norm

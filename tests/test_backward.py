@@ -7,7 +7,7 @@ import npgpt
 from npgpt import backward as bw
 from npgpt import model as spec
 from npgpt import weights
-from npgpt.kernels import BACKWARD, transpose_linear
+from npgpt.kernels import BACKWARD, KERNELS, transpose_linear
 
 rng = np.random.default_rng(11)
 SMALL = npgpt.Config(n_vocab=50, n_ctx=16, n_embd=12, n_head=3, n_layer=2)
@@ -107,6 +107,58 @@ def test_every_parameter_gradient_matches_a_directional_finite_difference():
         assert abs(numeric - analytic) <= 1e-4 * max(1e-2, abs(numeric)), name   # grads are returned as float32
 
 
+def with_dropout(seed=3, p=(0.2, 0.3, 0.25)):               # the same seed draws the same masks on every call
+    return spec.Dropout(*p, rng=np.random.default_rng(seed))
+
+
+def test_dropout_gradient_matches_a_directional_finite_difference():
+    """With the masks fixed (same seed per call), the loss is a smooth function of the weights: the
+    gradient through all three dropouts must match central differences, as without dropout."""
+    params = float64_params(1)
+    ids = rng.integers(0, SMALL.n_vocab, size=(2, 7))
+    targets = np.concatenate([ids[:, 1:], np.full((2, 1), -1)], axis=1)
+    loss, grads = bw.value_and_grad(params, ids, targets, SMALL, spec.REFERENCE, drop=with_dropout())
+    plain, _ = bw.value_and_grad(params, ids, targets, SMALL, spec.REFERENCE)
+    assert abs(loss - plain) > 1e-3                        # the masks did change the loss
+    flat = weights.flatten(params)
+    for name, grad in grads.items():
+        p, u, h = flat[name], rng.standard_normal(flat[name].shape), 1e-5
+        p += h * u
+        up = bw.value_and_grad(params, ids, targets, SMALL, spec.REFERENCE, drop=with_dropout())[0]
+        p -= 2 * h * u
+        down = bw.value_and_grad(params, ids, targets, SMALL, spec.REFERENCE, drop=with_dropout())[0]
+        p += h * u
+        numeric, analytic = (up - down) / (2 * h), float((grad.astype(np.float64) * u).sum())
+        assert abs(numeric - analytic) <= 1e-4 * max(1e-2, abs(numeric)), name
+
+
+def test_dropout_masks_drop_with_probability_p_and_keep_the_expectation():
+    drop = with_dropout(p=(0.1, 0.0, 0.3))
+    m = drop.mask(drop.resid, (400, 500))
+    assert drop.mask(drop.attn, (3, 3)) is None and len(drop.masks) == 2
+    kept = m != 0
+    assert abs(1 - kept.mean() - 0.3) < 0.005              # 200,000 draws: the standard error is 0.001
+    assert np.all(m[kept] == np.float32(1 / 0.7)) and m.dtype == np.float32
+    params = float64_params()
+    ids = rng.integers(0, SMALL.n_vocab, size=(2, 7))
+    drop = with_dropout()
+    bw.value_and_grad(params, ids, np.where(ids > 0, ids, -1), SMALL, spec.REFERENCE, drop=drop)
+    assert len(drop.masks) == 1 + 3 * SMALL.n_layer        # embd, then per block: attention, two residual branches
+    assert drop.masks[1].shape == (2, SMALL.n_head, 7, 7) and drop.masks[2].shape == (2, 7, SMALL.n_embd)
+
+
+def test_zero_dropout_is_no_dropout():
+    model = npgpt.Model(float64_params(), SMALL)
+    ids = rng.integers(0, SMALL.n_vocab, size=(2, 7))
+    la, ga = model.value_and_grad(ids)
+    lb, gb = model.value_and_grad(ids, dropout=0.0)
+    assert la == lb and all(np.array_equal(ga[n], gb[n]) for n in ga)
+    with pytest.raises(npgpt.NpgptError, match="needs rng"):
+        model.value_and_grad(ids, dropout=0.1)
+    with pytest.raises(npgpt.NpgptError, match="dropout must be a probability"):
+        model.value_and_grad(ids, dropout=(0.1, 1.0, 0.0), rng=0)
+
+
 def test_untied_head_gets_its_own_gradient():
     params = float64_params()
     params["lm_head"] = {"weight": params["wte"]["weight"].copy()}
@@ -157,6 +209,16 @@ def test_attention_backward_kernel(B, H, T, S, D):
         assert rel(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("B, H, T, S, D", [(1, 1, 2, 2, 4), (3, 6, 97, 97, 10), (2, 2, 5, 130, 8)])
+def test_attention_kernels_with_a_dropout_mask(B, H, T, S, D):
+    q, k, v, d = f32(B, H, T, D), f32(B, H, S, D), f32(B, H, S, D), f32(B, H, T, D)
+    mask = with_dropout().mask(0.3, (B, H, T, S))
+    assert rel(KERNELS.attention(q, k, v, mask=mask), spec.attention(q, k, v, mask=mask)) < 1e-5
+    assert rel(KERNELS.attention(q, k, v, mask=mask), spec.attention(q, k, v)) > 1e-2
+    for got, want in zip(BACKWARD.attention(d, q, k, v, mask=mask), bw.attention_backward(d, q, k, v, mask=mask)):
+        assert rel(got, want) < 1e-5
+
+
 def test_lm_head_backward_kernel():
     x, w, d = f32(2, 97, 60), f32(1000, 60), f32(2, 97, 1000)
     for got, want in zip(BACKWARD.lm_head(d, x, w), bw.lm_head_backward(d, x, w)):
@@ -183,6 +245,17 @@ def test_numba_value_and_grad_matches_the_spec(tiny_params):
     assert sorted(ga) == sorted(gb)
     for name in ga:
         assert gb[name].dtype == np.float32 and gb[name].shape == ga[name].shape
+        assert rel(gb[name], ga[name]) < 1e-4, name
+
+
+def test_numba_value_and_grad_with_dropout_matches_the_spec(tiny_params):
+    """The same seed draws the same masks on both backends; tolerances as without dropout."""
+    from conftest import TINY
+    ids = rng.integers(0, TINY.n_vocab, size=(2, 21))
+    a, b = npgpt.Model(tiny_params, TINY), npgpt.Model(tiny_params, TINY, backend="numba")
+    (la, ga), (lb, gb) = a.value_and_grad(ids, dropout=0.1, rng=7), b.value_and_grad(ids, dropout=0.1, rng=7)
+    assert abs(la - lb) <= 1e-6 * la and abs(la - a.loss(ids)) > 1e-4 * la
+    for name in ga:
         assert rel(gb[name], ga[name]) < 1e-4, name
 
 

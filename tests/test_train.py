@@ -37,14 +37,15 @@ def losses(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(corpus, micro_init, tmp_path):
-    whole = train.Run(settings(corpus, micro_init, tmp_path / "whole"), log=lambda m: None)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])          # the masks come from the saved RNG too
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(corpus, micro_init, tmp_path, dropout):
+    whole = train.Run(settings(corpus, micro_init, tmp_path / "whole", dropout=dropout), log=lambda m: None)
     whole.run()
 
     def interrupt(row):
         if row["step"] == 3:
             raise KeyboardInterrupt
-    first = train.Run(settings(corpus, micro_init, tmp_path / "cut"), log=lambda m: None)
+    first = train.Run(settings(corpus, micro_init, tmp_path / "cut", dropout=dropout), log=lambda m: None)
     with pytest.raises(KeyboardInterrupt):
         first.run(progress=interrupt)
     assert train.saved_step(str(tmp_path / "cut")) == 3  # Ctrl-C saved the step it had finished
@@ -89,6 +90,8 @@ def test_tokens_are_cached_and_rebuilt_when_the_text_changes(tmp_path):
     ({"weight_decay": -0.1}, InputError, "weight decay must be a finite number >= 0"),
     ({"seq": 40}, InputError, "--seq 40 is longer than the model's context n_ctx=32"),
     ({"steps": 0}, InputError, "--steps must be an integer >= 1"),
+    ({"dropout": 1.0}, InputError, "--dropout must be a probability in \\[0, 1\\)"),
+    ({"dropout": -0.1}, InputError, "--dropout must be a probability"),
 ])
 def test_bad_settings(corpus, micro_init, tmp_path, change, error, message):
     with pytest.raises(error, match=message):
