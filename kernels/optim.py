@@ -10,9 +10,7 @@ import math
 import numba
 import numpy as np
 
-from .jit import parallel
-
-exact = numba.njit(parallel=True, cache=True)              # IEEE float32 as NumPy does it: no reassociation, no FMA
+from .jit import exact, parallel
 
 
 @exact

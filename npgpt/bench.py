@@ -140,7 +140,8 @@ def jit_cache_stats():
     from . import kernels
 
     hits = misses = 0
-    for module in (kernels.activation, kernels.attention, kernels.matmul, kernels.norm, kernels.softmax, kernels.memory, kernels.jit):
+    for module in (kernels.activation, kernels.attention, kernels.matmul, kernels.norm, kernels.optim, kernels.softmax,
+                   kernels.memory, kernels.jit):
         for f in vars(module).values():
             if isinstance(f, numba.core.registry.CPUDispatcher):
                 hits += sum(f.stats.cache_hits.values())
