@@ -15,12 +15,12 @@ QUERY_BLOCK = 128
 
 
 @parallel
-def fused_attention(q, k, v, S, scale):                    # [B, H, T, D], [B, H, >=S, D] x2 -> [B, H, T, D]; keys 0..S-1
+def fused_attention(q, k, v, lengths, scale):              # [B, H, T, D], [B, H, >=S, D] x2, [B] -> [B, H, T, D]
     B, H, T, D = q.shape
     out = np.empty((B, H, T, D), dtype=np.float32)
     for i in numba.prange(B * H * T):
         b, h, t = i // (H * T), (i // T) % H, i % T
-        n = S - T + t + 1                                  # causal: query t sees keys 0 .. S-T+t
+        n = lengths[b] - T + t + 1                         # causal: query t sees keys 0 .. length-T+t of its row
         qt = q[b, h, t].copy()                             # contiguous copies let the d-loops vectorize
         p = np.empty(n, dtype=np.float32)
         for s in range(n):
@@ -49,10 +49,16 @@ def contiguous_keys(a):                                    # [B, H, S, D] -> C-c
     return np.ascontiguousarray(a)
 
 
-def attention(q, k, v, mask=None):                         # [B, H, T, D], [B, H, S, D] x2 (, dropout mask [B, H, T, S]) -> [B, H, T, D]
+def attention(q, k, v, mask=None, lengths=None):           # [B, H, T, D], [B, H, S, D] x2 -> [B, H, T, D]
+    """As npgpt.model.attention: mask, dropout on the probabilities [B, H, T, S]; lengths [B], each row's own."""
     B, H, T, D = q.shape
+    S = k.shape[2]
     if T <= FUSED_MAX_QUERIES and mask is None:
-        return fused_attention(q, contiguous_keys(k), contiguous_keys(v), k.shape[2], np.float32(1.0 / math.sqrt(D)))
+        ends = np.full(B, S, np.int64) if lengths is None else np.ascontiguousarray(lengths, dtype=np.int64)
+        return fused_attention(q, contiguous_keys(k), contiguous_keys(v), ends, np.float32(1.0 / math.sqrt(D)))
+    if lengths is not None and (np.asarray(lengths) != S).any():   # rows of different lengths: each row on its own keys
+        return np.concatenate([attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n],
+                                         None if mask is None else mask[b : b + 1, :, :, :n]) for b, n in enumerate(lengths)])
     q3, k3, v3 = (a.reshape(B * H, *a.shape[2:]) for a in (q, k, v))          # [B*H, T or S, D]
     m3 = None if mask is None else mask.reshape(B * H, T, -1)
     out = np.empty((B * H, T, D), dtype=np.float32)

@@ -12,7 +12,7 @@ from . import backward, optim, quant
 from .cache import KVCache
 from .config import Config, preset
 from .errors import CheckpointError, InputError
-from .generate import Timings, detokenize, generate_ids, stop_at
+from .generate import Timings, detokenize, generate_ids, generate_ragged, stop_at
 from .inputs import check_ids, check_seed
 from .model import REFERENCE, Dropout, cross_entropy, forward
 from .tokenizer import EOT, encode, get_encoding
@@ -184,12 +184,44 @@ class Model:
         model emitted it. `timings`: an npgpt.Timings to fill in."""
         if isinstance(prompt, str):
             return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, timings))
+        if is_prompt_list(prompt):
+            return self._generate_list(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop)
         if stop is not None:
             raise InputError("stop strings apply to text output; with token ids, stop at the ids you want")
         ids, steps, kind = self._tokens(prompt, max_new_tokens, temperature, top_k, top_p, seed, timings, False)
         steps = list(steps)
         new = np.stack(steps, axis=1) if steps else np.zeros((ids.shape[0], 0), np.int64)   # [B, n]
         return new if kind == "batch" else [int(t) for t in new[0]]
+
+    def _generate_list(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop):
+        """A list of prompts of any lengths: per prompt, what generate(prompt) alone returns (ragged batch)."""
+        texts = [isinstance(p, str) for p in prompts]
+        if any(texts) and not all(texts):
+            raise InputError("a list of prompts must be all strings or all token-id lists, not a mix")
+        text = all(texts)
+        if stop is not None and not text:
+            raise InputError("stop strings apply to text output; with token ids, stop at the ids you want")
+        stops = check_stops(stop)
+        ids = [self._one_sequence(p, i) for i, p in enumerate(prompts)]
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise InputError(f"seed: one per prompt ({len(prompts)}) or one for all; got {len(seeds)}")
+        new = generate_ragged(self, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seeds=[check_seed(s) for s in seeds], n_choices=get_encoding().n_vocab if text else None)
+        if not text:
+            return new
+        return ["".join(stop_at(detokenize(itertools.takewhile(lambda t: t != EOT, tokens), get_encoding()), stops))
+                for tokens in new]
+
+    def _one_sequence(self, prompt, i):                    # prompt i of a list: text or ids [T] -> checked int64 [T]
+        try:
+            ids, kind = self._prompt_ids(prompt)
+            ids, _ = check_ids(ids, self.config)           # text too: a prompt longer than the context fails here
+        except InputError as e:
+            raise InputError(f"prompt {i}: {e}") from None
+        if kind == "batch":
+            raise InputError(f"prompt {i}: each prompt of a list is one sequence of ids [T]; got shape {ids.shape}")
+        return ids[0]
 
     def stream(self, prompt, max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None, timings=None):
         """Yield the continuation of a text prompt (or one sequence of ids) piece by piece, as soon as each
@@ -212,6 +244,11 @@ def dropout_masks(dropout, rng):                           # probability or (emb
         if not isinstance(rng, np.random.Generator):
             raise InputError(f"dropout {dropout!r} needs rng: an np.random.Generator or a seed (int >= 0); got {rng!r}")
     return Dropout(*map(float, probs), rng=rng)
+
+
+def is_prompt_list(prompt):                                 # ["text", ...] or [[ids], [ids], ...]: a list of prompts
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
+            and all(isinstance(p, (str, list, tuple)) or (isinstance(p, np.ndarray) and p.ndim == 1) for p in prompt))
 
 
 def check_stops(stop):                                     # None | str | list of str -> list of non-empty str

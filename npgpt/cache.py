@@ -1,4 +1,8 @@
-"""KV cache: keys and values of every past position, so decoding a token costs one position's work."""
+"""KV cache: keys and values of every past position, so decoding a token costs one position's work.
+
+Each row (sequence) has its own length, so a batch can hold prompts of different lengths, and serving
+slots can join and leave: nothing is padded, and no row ever attends to positions it does not hold.
+"""
 
 import numpy as np
 
@@ -10,14 +14,19 @@ def cache_shape(cfg):                                      # what a cache depend
 
 
 class KVCache:
-    """Preallocated [B, H, n_ctx, D] key and value buffers per layer, and how many positions are filled."""
+    """Preallocated [B, H, n_ctx, D] key and value buffers per layer, and how many positions each row holds."""
 
     def __init__(self, cfg, batch=1):
         shape = (batch, cfg.n_head, cfg.n_ctx, cfg.head_dim)
-        self.batch = batch
-        self.pos = 0
-        self.shape = cache_shape(cfg)
+        self.config, self.shape, self.batch = cfg, cache_shape(cfg), batch
+        self.lengths = np.zeros(batch, np.int64)           # [B] positions filled per row
         self._layers = [LayerCache(self, np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(cfg.n_layer)]
+
+    @property
+    def pos(self):                                         # the length every row shares (a rectangular batch)
+        if self.batch and (self.lengths != self.lengths[0]).any():
+            raise InputError(f"the rows of this cache have different lengths {self.lengths.tolist()}; read cache.lengths")
+        return int(self.lengths[0]) if self.batch else 0
 
     def check(self, cfg):
         """A cache belongs to models of one shape; another model's cache would fail deep in NumPy."""
@@ -29,17 +38,49 @@ class KVCache:
     def layer(self, i):
         return self._layers[i]
 
+    def rows(self, start, stop):
+        """Rows start..stop-1 as a cache of their own: the same buffers and lengths (views, no copies), so
+        a forward on the view fills those rows of this cache."""
+        if not 0 <= start < stop <= self.batch:
+            raise InputError(f"rows {start}..{stop - 1} are outside this cache's {self.batch} rows")
+        view = object.__new__(KVCache)
+        view.config, view.shape, view.batch = self.config, self.shape, stop - start
+        view.lengths = self.lengths[start:stop]
+        view._layers = [LayerCache(view, layer.k[start:stop], layer.v[start:stop]) for layer in self._layers]
+        return view
+
+    def move(self, src, dst):
+        """Copy row src (its keys, values and length) into row dst: serving keeps its busy rows first."""
+        n = int(self.lengths[src])
+        for layer in self._layers:
+            layer.k[dst, :, :n] = layer.k[src, :, :n]
+            layer.v[dst, :, :n] = layer.v[src, :, :n]
+        self.lengths[dst] = n
+
+    def reset(self, row):                                  # forget row's positions; its buffers are overwritten as it refills
+        self.lengths[row] = 0
+
     def advance(self, n):
-        """Called by forward once every layer has appended its n new positions."""
-        self.pos += n
+        """Called by forward once every layer has appended its n new positions to every row."""
+        self.lengths += n
 
 
 class LayerCache:
     def __init__(self, owner, k, v):
         self.owner, self.k, self.v = owner, k, v
 
-    def append(self, k, v):                                # [B, H, T, D] x2 -> [B, H, pos + T, D] x2 (views)
-        start, end = self.owner.pos, self.owner.pos + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def append(self, k, v):                                # [B, H, T, D] x2 -> keys, values [B, H, S, D] (views), lengths [B]
+        """Write each row's T new positions after its own; S is the longest row's new length. Positions a
+        row does not hold (beyond its length) are stale: attention masks them by the returned lengths."""
+        starts = self.owner.lengths
+        T = k.shape[2]
+        if (starts == starts[0]).all():                    # a rectangular batch: one slice assignment
+            self.k[:, :, starts[0] : starts[0] + T] = k
+            self.v[:, :, starts[0] : starts[0] + T] = v
+        else:
+            for b, start in enumerate(starts):
+                self.k[b, :, start : start + T] = k[b]
+                self.v[b, :, start : start + T] = v[b]
+        ends = starts + T
+        S = int(ends.max())
+        return self.k[:, :, :S], self.v[:, :, :S], ends

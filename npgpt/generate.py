@@ -60,6 +60,59 @@ def _decode(model, ids, max_new_tokens, sampling, rng, stop_token, n_choices, ti
         step = token[:, None]
 
 
+class Continuation:
+    """One prompt being continued in a ragged batch: its own sampling, generator, limits and output."""
+
+    def __init__(self, ids, max_new_tokens, sampling, rng, stop_token, n_ctx):
+        self.ids, self.max_new_tokens, self.sampling, self.rng = ids, max_new_tokens, sampling, rng
+        self.stop_token, self.n_ctx = stop_token, n_ctx
+        self.new = []
+
+    def take(self, logits):                                # [V] logits of the next position -> the chosen id
+        token = int(sample(logits[None], self.rng, *self.sampling)[0])
+        self.new.append(token)
+        return token
+
+    @property
+    def done(self):                                        # max_new_tokens reached, the stop token, or the context full
+        return (len(self.new) >= self.max_new_tokens or bool(self.new and self.new[-1] == self.stop_token)
+                or len(self.ids) + len(self.new) - 1 >= self.n_ctx)   # the cache holds prompt + new - 1 positions
+
+
+def generate_ragged(model, prompts, *, max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seeds=None,
+                    stop_token=EOT, n_choices=None):       # list of [T_i] ids -> list of lists of new ids
+    """Continue prompts of different lengths together; each gets exactly what it would get alone.
+    Each prompt is prefilled alone into its own cache row; then every unfinished row advances one token
+    per batched decode step, at its own position, attending only to its own keys. A finished row
+    leaves at once: the last busy row moves into its place, so the busy rows stay 0..n-1 and the
+    decode step never computes on a finished or padded row. seeds: one per prompt (None: fresh)."""
+    check_sampling(temperature, top_k, top_p)
+    max_new_tokens = check_count("max_new_tokens", max_new_tokens)
+    seeds = [None] * len(prompts) if seeds is None else seeds
+    rows = [Continuation(ids, max_new_tokens, (temperature, top_k, top_p), np.random.default_rng(check_seed(seed)),
+                         stop_token, model.config.n_ctx) for ids, seed in zip(prompts, seeds)]
+    if max_new_tokens == 0:
+        return [r.new for r in rows]
+    cache = model.new_cache(batch=len(rows))
+    for i, row in enumerate(rows):                         # prefill: each prompt alone, into its own row
+        row.take(model.forward(row.ids[None], cache=cache.rows(i, i + 1), last=True)[0, -1, :n_choices])
+    busy = list(range(len(rows)))                          # busy[i]: the prompt in cache row i
+    while True:
+        for i in reversed(range(len(busy))):               # finished rows leave; the last busy row takes their place
+            if rows[busy[i]].done:
+                last = len(busy) - 1
+                if i != last:
+                    cache.move(last, i)
+                    busy[i] = busy[last]
+                busy.pop()
+        if not busy:
+            return [r.new for r in rows]
+        step = np.array([[rows[j].new[-1]] for j in busy])                                      # [n, 1]
+        logits = model.forward(step, cache=cache.rows(0, len(busy)), last=True)[:, -1, :n_choices]   # [n, V]
+        for i, j in enumerate(busy):
+            rows[j].take(logits[i])
+
+
 def detokenize(tokens, enc):                               # token ids -> text pieces
     """Yield text as soon as the tokens' bytes form complete UTF-8 characters (a character can span tokens)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -34,21 +34,28 @@ def linear(x, weight, bias):                               # [..., in], [in, out
     return x @ dequantize(weight) + bias                   # bf16/int8 weights: back to float32 first (npgpt.quant)
 
 
-def causal_mask(T, S):                                     # -> [T, S]; the T queries are the last T of S positions
-    return np.triu(np.full((T, S), -np.inf, dtype=np.float32), k=S - T + 1)
+def causal_mask(T, S, lengths=None):                       # -> [T, S], or [B, 1, T, S] for rows of their own lengths [B]
+    """0 where a query may look, -inf elsewhere. The T queries are the last T positions of each row's
+    length (all S without lengths): query t of a row of length n sees keys 0 .. n - T + t."""
+    if lengths is None:
+        return np.triu(np.full((T, S), -np.inf, dtype=np.float32), k=S - T + 1)
+    last_seen = np.asarray(lengths)[:, None, None, None] - T + np.arange(T)[:, None]   # [B, 1, T, 1]
+    return np.where(np.arange(S) <= last_seen, np.float32(0.0), np.float32(-np.inf))
 
 
-def attention_weights(q, k):                               # [B, H, T, D], [B, H, S, D] -> [B, H, T, S], rows sum to 1
+def attention_weights(q, k, lengths=None):                 # [B, H, T, D], [B, H, S, D] (, [B]) -> [B, H, T, S], rows sum to 1
     scores = np.einsum("bhtd,bhsd->bhts", q, k, optimize=True) / math.sqrt(q.shape[-1])
-    return softmax(scores + causal_mask(q.shape[2], k.shape[2]))
+    return softmax(scores + causal_mask(q.shape[2], k.shape[2], lengths))
 
 
 def dropout(x, mask):                                      # [...], None or a mask [...] -> [...]
     return x if mask is None else x * mask
 
 
-def attention(q, k, v, mask=None):                         # [B, H, T, D], [B, H, S, D] x2 (, mask [B, H, T, S]) -> [B, H, T, D]
-    return np.einsum("bhts,bhsd->bhtd", dropout(attention_weights(q, k), mask), v, optimize=True)
+def attention(q, k, v, mask=None, lengths=None):           # [B, H, T, D], [B, H, S, D] x2 -> [B, H, T, D]
+    """mask: dropout on the probabilities [B, H, T, S] (training). lengths [B]: each row's own length
+    (keys beyond it are not the row's and get no weight); None: every row holds all S."""
+    return np.einsum("bhts,bhsd->bhtd", dropout(attention_weights(q, k, lengths), mask), v, optimize=True)
 
 
 def lm_head(x, weight):                                    # [..., C], [V, C] -> [..., V]
@@ -112,9 +119,10 @@ def merge_heads(x):                                        # [B, H, T, D] -> [B,
 
 def self_attention(x, c_attn, c_proj, *, n_head, ops, kv=None, drop=NO_DROPOUT):   # [B, T, C] -> [B, T, C]
     q, k, v = split_heads(ops.linear(x, **c_attn), n_head)        # [B, T, 3C] -> 3 x [B, H, T, D]
+    lengths = None
     if kv is not None:
-        k, v = kv.append(k, v)                                    # 2 x [B, H, past + T, D]
-    a = ops.attention(q, k, v, mask=drop.mask(drop.attn, q.shape[:3] + k.shape[2:3]))
+        k, v, lengths = kv.append(k, v)                           # 2 x [B, H, longest past + T, D], [B] row lengths
+    a = ops.attention(q, k, v, mask=drop.mask(drop.attn, q.shape[:3] + k.shape[2:3]), lengths=lengths)
     return ops.linear(merge_heads(a), **c_proj)
 
 
@@ -135,9 +143,10 @@ def forward(params, ids, cfg, ops=REFERENCE, cache=None, last=False, drop=NO_DRO
     With a KVCache, `ids` continue the sequence the cache holds. `drop`: a Dropout, for training."""
     if cache is not None:
         cache.check(cfg)                                   # another model's cache: a clear error, not a NumPy one
-    past = 0 if cache is None else cache.pos
-    ids, one_sequence = check_ids(ids, cfg, past=past, batch=None if cache is None else cache.batch)   # [B, T]
-    x = params["wte"]["weight"][ids] + params["wpe"]["weight"][past : past + ids.shape[1]]         # [B, T, C]
+    past = np.zeros(1, np.int64) if cache is None else cache.lengths                            # [B] (or [1]) per row
+    ids, one_sequence = check_ids(ids, cfg, past=int(past.max()), batch=None if cache is None else cache.batch)   # [B, T]
+    positions = past[:, None] + np.arange(ids.shape[1])                                        # [B, T]: each row goes on from its own length
+    x = params["wte"]["weight"][ids] + params["wpe"]["weight"][positions]                      # [B, T, C]
     x = dropout(x, drop.mask(drop.embd, x.shape))
     for i, layer in enumerate(params["h"]):
         x = block(x, **layer, n_head=cfg.n_head, eps=cfg.eps, ops=ops, kv=None if cache is None else cache.layer(i), drop=drop)

@@ -92,9 +92,10 @@ def test_decode_attention_reads_the_kv_cache_in_place():
     layer.append(randn(2, 6, 30, 10), randn(2, 6, 30, 10))
     cache.advance(30)
     q = randn(2, 6, 1, 10)
-    k, v = layer.append(randn(2, 6, 1, 10), randn(2, 6, 1, 10))
+    k, v, lengths = layer.append(randn(2, 6, 1, 10), randn(2, 6, 1, 10))
     assert attention.contiguous_keys(k) is layer.k             # no copy of the cache
-    assert max_rel_err(attention.attention(q, k, v), spec.attention(q, k, v)) < TOL
+    assert lengths.tolist() == [31, 31]
+    assert max_rel_err(attention.attention(q, k, v, lengths=lengths), spec.attention(q, k, v)) < TOL
 
 
 def test_kernel_table_replaces_every_op():
