@@ -18,3 +18,23 @@ def test_a_result_above_its_bound_says_the_bound_was_measured_low():
 def test_a_result_within_its_bound_has_no_note():
     text = bench.table(report(50.0, 100.0))
     assert "| 50% |" in text and "measured low" not in text
+
+
+def test_train_table_reports_ratio_to_torch_and_peak_memory():
+    from npgpt import bench_train
+
+    rows = [{"model": "tiny", "params": 16e6, "backend": b, "threads": 2, "batch": 4, "seq": 256, "tokens_per_s": t,
+             "std": 1.0, "bound": 2000.0, "peak_rss_mb": 1024.0} for b, t in (("numba", 1500.0), ("torch", 1000.0))]
+    text = bench_train.table({"results": rows, "ceilings": {"sgemm_gflops": 190.0}, "machine": {"threads": 2},
+                              "torch": "torch x"})
+    assert "| tiny | 16.00 M | numba | 2 | 4 | 256 | 1500.0 ± 1.0 | 75% | 1.00 GiB |" in text
+    assert "tiny b4 T256: 1.50x" in text
+
+
+def test_bench_train_refuses_options_that_do_not_apply(capsys):
+    from npgpt import cli
+
+    assert cli.main(["bench", "--train", "--weights", "x.safetensors"]) != 0
+    assert "--weights and --weights-dtype do not apply" in capsys.readouterr().err
+    assert cli.main(["bench", "--config", "gpt2,tiny"]) != 0
+    assert "takes one config" in capsys.readouterr().err
