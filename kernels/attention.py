@@ -94,7 +94,6 @@ def softmax_backward_rows(p, dp, scale):                   # [T, S] probabilitie
 
 
 def _backward_band(dout, q, k, v, scale, dq, dk, dv, mask=None):   # [n, T, D] x2, [n, S, D] x2 -> dq, dk, dv for n heads
-    T, S = q.shape[1], k.shape[1]
     for h in range(q.shape[0]):
         p = q[h] @ k[h].T                                  # [T, S], recomputed as the spec does
         causal_softmax_rows(p[None], scale)

@@ -1,7 +1,6 @@
 """The public object: a GPT-2 model = params + Config + a backend's op table."""
 
 import contextlib
-import itertools
 import os
 
 import numpy as np
@@ -12,10 +11,10 @@ from . import backward, optim, quant
 from .cache import KVCache
 from .config import Config, preset
 from .errors import CheckpointError, InputError
-from .generate import Timings, detokenize, generate_ids, generate_ragged, stop_at
+from .generate import Timings, generate_ids, generate_ragged, text_pieces
 from .inputs import check_ids, check_seed
 from .model import REFERENCE, Dropout, cross_entropy, forward
-from .tokenizer import EOT, encode, get_encoding
+from .tokenizer import encode, get_encoding
 
 BACKENDS = ("numpy", "numba")
 
@@ -210,8 +209,7 @@ class Model:
                               top_p=top_p, seeds=[check_seed(s) for s in seeds], n_choices=get_encoding().n_vocab if text else None)
         if not text:
             return new
-        return ["".join(stop_at(detokenize(itertools.takewhile(lambda t: t != EOT, tokens), get_encoding()), stops))
-                for tokens in new]
+        return ["".join(text_pieces(tokens, get_encoding(), stops)) for tokens in new]
 
     def _one_sequence(self, prompt, i):                    # prompt i of a list: text or ids [T] -> checked int64 [T]
         try:
@@ -230,8 +228,7 @@ class Model:
         _, steps, kind = self._tokens(prompt, max_new_tokens, temperature, top_k, top_p, seed, timings, True)
         if kind == "batch":
             raise InputError("stream() takes one sequence; use generate() for a batch")
-        tokens = itertools.takewhile(lambda t: t != EOT, (int(t[0]) for t in steps))
-        return stop_at(detokenize(tokens, get_encoding()), stops)
+        return text_pieces((int(t[0]) for t in steps), get_encoding(), stops)
 
 
 def dropout_masks(dropout, rng):                           # probability or (embd, attn, resid), Generator or seed -> Dropout

@@ -113,34 +113,69 @@ def generate_ragged(model, prompts, *, max_new_tokens=20, temperature=1.0, top_k
             rows[j].take(logits[i])
 
 
-def detokenize(tokens, enc):                               # token ids -> text pieces
-    """Yield text as soon as the tokens' bytes form complete UTF-8 characters (a character can span tokens)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for t in tokens:
-        piece = decoder.decode(enc.decode_single_token_bytes(int(t)))
+class TextOut:
+    """Token ids pushed one at a time -> text safe to show now: complete UTF-8 characters (a character
+    can span tokens), holding back only what could still be the start of a stop string. `stopped`
+    turns True at <|endoftext|> or a stop string; text from there on is never released."""
+
+    def __init__(self, enc, stops=(), stop_token=EOT):
+        self.enc, self.stops, self.stop_token = enc, list(stops), stop_token
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.held = ""
+        self.stopped = False
+
+    def push(self, token):                                 # -> text released by this token ("" while held back)
+        if self.stopped:
+            return ""
+        if token == self.stop_token:
+            return self.finish()
+        return self.add_text(self.decoder.decode(self.enc.decode_single_token_bytes(int(token))))
+
+    def finish(self):                                      # the end of the tokens: release what was held
+        if self.stopped:
+            return ""
+        text = self.add_text(self.decoder.decode(b"", final=True))
+        if self.stopped:                                   # the decoder's tail completed a stop string
+            return text
+        self.stopped, rest, self.held = True, self.held, ""
+        return text + rest
+
+    def add_text(self, piece):                             # text already decoded -> text released now
+        self.held += piece
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, out, self.held = True, self.held[: min(hits)], ""
+            return out
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        return out
+
+
+def text_pieces(tokens, enc, stops=(), stop_token=EOT):   # token ids -> text pieces, ending at stop_token or a stop string
+    out = TextOut(enc, stops, stop_token)
+    for token in tokens:
+        piece = out.push(token)
         if piece:
             yield piece
-    tail = decoder.decode(b"", final=True)
+        if out.stopped:
+            return
+    tail = out.finish()
     if tail:
         yield tail
 
 
+def detokenize(tokens, enc):                               # token ids -> text pieces, every id decoded
+    return text_pieces(tokens, enc, stop_token=None)
+
+
 def stop_at(pieces, stops):                                # text pieces -> text pieces, ending before the first stop string
-    """Hold back only text that could still be the start of a stop string; stop the source at a match."""
-    if not stops:
-        yield from pieces
-        return
-    held = ""
+    out = TextOut(None, stops)
     for piece in pieces:
-        held += piece
-        hits = [i for i in (held.find(s) for s in stops) if i >= 0]
-        if hits:
-            if min(hits):
-                yield held[: min(hits)]
+        released = out.add_text(piece)
+        if released:
+            yield released
+        if out.stopped:
             return
-        keep = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
-        if len(held) > keep:
-            yield held[: len(held) - keep]
-            held = held[len(held) - keep :]
-    if held:
-        yield held
+    tail = out.finish()
+    if tail:
+        yield tail

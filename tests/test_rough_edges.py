@@ -161,6 +161,21 @@ def test_stop_strings_split_across_pieces():
     assert list(stop_at(iter(["x"]), [])) == ["x"]
 
 
+def test_text_out_releases_held_text_at_the_end_of_text_token_and_never_after_a_stop():
+    from npgpt.generate import TextOut
+    enc = npgpt.get_encoding()
+    out = TextOut(enc, stops=["cd"])
+    pieces = [out.push(t) for t in enc.encode("ab c")]
+    assert "".join(pieces) == "ab " and not out.stopped       # "c" held: it may start "cd"
+    assert out.push(50256) == "c" and out.stopped             # <|endoftext|>: the held text is released
+    assert out.push(enc.encode("x")[0]) == "" and out.finish() == ""
+    out = TextOut(enc, stops=["lo w"])
+    assert "".join(out.push(t) for t in enc.encode("hello world")) == "hel" and out.stopped
+    smile = enc.encode("🙂")                                   # one character over two byte tokens
+    out = TextOut(enc)
+    assert len(smile) == 2 and [out.push(t) for t in smile] == ["", "🙂"]
+
+
 def test_bad_stop_argument(tiny):
     with pytest.raises(InputError, match="stop must be a non-empty string"):
         tiny.generate("a", stop=[""])
