@@ -79,13 +79,48 @@ class Continuation:
                 or len(self.ids) + len(self.new) - 1 >= self.n_ctx)   # the cache holds prompt + new - 1 positions
 
 
+class Slots:
+    """max_batch rows of one KV cache and the continuations in rows 0..n-1 (continuous batching).
+    A continuation is prefilled alone into the next free row; `step` advances every busy row one token
+    in one batched forward, each row at its own position, attending only to its own keys. A finished
+    row leaves at once and the last busy row moves into its place, so the busy rows stay 0..n-1 and
+    no step ever computes on a finished or padded row."""
+
+    def __init__(self, model, max_batch, n_choices=None):
+        self.model, self.max_batch, self.n_choices = model, max_batch, n_choices
+        self.cache = model.new_cache(batch=max_batch)
+        self.busy = []                                     # busy[i]: the continuation in cache row i
+
+    def add(self, row):                                    # prefill row.ids into the next free row; row takes its first token
+        i = len(self.busy)
+        self.cache.reset(i)
+        logits = self.model.forward(row.ids[None], cache=self.cache.rows(i, i + 1), last=True)   # [1, 1, V]
+        self.busy.append(row)
+        row.take(logits[0, -1, : self.n_choices])
+
+    def step(self):                                        # every busy row: one more token
+        step = np.array([[row.new[-1]] for row in self.busy])                                    # [n, 1]
+        logits = self.model.forward(step, cache=self.cache.rows(0, len(self.busy)), last=True)    # [n, 1, V]
+        for row, row_logits in zip(self.busy, logits[:, -1, : self.n_choices]):
+            row.take(row_logits)
+
+    def drop_finished(self):                               # -> the continuations that left
+        left = []
+        for i in reversed(range(len(self.busy))):
+            if self.busy[i].done:
+                left.append(self.busy[i])
+                last = len(self.busy) - 1
+                if i != last:                              # the last busy row takes the free place
+                    self.cache.move(last, i)
+                    self.busy[i] = self.busy[last]
+                self.busy.pop()
+        return left
+
+
 def generate_ragged(model, prompts, *, max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seeds=None,
                     stop_token=EOT, n_choices=None):       # list of [T_i] ids -> list of lists of new ids
-    """Continue prompts of different lengths together; each gets exactly what it would get alone.
-    Each prompt is prefilled alone into its own cache row; then every unfinished row advances one token
-    per batched decode step, at its own position, attending only to its own keys. A finished row
-    leaves at once: the last busy row moves into its place, so the busy rows stay 0..n-1 and the
-    decode step never computes on a finished or padded row. seeds: one per prompt (None: fresh)."""
+    """Continue prompts of different lengths together (Slots); each gets exactly what it would get alone.
+    seeds: one per prompt (None: fresh entropy)."""
     check_sampling(temperature, top_k, top_p)
     max_new_tokens = check_count("max_new_tokens", max_new_tokens)
     seeds = [None] * len(prompts) if seeds is None else seeds
@@ -93,24 +128,14 @@ def generate_ragged(model, prompts, *, max_new_tokens=20, temperature=1.0, top_k
                          stop_token, model.config.n_ctx) for ids, seed in zip(prompts, seeds)]
     if max_new_tokens == 0:
         return [r.new for r in rows]
-    cache = model.new_cache(batch=len(rows))
-    for i, row in enumerate(rows):                         # prefill: each prompt alone, into its own row
-        row.take(model.forward(row.ids[None], cache=cache.rows(i, i + 1), last=True)[0, -1, :n_choices])
-    busy = list(range(len(rows)))                          # busy[i]: the prompt in cache row i
-    while True:
-        for i in reversed(range(len(busy))):               # finished rows leave; the last busy row takes their place
-            if rows[busy[i]].done:
-                last = len(busy) - 1
-                if i != last:
-                    cache.move(last, i)
-                    busy[i] = busy[last]
-                busy.pop()
-        if not busy:
-            return [r.new for r in rows]
-        step = np.array([[rows[j].new[-1]] for j in busy])                                      # [n, 1]
-        logits = model.forward(step, cache=cache.rows(0, len(busy)), last=True)[:, -1, :n_choices]   # [n, V]
-        for i, j in enumerate(busy):
-            rows[j].take(logits[i])
+    slots = Slots(model, len(rows), n_choices)
+    for row in rows:
+        slots.add(row)
+    slots.drop_finished()
+    while slots.busy:
+        slots.step()
+        slots.drop_finished()
+    return [r.new for r in rows]
 
 
 class TextOut:

@@ -1,0 +1,187 @@
+"""The continuous-batching engine: one thread owns the model and --max-batch KV-cache rows.
+
+HTTP handlers only `submit` requests and read their events. The engine thread loops: admit waiting
+requests into free rows (each prefilled alone), run one batched decode step over every busy row,
+hand each request its token, and let finished or cancelled rows leave at once (npgpt.generate.Slots).
+Each request keeps its own sampling parameters, generator (seed), stop strings and max_tokens, so
+its text is exactly what it would get alone. Waiting requests queue up to --max-queue; beyond that
+`submit` raises QueueFull at once (HTTP 429).
+"""
+
+import collections
+import dataclasses
+import math
+import threading
+import time
+
+import numpy as np
+
+from ..errors import NpgptError
+from ..generate import Continuation, Slots, TextOut
+from ..tokenizer import EOT, get_encoding
+
+
+class QueueFull(NpgptError):
+    """Every slot is busy and the waiting queue is at its limit."""
+
+
+@dataclasses.dataclass
+class Sampling:
+    """One request's generation settings (checked by the HTTP layer before they get here)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = None
+    stop: tuple = ()
+    logprobs: int = None                                   # None: none; k: the chosen token's logprob and the top k
+
+
+@dataclasses.dataclass
+class Token:                                               # an event: one generated token
+    id: int
+    text: str                                              # the text this token releases ("" while held back)
+    logprob: float = None
+    top: list = None                                       # [(id, logprob)] best first, when logprobs were asked for
+
+
+@dataclasses.dataclass
+class Done:                                                # the last event of a request
+    finish_reason: str                                     # "stop" | "length" | "cancelled" | "error"
+    text: str = ""                                         # text released at the end (held back until then)
+    error: str = None
+
+
+def log_softmax(logits):                                   # [V] -> [V] float64
+    z = logits.astype(np.float64)
+    z -= z.max()
+    return z - math.log(np.exp(z).sum())
+
+
+class Request(Continuation):
+    """A submitted prompt: what it needs to continue, and a sink its events go to, in order."""
+
+    def __init__(self, ids, sampling, sink, n_ctx):
+        super().__init__(np.asarray(ids, dtype=np.int64), sampling.max_tokens,
+                         (sampling.temperature, sampling.top_k, sampling.top_p), np.random.default_rng(sampling.seed), EOT, n_ctx)
+        self.params, self.sink = sampling, sink
+        self.text = TextOut(get_encoding(), sampling.stop)
+        self.cancelled = self.failed = False
+        self.submitted = time.perf_counter()
+        self.token_times = []                              # perf_counter at each token: TTFT and inter-token latency
+
+    def take(self, logits):
+        token = super().take(logits)
+        self.token_times.append(time.perf_counter())
+        event = Token(token, self.text.push(token))
+        if self.params.logprobs is not None:
+            lp = log_softmax(logits)
+            event.logprob = float(lp[token])
+            best = np.argsort(-lp, kind="stable")[: self.params.logprobs]
+            event.top = [(int(i), float(lp[i])) for i in best]
+        self.sink(event)
+        return token
+
+    @property
+    def done(self):
+        return self.cancelled or self.text.stopped or super().done
+
+    def finish_reason(self):                               # "stop": <|endoftext|> or a stop string; "length": max_tokens or the context
+        if self.cancelled:
+            return "cancelled"
+        return "stop" if self.text.stopped else "length"
+
+    def cancel(self):                                      # any thread: the engine drops the row at its next step
+        self.cancelled = True
+
+
+class Engine:
+    """Owns the model; serves submitted requests in a thread of its own. `observer` (optional) gets
+    observer.started(request), .finished(request, reason) and .step(busy, waiting) calls."""
+
+    def __init__(self, model, max_batch=8, max_queue=64, observer=None):
+        self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+        self.slots = Slots(model, max_batch, n_choices=get_encoding().n_vocab)
+        self.waiting = collections.deque()
+        self.wake = threading.Condition()
+        self.observer = observer
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="npgpt-engine", daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def submit(self, ids, sampling, sink):                 # -> Request; its events go to sink(event) from the engine thread
+        request = Request(ids, sampling, sink, self.model.config.n_ctx)
+        with self.wake:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"all {self.max_batch} slots are busy and {len(self.waiting)} requests are waiting (--max-queue)")
+            self.waiting.append(request)
+            self.wake.notify()
+        return request
+
+    def stop(self, timeout=None):
+        """Stop taking requests; requests in flight or waiting finish, then the thread ends."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join(timeout)
+
+    @property
+    def busy(self):
+        return len(self.slots.busy)
+
+    @property
+    def queued(self):
+        return len(self.waiting)
+
+    def _run(self):
+        while True:
+            with self.wake:
+                while not self.waiting and not self.slots.busy and not self.stopping:
+                    self.wake.wait()
+                if self.stopping and not self.waiting and not self.slots.busy:
+                    return
+                admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.slots.busy)))]
+            for request in admitted:
+                self._guarded(request, lambda r=request: self.slots.add(r))
+            self._leave()
+            if self.slots.busy:
+                try:
+                    self.slots.step()
+                except Exception as e:                     # noqa: BLE001 (a failed step ends its requests, not the server)
+                    for request in list(self.slots.busy):
+                        self._fail(request, e)
+                self._leave()
+            if self.observer:
+                self.observer.step(len(self.slots.busy), len(self.waiting))
+
+    def _guarded(self, request, fn):
+        if request.cancelled:
+            request.sink(Done("cancelled"))
+            return
+        if self.observer:
+            self.observer.started(request)
+        try:
+            fn()
+        except Exception as e:                             # noqa: BLE001
+            self._fail(request, e)
+
+    def _fail(self, request, error):                       # the request ends with an error event; its row leaves
+        request.cancelled = request.failed = True
+        request.sink(Done("error", error=str(error) if isinstance(error, NpgptError) else f"{type(error).__name__}: {error}"))
+        if self.observer:
+            self.observer.finished(request, "error")
+
+    def _leave(self):
+        for request in self.slots.drop_finished():
+            if request.failed:                             # its error event is already out
+                continue
+            reason = request.finish_reason()
+            request.sink(Done(reason, text="" if request.cancelled else request.text.finish()))
+            if self.observer:
+                self.observer.finished(request, reason)
