@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from . import weights as weight_io
@@ -81,6 +82,29 @@ def cmd_generate(args):
             print(piece, end="", flush=True)
         print()
     print(f"npgpt: {timings.summary()}", file=sys.stderr)
+
+
+def cmd_serve(args):
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+    except ImportError as e:
+        raise NpgptError(f"npgpt serve needs the serve extra ({e.name} is missing): pip install 'npgpt[serve]'") from None
+    from .serve.engine import Engine
+
+    for name in ("max_batch", "max_queue", "port"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    with api.threads(args.threads):
+        model = _model(args)
+        name = args.model_name or (os.path.basename(os.path.normpath(args.weights)).removesuffix(".safetensors")
+                                   if args.weights else f"{args.config}-random")
+        engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue)
+        print(f"npgpt: serving {name!r} ({model.backend}, {model.weights}) on http://{args.host}:{args.port}/v1 "
+              f"with {args.max_batch} slots, queue {args.max_queue}", file=sys.stderr)
+        uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=args.shutdown_timeout)
 
 
 def cmd_train(args):
@@ -250,6 +274,18 @@ def build_parser():
     b.add_argument("--json", help="also write the report as JSON to this file")
     b.add_argument("--compare", choices=["torch"], help="also run transformers' GPT-2 in PyTorch on the same weights")
     b.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible completions server with continuous batching")
+    model_args(sv, backend="numba")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=8, help="KV-cache slots: requests decoded together (default 8)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    sv.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name)")
+    sv.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
+    sv.add_argument("--shutdown-timeout", type=float, default=30, help="seconds in-flight requests get on SIGTERM (default 30)")
+    sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("train", help="pretrain a GPT-2 on a text, or fine-tune a checkpoint; resumable")
     t.add_argument("--data", help="UTF-8 text file, or a directory of .txt files")

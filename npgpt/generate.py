@@ -94,9 +94,12 @@ class Slots:
     def add(self, row):                                    # prefill row.ids into the next free row; row takes its first token
         i = len(self.busy)
         self.cache.reset(i)
-        logits = self.model.forward(row.ids[None], cache=self.cache.rows(i, i + 1), last=True)   # [1, 1, V]
+        every = getattr(row, "score_prompt", False)        # every position's logits (scoring the prompt), or the last only
+        logits = self.model.forward(row.ids[None], cache=self.cache.rows(i, i + 1), last=not every)[0, :, : self.n_choices]
         self.busy.append(row)
-        row.take(logits[0, -1, : self.n_choices])
+        if every:
+            row.prompt_scores(logits[:-1])                 # [T - 1, V]: position t predicts prompt token t + 1
+        row.take(logits[-1])
 
     def step(self):                                        # every busy row: one more token
         step = np.array([[row.new[-1]] for row in self.busy])                                    # [n, 1]

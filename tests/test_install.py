@@ -97,23 +97,28 @@ def test_python_dash_m_ignores_weights_and_kernels_modules_in_the_working_dir(tm
 
 def test_run_time_code_imports_only_declared_packages():
     """Module-level imports of the installed packages are the standard library, npgpt itself, or a package
-    setup.cfg declares at run time (safetensors is only a test tool; torch/transformers load lazily)."""
+    setup.cfg declares at run time (safetensors is only a test tool; torch/transformers load lazily). The
+    server's HTTP modules (npgpt/serve/, imported only by `npgpt serve`) may import the `serve` extra."""
     import ast
     import configparser
 
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(REPO, "setup.cfg"))
     declared = {line.split(">")[0].split("=")[0].strip() for line in cfg["options"]["install_requires"].split("\n") if line.strip()}
+    serve = {line.split(">")[0].strip().replace("-", "_") for line in cfg["options.extras_require"]["serve"].split("\n") if line.strip()}
     allowed = declared | {"tiktoken_ext"} | set(sys.stdlib_module_names) | {"npgpt"}
     found = {}
     for folder in ("npgpt", "kernels", "weights"):
         for root, _, files in os.walk(os.path.join(REPO, folder)):
             for name in (f for f in files if f.endswith(".py")):
+                path = os.path.relpath(os.path.join(root, name), REPO)
                 tree = ast.parse(open(os.path.join(root, name)).read())
                 for node in tree.body:                     # module level only: lazy imports inside functions are extras
                     if isinstance(node, ast.Import):
-                        found.update({a.name.split(".")[0]: name for a in node.names})
+                        found.update({(a.name.split(".")[0], path): name for a in node.names})
                     elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                        found[node.module.split(".")[0]] = name
-    assert {m: f for m, f in found.items() if m not in allowed} == {}
+                        found[(node.module.split(".")[0], path)] = name
+    extra = lambda m, path: path.startswith(os.path.join("npgpt", "serve")) and m in serve and not path.endswith("engine.py")
+    assert {m: path for m, path in found if m not in allowed and not extra(m, path)} == {}
+    assert {m for m, path in found if extra(m, path)} == {"fastapi", "prometheus_client"}   # the serve extra, nowhere else
     assert "safetensors" not in declared

@@ -36,6 +36,7 @@ class Sampling:
     seed: int = None
     stop: tuple = ()
     logprobs: int = None                                   # None: none; k: the chosen token's logprob and the top k
+    echo: bool = False                                     # with logprobs: score the prompt's tokens too
 
 
 @dataclasses.dataclass
@@ -44,6 +45,12 @@ class Token:                                               # an event: one gener
     text: str                                              # the text this token releases ("" while held back)
     logprob: float = None
     top: list = None                                       # [(id, logprob)] best first, when logprobs were asked for
+
+
+@dataclasses.dataclass
+class PromptScores:                                        # an event before the first token (echo with logprobs)
+    logprobs: list                                         # per prompt token: None for the first, then its logprob
+    top: list                                              # per prompt token: None, then [(id, logprob)] best first
 
 
 @dataclasses.dataclass
@@ -71,15 +78,25 @@ class Request(Continuation):
         self.submitted = time.perf_counter()
         self.token_times = []                              # perf_counter at each token: TTFT and inter-token latency
 
+    @property
+    def score_prompt(self):                                # Slots.add computes every prompt position's logits
+        return self.params.echo and self.params.logprobs is not None
+
+    def prompt_scores(self, logits):                       # [T - 1, V]
+        scored = [self._scores(row, int(token)) for row, token in zip(logits, self.ids[1:])]
+        self.sink(PromptScores([None] + [lp for lp, _ in scored], [None] + [top for _, top in scored]))
+
+    def _scores(self, logits, token):                      # -> (logprob of token, top alternatives)
+        lp = log_softmax(logits)
+        best = np.argsort(-lp, kind="stable")[: self.params.logprobs]
+        return float(lp[token]), [(int(i), float(lp[i])) for i in best]
+
     def take(self, logits):
         token = super().take(logits)
         self.token_times.append(time.perf_counter())
         event = Token(token, self.text.push(token))
         if self.params.logprobs is not None:
-            lp = log_softmax(logits)
-            event.logprob = float(lp[token])
-            best = np.argsort(-lp, kind="stable")[: self.params.logprobs]
-            event.top = [(int(i), float(lp[i])) for i in best]
+            event.logprob, event.top = self._scores(logits, token)
         self.sink(event)
         return token
 
@@ -107,6 +124,7 @@ class Engine:
         self.wake = threading.Condition()
         self.observer = observer
         self.stopping = False
+        self.created = time.time()
         self.thread = threading.Thread(target=self._run, name="npgpt-engine", daemon=True)
 
     def start(self):
