@@ -93,6 +93,13 @@ def test_streamed_completion_equals_the_plain_one(server, model):
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
 
+def test_stream_usage_chunk(server):
+    chunks = list(server.client.completions.create(model=NAME, prompt=[1, 2, 3], max_tokens=4, temperature=0, stream=True,
+                                                   stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == 3
+    assert chunks[-1].usage.completion_tokens == 4 or chunks[-2].choices[0].finish_reason == "stop"
+
+
 def test_token_id_prompts_lists_and_n(server, model):
     r = server.client.completions.create(model=NAME, prompt=[[10, 20, 30], [7]], max_tokens=5, temperature=0.9, n=2, seed=11)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
