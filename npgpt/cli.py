@@ -183,16 +183,37 @@ def cmd_bench(args):
             import transformers  # noqa: F401
         except ImportError as e:
             raise NpgptError(f"--compare torch needs torch and transformers ({e}); pip install '.[compare]'") from None
+    if args.train and args.serve:
+        raise InputError("--train and --serve are separate benchmarks: choose one")
     if args.train:
         return bench_train(args)
+    if args.serve:
+        return bench_serve(args)
     from . import bench                                   # numba and threadpoolctl load only for the bench
 
     if args.config and len(args.config) > 1:
         raise InputError("--config: the inference bench takes one config (several are for --train)")
-    report = bench.run(weights_path=args.weights, config=(args.config or ["gpt2"])[0], backends=args.backend, prompts=args.p or [128, 512],
-                       gens=args.n, batches=args.b or [1], threads=args.t, reps=args.reps, compare=args.compare,
+    report = bench.run(weights_path=args.weights, config=(args.config or ["gpt2"])[0], backends=args.backend or ["numpy", "numba"],
+                       prompts=args.p or [128, 512],
+                       gens=args.n or [128], batches=args.b or [1], threads=args.t, reps=args.reps, compare=args.compare,
                        formats=args.weights_dtype)
     print(bench.table(report))
+    if args.json:
+        bench.dump_json(report, args.json)
+
+
+def bench_serve(args):
+    from . import bench, bench_serve
+
+    if args.config and len(args.config) > 1:
+        raise InputError("--serve: one --config")
+    backend = args.backend or ["numba"]
+    if len(backend) != 1:
+        raise InputError("--serve: one --backend (the server's)")
+    report = bench_serve.run(weights=args.weights, config=(args.config or ["gpt2"])[0], backend=backend[0],
+                             weights_dtype=args.weights_dtype[0] if args.weights_dtype != ["fp32"] else None,
+                             levels=args.clients, requests=args.requests, max_tokens=(args.n or [64])[0], threads=args.t)
+    print(bench_serve.table(report))
     if args.json:
         bench.dump_json(report, args.json)
 
@@ -202,7 +223,7 @@ def bench_train(args):
 
     if args.weights or args.weights_dtype != ["fp32"]:
         raise InputError("--train measures seeded random fp32 models at --config shapes; --weights and --weights-dtype do not apply")
-    report = bench_train.run(configs=args.config or ["gpt2", "tiny"], backends=args.backend, batches=args.b or [4],
+    report = bench_train.run(configs=args.config or ["gpt2", "tiny"], backends=args.backend or ["numpy", "numba"], batches=args.b or [4],
                              seqs=args.p or [256], threads=args.t, reps=args.reps, compare=args.compare,
                              memory=not args.no_memory)
     print(bench_train.table(report))
@@ -262,12 +283,16 @@ def build_parser():
     b.add_argument("--train", action="store_true",
                    help="training tokens/s instead (forward + backward + AdamW): -b batches (default 4), -p sequence lengths (default 256)")
     b.add_argument("--no-memory", action="store_true", help="with --train: skip the peak-memory runs (a fresh process each)")
-    b.add_argument("--backend", type=_backends, default=["numpy", "numba"], help="comma-separated (default numpy,numba)")
+    b.add_argument("--serve", action="store_true",
+                   help="load-test npgpt serve instead: --clients levels, --requests per level, -n tokens each (default 64)")
+    b.add_argument("--clients", type=_ints, default=[1, 4, 8, 16], help="with --serve: concurrent clients per level (default 1,4,8,16)")
+    b.add_argument("--requests", type=int, default=16, help="with --serve: requests per level (default 16)")
+    b.add_argument("--backend", type=_backends, help="comma-separated (default numpy,numba; --serve: numba)")
     b.add_argument("--weights-dtype", type=_formats, default=["fp32"],
                    help="comma-separated matmul weight formats for the numba backend: fp32,bf16,int8 (default fp32); "
                         "more than one also measures each one's resident memory")
     b.add_argument("-p", type=_ints, help="prompt lengths for pp tests (default 128,512)")
-    b.add_argument("-n", type=_ints, default=[128], help="tokens to decode for tg tests (default 128)")
+    b.add_argument("-n", type=_ints, help="tokens to decode for tg tests (default 128)")
     b.add_argument("-b", type=_ints, help="batch sizes (default 1)")
     b.add_argument("-t", type=int, default=None, help="threads for numba and BLAS (default: all cores)")
     b.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (default 3)")

@@ -277,3 +277,26 @@ def test_serve_flags_are_checked(capsys):
 
     assert cli.main(["serve", "--config", "tiny", "--max-batch", "0"]) == 1
     assert "--max-batch must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_serve_machinery_reports_every_level_without_errors():
+    """The load benchmark's plumbing (a real server process, streamed clients, its table); figures are not
+    asserted: performance is measured by `npgpt bench --serve`, not by tests."""
+    from npgpt import bench_serve
+
+    report = bench_serve.run(config="tiny", levels=(1, 3), requests=4, max_tokens=4, prompt_lengths=(4, 40), tg_reference=False,
+                             log=lambda m: None)
+    assert [r["clients"] for r in report["levels"]] == [1, 3]
+    for r in report["levels"]:
+        assert r["errors"] == 0 and r["lost"] == 0 and r["tokens_per_s"] > 0 and r["ttft_p50_ms"] > 0
+    text = bench_serve.table(report)
+    assert "| 3 | 4 |" in text and "3 clients" in text
+
+
+def test_bench_serve_flags(capsys):
+    from npgpt import cli
+
+    assert cli.main(["bench", "--serve", "--train"]) == 1
+    assert "separate benchmarks" in capsys.readouterr().err
+    assert cli.main(["bench", "--serve", "--backend", "numpy,numba"]) == 1
+    assert "one --backend" in capsys.readouterr().err

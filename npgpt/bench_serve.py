@@ -1,0 +1,179 @@
+"""`npgpt bench --serve`: a load test of `npgpt serve` with 1, 4, 8, 16 concurrent streaming clients.
+
+The server runs in its own process (`npgpt serve`, the seeded random model at --config shapes or
+--weights), so clients and server do not share a GIL. Each level sends the same fixed list of
+requests (mixed prompt lengths, greedy, a fixed number of new tokens, streamed); each client takes
+the next request when its last one ends. Reported per level: aggregate generated tokens/s and
+requests/s over the level's wall time, time to first token and inter-token latency (p50, p99), and
+errors and lost requests (a request that ended without its last chunk or `[DONE]`). Clients use only
+the standard library (http.client).
+"""
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+from .errors import InputError
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port, *, weights=None, config="gpt2", backend="numba", weights_dtype=None, max_batch=16, threads=None, log=print):
+    cmd = [sys.executable, "-m", "npgpt", "serve", "--port", str(port), "--max-batch", str(max_batch), "--max-queue", "256",
+           "--backend", backend, "--model-name", "bench"]
+    cmd += ["--weights", weights] if weights else ["--config", config]
+    cmd += ["--weights-dtype", weights_dtype] if weights_dtype else []
+    cmd += ["-t", str(threads)] if threads else []
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"npgpt serve did not start: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+
+
+def stream_one(port, prompt, max_tokens):
+    """One streamed completion -> (token times relative to the send, completion tokens, error or None)."""
+    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    start = time.perf_counter()
+    times, tokens, done = [], 0, False
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        if r.status != 200:
+            return [], 0, f"HTTP {r.status}: {r.read()[:200]!r}"
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                break
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return times, tokens, chunk["error"]["message"]
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                times.append(time.perf_counter() - start)
+        conn.close()
+    except OSError as e:
+        return times, tokens, f"{type(e).__name__}: {e}"
+    return times, tokens, None if done else "lost: the stream ended without [DONE]"
+
+
+def run_level(port, requests, clients, max_tokens):
+    """`clients` threads work through `requests`; -> the level's figures."""
+    results, lock, queue = [], threading.Lock(), list(enumerate(requests))
+
+    def client():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                _, prompt = queue.pop(0)
+            out = stream_one(port, prompt, max_tokens)
+            with lock:
+                results.append(out)
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ttft = [times[0] for times, _, err in results if times and not err]
+    itl = [b - a for times, _, err in results if not err for a, b in zip(times, times[1:])]
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")
+    errors = [err for _, _, err in results if err]
+    return {"clients": clients, "requests": len(requests), "wall_s": round(wall, 2),
+            "tokens_per_s": round(sum(n for _, n, err in results if not err) / wall, 2),
+            "decode_tokens_per_s": round(len(itl) / sum(itl), 2) if itl else float("nan"),   # per stream, prefill excluded
+            "requests_per_s": round(sum(1 for *_, err in results if not err) / wall, 3),
+            "ttft_p50_ms": round(1e3 * pct(ttft, 50), 1), "ttft_p99_ms": round(1e3 * pct(ttft, 99), 1),
+            "itl_p50_ms": round(1e3 * pct(itl, 50), 1), "itl_p99_ms": round(1e3 * pct(itl, 99), 1),
+            "errors": sum(1 for e in errors if not e.startswith("lost")), "lost": sum(1 for e in errors if e.startswith("lost")),
+            "first_error": errors[0] if errors else None}
+
+
+def run(*, weights=None, config="gpt2", backend="numba", weights_dtype=None, levels=(1, 4, 8, 16), requests=16,
+        max_tokens=64, prompt_lengths=(16, 256), threads=None, seed=0, tg_reference=True,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True)):
+    if requests < 1 or max_tokens < 1 or min(levels) < 1:
+        raise InputError("--serve needs at least 1 request, 1 token and 1 client per level")
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(prompt_lengths[0], prompt_lengths[1] + 1, requests)
+    prompts = [[int(t) for t in rng.integers(0, 50257, n)] for n in lengths]
+    port = _free_port()
+    log(f"starting npgpt serve ({weights or config + ' random'}, {backend}) on port {port} ...")
+    proc = start_server(port, weights=weights, config=config, backend=backend, weights_dtype=weights_dtype,
+                        max_batch=max(levels), threads=threads)
+    report = {"server": {"weights": weights or f"{config} (random)", "backend": backend, "weights_dtype": weights_dtype or "fp32",
+                         "max_batch": max(levels)},
+              "load": {"requests": requests, "max_tokens": max_tokens, "prompt_lengths": [int(x) for x in lengths]}, "levels": []}
+    try:
+        stream_one(port, prompts[0][:8], 4)                # warm-up: JIT cache, first allocations
+        for clients in levels:
+            log(f"{clients} concurrent clients, {requests} requests of {max_tokens} tokens ...")
+            report["levels"].append(run_level(port, prompts, clients, max_tokens))
+            log(f"  {report['levels'][-1]['tokens_per_s']} tokens/s")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if tg_reference:                                       # the same model's tg128 b1 in-process, after the server is gone
+        from . import bench
+
+        log("reference: npgpt bench tg128 b1 (in-process, same model) ...")
+        tg = bench.run(weights_path=weights, config=config, backends=(backend,), prompts=(), gens=(128,), batches=(1,),
+                       threads=threads, reps=3, formats=(weights_dtype or "fp32",), log=lambda m: None)
+        report["tg128_b1"] = tg["results"][0]["tokens_per_s"]
+    return report
+
+
+def table(report):
+    rows = ["| clients | requests | tokens/s | requests/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | errors | lost |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report["levels"]:
+        rows.append(f"| {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | "
+                    f"{r['ttft_p50_ms']:.0f} ms | {r['ttft_p99_ms']:.0f} ms | {r['itl_p50_ms']:.0f} ms | {r['itl_p99_ms']:.0f} ms | "
+                    f"{r['errors']} | {r['lost']} |")
+    s, load = report["server"], report["load"]
+    rows += ["", f"server: {s['weights']}, {s['backend']}, {s['weights_dtype']}, --max-batch {s['max_batch']}; each level: "
+             f"{load['requests']} streamed greedy requests of {load['max_tokens']} tokens, prompts of "
+             f"{min(load['prompt_lengths'])}-{max(load['prompt_lengths'])} tokens"]
+    by = {r["clients"]: r["tokens_per_s"] for r in report["levels"]}
+    if 1 in by:
+        rows.append("aggregate tokens/s vs 1 client: " + ", ".join(f"{c} clients {v / by[1]:.2f}x" for c, v in by.items() if c != 1))
+        one = next(r for r in report["levels"] if r["clients"] == 1)
+        if report.get("tg128_b1"):
+            rows.append(f"1 client's decode rate (1 / mean inter-token latency: {one['decode_tokens_per_s']:.1f} t/s) vs npgpt bench "
+                        f"tg128 b1 ({report['tg128_b1']:.1f} t/s, same model, in-process): "
+                        f"{one['decode_tokens_per_s'] / report['tg128_b1']:.2f}x; with prefill, 1 client makes {by[1]:.1f} t/s")
+    errors = [r["first_error"] for r in report["levels"] if r["first_error"]]
+    if errors:
+        rows.append(f"first error: {errors[0]}")
+    return "\n".join(rows)
+
