@@ -40,12 +40,16 @@ def fused_attention(q, k, v, lengths, scale):              # [B, H, T, D], [B, H
 
 
 def contiguous_keys(a):                                    # [B, H, S, D] -> C-contiguous [B, H, >=S, D] holding it
-    """A KV-cache view is the first S positions of a contiguous [B, H, n_ctx, D] buffer: hand the kernel
-    that buffer (no copy; the d-loops vectorize only on contiguous rows). Anything else is copied."""
+    """A KV-cache view is the first S positions of some rows of a contiguous [rows, H, n_ctx, D] buffer:
+    hand the kernel those rows of the buffer whole (a slice along the first axis: contiguous, no copy;
+    the d-loops vectorize only on contiguous rows). Anything else is copied."""
     buf = a.base
-    if (isinstance(buf, np.ndarray) and buf.flags.c_contiguous and buf.ndim == 4 and buf.shape[:2] == a.shape[:2]
-            and buf.shape[3] == a.shape[3] and a.strides == buf.strides and a.__array_interface__["data"][0] == buf.__array_interface__["data"][0]):
-        return buf
+    if (isinstance(buf, np.ndarray) and buf.flags.c_contiguous and buf.ndim == 4 and buf.shape[1] == a.shape[1]
+            and buf.shape[3] == a.shape[3] and a.strides == buf.strides):
+        offset = a.__array_interface__["data"][0] - buf.__array_interface__["data"][0]
+        first, rest = divmod(offset, buf.strides[0])
+        if rest == 0 and 0 <= first and first + a.shape[0] <= buf.shape[0]:
+            return buf[first : first + a.shape[0]]
     return np.ascontiguousarray(a)
 
 

@@ -84,6 +84,9 @@ def cmd_generate(args):
     print(f"npgpt: {timings.summary()}", file=sys.stderr)
 
 
+SERVE_SWITCH_INTERVAL_S = 0.0005
+
+
 def cmd_serve(args):
     try:
         import uvicorn
@@ -96,6 +99,9 @@ def cmd_serve(args):
     for name in ("max_batch", "max_queue", "port"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise InputError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    # The engine thread and the event loop share the GIL; at Python's default 5 ms switch interval each hand-off
+    # between them can stall a decode step by up to 5 ms (measured: ~30 % of single-client decode speed)
+    sys.setswitchinterval(SERVE_SWITCH_INTERVAL_S)
     with api.threads(args.threads):
         model = _model(args)
         name = args.model_name or (os.path.basename(os.path.normpath(args.weights)).removesuffix(".safetensors")

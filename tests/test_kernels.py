@@ -93,9 +93,23 @@ def test_decode_attention_reads_the_kv_cache_in_place():
     cache.advance(30)
     q = randn(2, 6, 1, 10)
     k, v, lengths = layer.append(randn(2, 6, 1, 10), randn(2, 6, 1, 10))
-    assert attention.contiguous_keys(k) is layer.k             # no copy of the cache
+    held = attention.contiguous_keys(k)
+    assert held.base is layer.k and held.shape == layer.k.shape   # no copy of the cache
     assert lengths.tolist() == [31, 31]
     assert max_rel_err(attention.attention(q, k, v, lengths=lengths), spec.attention(q, k, v)) < TOL
+
+
+def test_decode_attention_reads_a_rows_view_of_the_cache_in_place():
+    """Serving decodes rows 0..n-1 of a bigger cache (and prefills row i alone): still no copy."""
+    cache = KVCache(TINY, batch=5)
+    for first, last in ((1, 2), (0, 3)):
+        layer = cache.rows(first, last).layer(0)
+        k, v, lengths = layer.append(randn(last - first, 6, 1, 10), randn(last - first, 6, 1, 10))
+        held = attention.contiguous_keys(k)
+        assert np.shares_memory(held, cache.layer(0).k) and held.shape == (last - first, 6, TINY.n_ctx, 10)
+        assert held.__array_interface__["data"][0] == k.__array_interface__["data"][0]
+        q = randn(last - first, 6, 1, 10)
+        assert max_rel_err(attention.attention(q, k, v, lengths=lengths), spec.attention(q, k, v, lengths=lengths)) < TOL
 
 
 def test_kernel_table_replaces_every_op():
