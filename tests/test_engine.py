@@ -140,3 +140,16 @@ def test_a_failing_request_gets_an_error_and_the_engine_keeps_serving(model):
         assert good.wait().ids == model.generate([1, 2], max_new_tokens=3, temperature=0)
     finally:
         engine.stop(timeout=30)
+
+
+def test_a_request_cancelled_while_waiting_never_takes_a_row(model):
+    engine = Engine(model, max_batch=1)                    # not started yet: both wait
+    first, second = Collector(), Collector()
+    engine.submit([1, 2], Sampling(max_tokens=3, temperature=0), first)
+    engine.submit([3, 4], Sampling(max_tokens=3, temperature=0), second).cancel()
+    engine.start()
+    try:
+        assert second.wait().events == [Done("cancelled")]
+        assert first.wait().done.finish_reason == "length"
+    finally:
+        engine.stop(timeout=30)

@@ -179,8 +179,10 @@ class Engine:
                 self.observer.step(len(self.slots.busy), len(self.waiting))
 
     def _guarded(self, request, fn):
-        if request.cancelled:
+        if request.cancelled:                              # cancelled while it waited: it never takes a row
             request.sink(Done("cancelled"))
+            if self.observer:
+                self.observer.finished(request, "cancelled")
             return
         if self.observer:
             self.observer.started(request)
