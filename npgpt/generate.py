@@ -169,6 +169,8 @@ class TextOut:
         return text + rest
 
     def add_text(self, piece):                             # text already decoded -> text released now
+        if self.stopped:
+            return ""
         self.held += piece
         hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
         if hits:
@@ -185,23 +187,6 @@ def text_pieces(tokens, enc, stops=(), stop_token=EOT):   # token ids -> text pi
         piece = out.push(token)
         if piece:
             yield piece
-        if out.stopped:
-            return
-    tail = out.finish()
-    if tail:
-        yield tail
-
-
-def detokenize(tokens, enc):                               # token ids -> text pieces, every id decoded
-    return text_pieces(tokens, enc, stop_token=None)
-
-
-def stop_at(pieces, stops):                                # text pieces -> text pieces, ending before the first stop string
-    out = TextOut(None, stops)
-    for piece in pieces:
-        released = out.add_text(piece)
-        if released:
-            yield released
         if out.stopped:
             return
     tail = out.finish()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import npgpt
-from npgpt.generate import detokenize, generate_ids
+from npgpt.generate import generate_ids, text_pieces
 from npgpt.sampling import sample
 from conftest import TINY
 
@@ -78,7 +78,7 @@ def test_stream_yields_only_complete_characters():
     text = "🙂 naïve 東京 ok"
     tokens = enc.encode(text)
     assert any(len(enc.decode_single_token_bytes(t).decode("utf-8", "ignore")) == 0 for t in tokens)  # split chars
-    pieces = list(detokenize(tokens, enc))
+    pieces = list(text_pieces(tokens, enc))
     assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
 
 

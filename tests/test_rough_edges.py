@@ -155,10 +155,15 @@ def test_stop_strings_end_the_text_before_them(tiny):
 
 
 def test_stop_strings_split_across_pieces():
-    from npgpt.generate import stop_at
-    assert "".join(stop_at(iter(["he", "llo wo", "rld"]), ["o w"])) == "hell"
-    assert "".join(stop_at(iter(["ab", "c"]), ["cd"])) == "abc"    # held back "c", then released at the end
-    assert list(stop_at(iter(["x"]), [])) == ["x"]
+    from npgpt.generate import TextOut
+
+    def cut(pieces, stops):
+        out = TextOut(None, stops)
+        released = [out.add_text(p) for p in pieces]
+        return "".join(released) + out.finish()
+    assert cut(["he", "llo wo", "rld"], ["o w"]) == "hell"
+    assert cut(["ab", "c"], ["cd"]) == "abc"               # held back "c", then released at the end
+    assert cut(["x"], []) == "x"
 
 
 def test_text_out_releases_held_text_at_the_end_of_text_token_and_never_after_a_stop():
