@@ -179,11 +179,14 @@ class Model:
 
     def generate(self, prompt, max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None, timings=None):
         """Text in -> continuation text (stops before <|endoftext|> or the first of the `stop` strings);
-        ids [T] -> list of new ids; ids [B, T] -> int array [B, n]. Id outputs end with 50256 when the
-        model emitted it. `timings`: an npgpt.Timings to fill in."""
+        ids [T] -> list of new ids; ids [B, T] -> int array [B, n]; a list of prompts (strings, or id lists of
+        any lengths) -> a list, per prompt what it returns alone (seed: one for all, or one per prompt).
+        Id outputs end with 50256 when the model emitted it. `timings`: an npgpt.Timings to fill in (one prompt)."""
         if isinstance(prompt, str):
             return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, timings))
         if is_prompt_list(prompt):
+            if timings is not None:
+                raise InputError("timings are measured for one prompt (or a [B, T] batch), not a list of prompts")
             return self._generate_list(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop)
         if stop is not None:
             raise InputError("stop strings apply to text output; with token ids, stop at the ids you want")

@@ -14,6 +14,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -34,7 +35,8 @@ def start_server(port, *, weights=None, config="gpt2", backend="numba", weights_
     cmd += ["--weights", weights] if weights else ["--config", config]
     cmd += ["--weights-dtype", weights_dtype] if weights_dtype else []
     cmd += ["-t", str(threads)] if threads else []
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    log_file = tempfile.TemporaryFile(mode="w+")          # not a pipe: nobody reads it while the server runs, and a full
+    proc = subprocess.Popen(cmd, stderr=log_file, text=True)   # pipe would block the server
     deadline = time.time() + 300
     while True:
         try:
@@ -46,7 +48,8 @@ def start_server(port, *, weights=None, config="gpt2", backend="numba", weights_
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            raise RuntimeError(f"npgpt serve did not start: {proc.stderr.read()[-2000:]}")
+            log_file.seek(0)
+            raise RuntimeError(f"npgpt serve did not start: {log_file.read()[-2000:]}")
         time.sleep(0.2)
 
 

@@ -86,6 +86,7 @@ def test_generate_on_a_list_of_texts(backend):
     ([[1, 2], [5000]], {}, "prompt 1: token id 5000"),
     (["ok", ""], {}, "prompt 1: empty prompt"),
     ([[1, 2], [3]], {"stop": "x"}, "stop strings apply to text output"),
+    ([[1, 2], [3]], {"timings": npgpt.Timings()}, "timings are measured for one prompt"),
 ])
 def test_bad_prompt_lists(tiny, prompts, kwargs, message):
     with pytest.raises(npgpt.NpgptError, match=message):
