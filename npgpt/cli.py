@@ -99,18 +99,53 @@ def cmd_serve(args):
     for name in ("max_batch", "max_queue", "port"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise InputError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
-    # The engine thread and the event loop share the GIL; at Python's default 5 ms switch interval each hand-off
-    # between them can stall a decode step by up to 5 ms (measured: ~30 % of single-client decode speed)
+    # The engine and the event loop share the GIL; a short switch interval lets the event loop send each
+    # token soon after the engine made it, instead of waiting up to Python's default 5 ms
     sys.setswitchinterval(SERVE_SWITCH_INTERVAL_S)
     with api.threads(args.threads):
         model = _model(args)
         name = args.model_name or (os.path.basename(os.path.normpath(args.weights)).removesuffix(".safetensors")
                                    if args.weights else f"{args.config}-random")
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue)
+        server = uvicorn.Server(uvicorn.Config(create_app(engine, name), host=args.host, port=args.port, log_level=args.log_level,
+                                               timeout_graceful_shutdown=args.shutdown_timeout))
         print(f"npgpt: serving {name!r} ({model.backend}, {model.weights}) on http://{args.host}:{args.port}/v1 "
               f"with {args.max_batch} slots, queue {args.max_queue}", file=sys.stderr)
-        uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=args.shutdown_timeout)
+        _serve(engine, server)
+    if not server.started:
+        raise NpgptError(f"npgpt serve could not listen on {args.host}:{args.port} (see the error above)")
+    return 0
+
+
+def _serve(engine, server):
+    """The engine runs in this thread, the one that loaded the model (see Engine.run); uvicorn runs in
+    another. SIGTERM or Ctrl-C: stop taking connections, let in-flight requests finish, then return
+    (a second Ctrl-C stops at once)."""
+    import signal
+    import threading
+
+    def http():
+        try:
+            server.run()
+        except SystemExit:                                 # uvicorn exits this way when it cannot bind; it logged why
+            pass
+        finally:
+            engine.stop(timeout=0)                         # the engine's loop ends once its requests are done
+
+    def on_signal(signum, frame):
+        server.force_exit = server.should_exit
+        server.should_exit = True
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    engine.running = True                                  # run() below: the app's lifespan must not start a thread too
+    thread = threading.Thread(target=http, name="npgpt-http", daemon=True)
+    thread.start()
+    try:
+        engine.run()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    thread.join()
 
 
 def cmd_train(args):
@@ -218,7 +253,8 @@ def bench_serve(args):
         raise InputError("--serve: one --backend (the server's)")
     report = bench_serve.run(weights=args.weights, config=(args.config or ["gpt2"])[0], backend=backend[0],
                              weights_dtype=args.weights_dtype[0] if args.weights_dtype != ["fp32"] else None,
-                             levels=args.clients, requests=args.requests, max_tokens=(args.n or [64])[0], threads=args.t)
+                             levels=args.clients, requests=args.requests, max_tokens=(args.n or [64])[0], threads=args.t,
+                             rounds=args.reps)
     print(bench_serve.table(report))
     if args.json:
         bench.dump_json(report, args.json)
@@ -301,7 +337,7 @@ def build_parser():
     b.add_argument("-n", type=_ints, help="tokens to decode for tg tests (default 128)")
     b.add_argument("-b", type=_ints, help="batch sizes (default 1)")
     b.add_argument("-t", type=int, default=None, help="threads for numba and BLAS (default: all cores)")
-    b.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (default 3)")
+    b.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (default 3); --serve: rounds of 1 client vs tg128")
     b.add_argument("--json", help="also write the report as JSON to this file")
     b.add_argument("--compare", choices=["torch"], help="also run transformers' GPT-2 in PyTorch on the same weights")
     b.set_defaults(func=cmd_bench)

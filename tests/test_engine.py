@@ -67,7 +67,7 @@ def test_concurrent_requests_get_what_each_gets_alone(model):
         assert r.ids == alone
         assert r.done.finish_reason == ("stop" if alone[-1] == 50256 else "length")
     assert len(results[-1].ids) == 64 - 60 + 1
-    assert not engine.thread.is_alive() and engine.busy == 0
+    assert engine.finished.is_set() and engine.busy == 0
 
 
 def test_stop_strings_and_text_equal_generate_alone(model):
@@ -124,7 +124,7 @@ def test_a_full_queue_refuses_at_once_and_stop_drains(model):
         engine.submit([1], Sampling(max_tokens=2), Collector())
     engine.start()
     engine.stop(timeout=30)                                # the queued request is served before the thread ends
-    assert not engine.thread.is_alive() and engine.queued == 0
+    assert engine.finished.is_set() and engine.queued == 0
     with pytest.raises(QueueFull, match="shutting down"):
         engine.submit([1], Sampling(max_tokens=2), Collector())
 

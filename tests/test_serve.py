@@ -272,6 +272,17 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits(tmp_path):
             proc.kill()
 
 
+def test_serve_on_a_port_in_use_fails_with_a_clear_error(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "npgpt", "serve", "--config", "tiny", "--port", str(port)],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1
+    assert f"could not listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_serve_flags_are_checked(capsys):
     from npgpt import cli
 
@@ -284,13 +295,15 @@ def test_bench_serve_machinery_reports_every_level_without_errors():
     asserted: performance is measured by `npgpt bench --serve`, not by tests."""
     from npgpt import bench_serve
 
-    report = bench_serve.run(config="tiny", levels=(1, 3), requests=4, max_tokens=4, prompt_lengths=(4, 40), tg_reference=False,
+    report = bench_serve.run(config="tiny", levels=(1, 3), requests=4, max_tokens=4, prompt_lengths=(4, 40), rounds=2,
                              log=lambda m: None)
     assert [r["clients"] for r in report["levels"]] == [1, 3]
     for r in report["levels"]:
         assert r["errors"] == 0 and r["lost"] == 0 and r["tokens_per_s"] > 0 and r["ttft_p50_ms"] > 0
+    ratios = report["one_client_vs_tg128"]["ratios"]           # 1 client, each round next to its own tg128 run
+    assert len(ratios) == 2 and all(r > 0 for r in ratios) and report["levels"][0]["tg128_b1"] > 0
     text = bench_serve.table(report)
-    assert "| 3 | 4 |" in text and "3 clients" in text
+    assert "| 3 | 4 |" in text and "3 clients" in text and "the median of 2 rounds" in text
 
 
 def test_bench_serve_flags(capsys):

@@ -181,7 +181,7 @@ def create_app(engine, model_name, metrics=None):
 
     @asynccontextmanager
     async def lifespan(app):
-        if not engine.thread.is_alive():
+        if not engine.running:
             engine.start()
         yield
         await asyncio.get_running_loop().run_in_executor(None, engine.stop, 60)   # in-flight requests finish first
