@@ -53,11 +53,13 @@ def _prepare(params):
     return {**params, "h": blocks, "lm_head": {"weight": head_rows(params["lm_head"]["weight"])}}
 
 
-def prepare_again(prepared, params):
+def prepare_again(prepared, params, layers=None):
     """After fp32 `params` changed in place (a training step): rewrite the prepared linear weights in
-    place, no new arrays. Everything else `prepare` shares with params already sees the change."""
+    place, no new arrays (of the blocks `layers` only, when given). Everything else `prepare` shares
+    with params already sees the change."""
     with serialized():
-        for block, source in zip(prepared["h"], params["h"]):
+        for i in range(len(params["h"])) if layers is None else layers:
+            block, source = prepared["h"][i], params["h"][i]
             for group in ("attn", "mlp"):
                 for name, layer in block[group].items():
                     matmul.transpose_into(source[group][name]["weight"], layer["weight_t"])

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import warnings
 
 import numpy as np
 
@@ -102,13 +103,14 @@ class Model:
         self.params = self._prepare(self._checkpoint)      # the backend's arrays, now over the writable copies
         return self.state_dict()
 
-    def refresh(self):
+    def refresh(self, layers=None):
         """Re-derive the backend's arrays after the checkpoint-layout weights changed in place (on numba:
-        the transposed linear weights are rewritten in place; the rest are the same arrays)."""
+        the transposed linear weights are rewritten in place; the rest are the same arrays). layers: only
+        these blocks changed (default: all)."""
         if self._checkpoint is None or self.params is self._checkpoint:
             return                                         # no checkpoint-layout copy, or the backend runs on it
         from . import kernels
-        kernels.prepare_again(self.params, self._checkpoint)
+        kernels.prepare_again(self.params, self._checkpoint, layers)
 
     def optim_ops(self):
         """The optimizer arithmetic of this backend (npgpt.optim.OptimOps)."""
@@ -261,7 +263,17 @@ def check_stops(stop):                                     # None | str | list o
 def load(path, backend="numpy", weights=None):
     """A Model from a HF GPT-2 .safetensors file or a directory holding model.safetensors (+ config.json).
     weights: "fp32", "bf16" or "int8" for the matmul weights; default fp32, or int8 for an int8 checkpoint.
-    A checkpoint already in the asked format (bf16 on disk, int8 from `npgpt quantize`) is used as stored."""
+    A checkpoint already in the asked format (bf16 on disk, int8 from `npgpt quantize`) is used as stored.
+    A sequence-classification checkpoint loads as its transformer; its score head is left out, with a warning
+    (npgpt.load_classifier reads both)."""
+    model = load_model(path, backend, weights)
+    if "score.weight" in model.info.source.tensors:
+        warnings.warn(f"{model.info.path}: a sequence-classification checkpoint; loaded its transformer only and "
+                      "ignored score.weight (npgpt.load_classifier loads the classifier)", stacklevel=2)
+    return model
+
+
+def load_model(path, backend="numpy", weights=None):      # load() without the warning about a classifier's head
     if weights is not None:
         quant.check_format(weights)
     params, config, info = weight_io.load_params(path)

@@ -90,10 +90,15 @@ SPEC = BackwardOps(layer_norm=layer_norm_backward, linear=linear_backward, gelu=
                    attention=attention_backward, lm_head=lm_head_backward, cross_entropy=cross_entropy_backward)
 
 
-def recording(ops, tape):                                  # Ops -> the same Ops, each first appending its tensor inputs to tape
+def recording(ops, tape, skip=0):                         # Ops -> the same Ops, each first appending its tensor inputs to tape
+    """skip: the first `skip` calls run unrecorded (frozen blocks a backward will not reach)."""
+    calls = [0]
+
     def record(fn):
         def op(*tensors, **params):
-            tape.append(tensors)
+            if calls[0] >= skip:
+                tape.append(tensors)
+            calls[0] += 1
             return fn(*tensors, **params)
         return op
     return Ops(*(record(fn) for fn in ops))
@@ -142,24 +147,36 @@ def value_and_grad(params, ids, targets, cfg, ops, backward=SPEC, drop=None):   
     tape = []
     drop = Dropout() if drop is None else drop             # probabilities 0: every mask None
     logits = forward(params, ids, cfg, ops=recording(ops, tape), drop=drop)    # [B, T, V]
-    embd_mask, *masks = drop.masks                         # 1 + 3 per block, in forward order
     B, T, V = logits.shape
     loss, dlogits = backward.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T))
     del logits                                             # at most one [B*T, V] buffer at a time
-    *blocks, (xf,), (hf,) = [tape[i : i + BLOCK_CALLS] for i in range(0, cfg.n_layer * BLOCK_CALLS, BLOCK_CALLS)] + tape[-2:]
-    tape.clear()                                           # blocks.pop() below then frees each record once used
+    (xf,), (hf,) = tape.pop(-2), tape.pop()                # the inputs of ln_f and of the head
     grads = {}
     dx, grads["lm_head.weight"] = backward.lm_head(dlogits.reshape(B, T, V), hf, **params["lm_head"])
     del dlogits
     dx, grads["ln_f.weight"], grads["ln_f.bias"] = backward.layer_norm(dx, xf, **params["ln_f"], eps=cfg.eps)
-    for i in reversed(range(cfg.n_layer)):
-        dx, block_grads = block_backward(dx, blocks.pop(), masks[3 * i : 3 * i + 3], **params["h"][i], n_head=cfg.n_head,
-                                         eps=cfg.eps, backward=backward)
-        grads.update({f"h.{i}.{name}": g for name, g in block_grads.items()})
-    grads["wte.weight"], grads["wpe.weight"] = embedding_backward(dropout(dx, embd_mask), ids, cfg.n_vocab, cfg.n_ctx)
+    grads.update(transformer_backward(dx, tape, drop.masks, params, ids, cfg, backward))
     if params["lm_head"]["weight"] is params["wte"]["weight"]:
         grads["wte.weight"] += grads.pop("lm_head.weight")   # tied: the head is wte, so its gradient is wte's too
     return loss, {name: np.ascontiguousarray(g, dtype=np.float32) for name, g in grads.items()}
+
+
+def transformer_backward(dx, tape, masks, params, ids, cfg, backward=SPEC, first=0, embeddings=True):   # [B, T, C] -> grads
+    """model.transformer in reverse, from dx (the gradient at the last block's output) down to block
+    `first`, then into the embeddings (with `embeddings`; needs first == 0). tape: the op calls of blocks first.. in forward
+    order (emptied as it goes); masks: the forward's Dropout.masks (embeddings, then 3 per block)."""
+    embd_mask, *masks = masks
+    blocks = [tape[i : i + BLOCK_CALLS] for i in range(0, (cfg.n_layer - first) * BLOCK_CALLS, BLOCK_CALLS)]
+    tape.clear()                                           # blocks.pop() below then frees each record once used
+    grads = {}
+    for i in reversed(range(first, cfg.n_layer)):
+        dx, block_grads = block_backward(dx, blocks.pop(), masks[3 * i : 3 * i + 3], **params["h"][i], n_head=cfg.n_head,
+                                         eps=cfg.eps, backward=backward)
+        grads.update({f"h.{i}.{name}": g for name, g in block_grads.items()})
+    if embeddings:
+        assert first == 0, "the embeddings' gradient needs every block's"
+        grads["wte.weight"], grads["wpe.weight"] = embedding_backward(dropout(dx, embd_mask), ids, cfg.n_vocab, cfg.n_ctx)
+    return grads
 
 
 def check_targets(targets, ids, cfg):                      # [B, T] -> int64 [B, T]; -1 marks positions not scored

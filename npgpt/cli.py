@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 
@@ -168,6 +169,71 @@ def cmd_train(args):
         finally:
             close()
     print(f"npgpt: done: step {run.step}, checkpoint in {s.out} (npgpt generate --weights {s.out} ...)", file=sys.stderr)
+
+
+def cmd_classify_train(args):
+    from . import classify
+
+    if args.resume:
+        settings = classify.Settings(out=args.resume, epochs=args.epochs, backend=args.backend)
+    else:
+        fields = {f.name for f in dataclasses.fields(classify.Settings)}
+        settings = classify.Settings(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    with api.threads(args.threads):
+        run = classify.Run(settings, resume=bool(args.resume), log=lambda m: print(f"npgpt: {m}", file=sys.stderr))
+        s = run.s
+        print(f"npgpt: fine-tuning {s.init} ({s.trainable}) on {s.data}: {s.epochs} epochs of {run.steps_per_epoch} batches "
+              f"of {s.batch}, backend {s.backend}, into {s.out}", file=sys.stderr)
+        update, close = classify.progress_bar(run.total_steps, run.epoch * run.steps_per_epoch + run.pos)
+        try:
+            best = run.run(progress=update)
+        finally:
+            close()
+    print(f"npgpt: done: best epoch {best['epoch']} (val accuracy {best['val_accuracy']:.4f}) in {s.out} "
+          f"(npgpt classify eval --weights {s.out} --data ...)", file=sys.stderr)
+
+
+def _classifier(args):
+    from .classifier import load_classifier
+
+    return load_classifier(args.weights, backend=args.backend)
+
+
+def cmd_classify_eval(args):
+    from . import classify
+
+    with api.threads(args.threads):
+        clf = _classifier(args)
+        texts, labels = classify.read_examples(args.data, args.text_column, args.label_column)
+        classify.label_order(labels, clf.labels, args.data)
+        pred = clf.logits(texts).argmax(axis=1)
+    m = classify.metrics(clf.label_ids(labels), pred, len(clf.labels))
+    if args.json:
+        atomic_write_json(args.json, {"weights": args.weights, "data": args.data, "labels": clf.labels, **m})
+    print(classify.report(m, clf.labels))
+
+
+def atomic_write_json(path, obj):
+    from .weights.checkpoint import atomic_write
+
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")
+
+
+def cmd_classify_predict(args):
+    from . import classify
+
+    if bool(args.text) == bool(args.data):
+        raise InputError("give --text (one or more) or --data FILE (a CSV or JSONL with a text column)")
+    texts = args.text or classify.read_examples(args.data, args.text_column, None)[0]
+    with api.threads(args.threads):
+        clf = _classifier(args)
+        probs = clf.probabilities(texts)
+    for text, p in zip(texts, probs):
+        if args.json:
+            print(json.dumps({"label": clf.labels[int(p.argmax())], "probs": dict(zip(clf.labels, map(float, p))), "text": text}))
+        else:
+            short = text if len(text) <= 60 else text[:57] + "..."
+            print(f"{clf.labels[int(p.argmax())]}\t{p.max():.3f}\t{json.dumps(short)}")
 
 
 def cmd_inspect(args):
@@ -376,6 +442,57 @@ def build_parser():
     t.add_argument("--backend", default="numba", choices=api.BACKENDS)
     t.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("classify", help="sequence classification: fine-tune (train), measure (eval), use (predict)")
+    csub = c.add_subparsers(dest="classify_command", required=True)
+
+    def data_args(p):
+        p.add_argument("--text-column", default="text", help="CSV column / JSONL key of the text (default text)")
+        p.add_argument("--label-column", default="label", help="CSV column / JSONL key of the label (default label)")
+
+    ct = csub.add_parser("train", help="fine-tune a checkpoint with a score head on labelled texts; resumable")
+    ct.add_argument("--data", help="labelled examples: CSV with a header, or JSONL")
+    ct.add_argument("--val", help="validation examples (default: a seeded --val-fraction of --data)")
+    ct.add_argument("--val-fraction", type=float, help="held out of --data when no --val (default 0.1)")
+    ct.add_argument("--labels", type=lambda t: [x.strip() for x in t.split(",")], help="label names in order, comma-separated "
+                    "(default: the data's, sorted)")
+    ct.add_argument("--init", metavar="PATH", help="the checkpoint to fine-tune (a language model, or a classifier again)")
+    ct.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped (--epochs may extend it)")
+    ct.add_argument("--out", help="run directory: the best epoch's classifier, last/, metrics.jsonl")
+    ct.add_argument("--trainable", help="head | last-k (the last k blocks, ln_f and the head) | all (default last-1)")
+    ct.add_argument("--epochs", type=int, help="passes over the training examples (default 3)")
+    ct.add_argument("--batch", type=int, help="examples per step (default 8)")
+    ct.add_argument("--max-len", type=int, help="tokens kept of each text (default 256, at most the context)")
+    ct.add_argument("--keep", choices=["start", "end"], help="which part of a longer text to keep (default start)")
+    ct.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
+    ct.add_argument("--warmup", type=float, help="warmup, a fraction of all steps (default 0.06); then cosine to 0")
+    ct.add_argument("--weight-decay", type=float, help="AdamW decay on ndim >= 2 tensors (default 0.01)")
+    ct.add_argument("--grad-clip", type=float, help="global gradient-norm clip (default 1.0)")
+    ct.add_argument("--dropout", type=float, help="probability of GPT-2's embd, attn and resid dropout (default 0)")
+    ct.add_argument("--seed", type=int, help="head init, split and data-order seed (default 0)")
+    data_args(ct)
+    ct.add_argument("--backend", default="numba", choices=api.BACKENDS)
+    ct.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    ct.set_defaults(func=cmd_classify_train)
+
+    ce = csub.add_parser("eval", help="accuracy, per-class precision/recall/F1 and the confusion matrix on labelled texts")
+    ce.add_argument("--weights", required=True, help="a classifier checkpoint (directory or .safetensors)")
+    ce.add_argument("--data", required=True, help="labelled examples: CSV with a header, or JSONL")
+    ce.add_argument("--json", help="also write the figures as JSON to this file")
+    data_args(ce)
+    ce.add_argument("--backend", default="numba", choices=api.BACKENDS)
+    ce.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    ce.set_defaults(func=cmd_classify_eval)
+
+    cp = csub.add_parser("predict", help="label texts: prints label, probability and the text's start (or JSON lines)")
+    cp.add_argument("--weights", required=True, help="a classifier checkpoint (directory or .safetensors)")
+    cp.add_argument("--text", action="append", help="a text to label (repeat for more)")
+    cp.add_argument("--data", help="a CSV or JSONL file whose --text-column texts to label")
+    cp.add_argument("--json", action="store_true", help="one JSON object per text: label, probabilities, text")
+    data_args(cp)
+    cp.add_argument("--backend", default="numba", choices=api.BACKENDS)
+    cp.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    cp.set_defaults(func=cmd_classify_predict)
 
     i = sub.add_parser("inspect", help="print a checkpoint's config, parameter count, dtypes and size")
     i.add_argument("path")

@@ -138,9 +138,9 @@ def block(x, ln_1, attn, ln_2, mlp, *, n_head, eps, ops, kv=None, drop=NO_DROPOU
     return x
 
 
-def forward(params, ids, cfg, ops=REFERENCE, cache=None, last=False, drop=NO_DROPOUT):   # [T] or [B, T] ids -> [T, V] or [B, T, V]
-    """Logits for every position (only the last one if `last`, all generation needs).
-    With a KVCache, `ids` continue the sequence the cache holds. `drop`: a Dropout, for training."""
+def transformer(params, ids, cfg, ops=REFERENCE, cache=None, drop=NO_DROPOUT):   # [T] or [B, T] ids -> ([B, T, C], one_sequence)
+    """Embeddings and every block: the last block's output, before the final LayerNorm (HF: GPT2Model
+    without ln_f). With a KVCache, `ids` continue the sequence the cache holds."""
     if cache is not None:
         cache.check(cfg)                                   # another model's cache: a clear error, not a NumPy one
     past = np.zeros(1, np.int64) if cache is None else cache.lengths                            # [B] (or [1]) per row
@@ -152,6 +152,13 @@ def forward(params, ids, cfg, ops=REFERENCE, cache=None, last=False, drop=NO_DRO
         x = block(x, **layer, n_head=cfg.n_head, eps=cfg.eps, ops=ops, kv=None if cache is None else cache.layer(i), drop=drop)
     if cache is not None:
         cache.advance(ids.shape[1])
+    return x, one_sequence
+
+
+def forward(params, ids, cfg, ops=REFERENCE, cache=None, last=False, drop=NO_DROPOUT):   # [T] or [B, T] ids -> [T, V] or [B, T, V]
+    """Logits for every position (only the last one if `last`, all generation needs).
+    With a KVCache, `ids` continue the sequence the cache holds. `drop`: a Dropout, for training."""
+    x, one_sequence = transformer(params, ids, cfg, ops=ops, cache=cache, drop=drop)
     if last:
         x = x[:, -1:]                                                                         # [B, 1, C]
     logits = ops.lm_head(ops.layer_norm(x, **params["ln_f"], eps=cfg.eps), **params["lm_head"])   # [B, T, V]

@@ -77,10 +77,13 @@ class AdamW:
     """torch.optim.AdamW's update (decoupled weight decay, bias-corrected moments), on a Model's weights in
     place. Decay applies to tensors with ndim >= 2 (matmul weights and embeddings), as nanoGPT groups them."""
 
-    def __init__(self, model, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+    def __init__(self, model, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, params=None, refresh=None):
+        """params: the {name: writable float32 array} to train (default: all of model.trainable_params());
+        frozen weights get no moments. refresh: called after each update (default model.refresh)."""
         check_hyperparameters(lr, betas, eps, weight_decay)
         self.model, self.ops = model, model.optim_ops()
-        self.params = model.trainable_params()            # {name: writable float32 array}, checkpoint layout
+        self.params = model.trainable_params() if params is None else params   # checkpoint layout
+        self.refresh = model.refresh if refresh is None else refresh
         self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(map(float, betas)), float(eps), float(weight_decay)
         self.t = 0
         self.m = {name: np.zeros_like(p) for name, p in self.params.items()}
@@ -99,7 +102,7 @@ class AdamW:
         for name, p in self.params.items():
             self.ops.adamw_update(p, grads[name], self.m[name], self.v[name], lr=lr, beta1=self.betas[0], beta2=self.betas[1],
                                   eps=self.eps, weight_decay=self.weight_decay if p.ndim >= 2 else 0.0, t=self.t)
-        self.model.refresh()
+        self.refresh()
 
     def state_dict(self):
         return {"t": self.t, "lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay,

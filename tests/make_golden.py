@@ -4,6 +4,7 @@ Run by hand, never by CI (it needs torch and transformers):
     python -m venv /tmp/golden && /tmp/golden/bin/pip install torch==2.13.0 transformers numpy
     /tmp/golden/bin/python tests/make_golden.py                   # everything
     /tmp/golden/bin/python tests/make_golden.py --training-only   # only grads.npz, adamw.npz, training.json
+    /tmp/golden/bin/python tests/make_golden.py --classification-only   # only classifier/ and classification.npz
 The default test run then compares npgpt against these files with NumPy only.
 """
 
@@ -88,9 +89,44 @@ def training():
     print(f"wrote gradients and {TRAIN['steps']} AdamW steps: loss {loss.item():.6f}, losses {losses}")
 
 
+CLS = dict(num_labels=3, pad_token_id=999, lengths=[17, 9, 13, 5], labels=[0, 2, 1, 2])
+
+
+def classification():
+    """GPT2ForSequenceClassification on the golden transformer with a random score head: a saved
+    checkpoint (classifier/), the logits of a right-padded batch of different lengths, the loss with
+    labels, and the gradient of every parameter (dropout off)."""
+    torch.manual_seed(99)
+    model = transformers.GPT2ForSequenceClassification.from_pretrained(
+        OUT, num_labels=CLS["num_labels"], pad_token_id=CLS["pad_token_id"], attn_implementation="eager").eval()
+    with torch.no_grad():
+        model.score.weight.copy_(0.2 * torch.randn_like(model.score.weight))
+    model.config.id2label = {i: name for i, name in enumerate(["alpha", "beta", "gamma"])}
+    model.config.label2id = {name: i for i, name in model.config.id2label.items()}
+    model.save_pretrained(os.path.join(OUT, "classifier"))
+    gen = np.random.default_rng(5)
+    lengths = np.array(CLS["lengths"])
+    ids = np.full((len(lengths), lengths.max()), CLS["pad_token_id"])
+    for i, n in enumerate(lengths):
+        ids[i, :n] = gen.integers(0, CLS["pad_token_id"], n)   # no pad id inside a text: HF finds the last real token by it
+    labels = torch.tensor(CLS["labels"])
+    out = model(torch.from_numpy(ids), labels=labels)
+    out.loss.backward()
+    names = {n: n.removeprefix("transformer.") for n, _ in model.named_parameters()}
+    arrays = {"ids": ids, "lengths": lengths, "labels": labels.numpy(), "logits": out.logits.detach().numpy(),
+              "loss": np.array(out.loss.item())}
+    arrays.update({"grad/" + names[n]: p.grad.numpy().copy() for n, p in model.named_parameters()})
+    np.savez(os.path.join(OUT, "classification.npz"), **arrays)
+    print(f"wrote the classifier: loss {out.loss.item():.6f}, logits {out.logits.detach().numpy().round(4).tolist()}")
+
+
 if __name__ == "__main__":
     import sys
 
+    if "--classification-only" in sys.argv:
+        classification()
+        sys.exit()
     if "--training-only" not in sys.argv:                  # keep the checkpoint; add only the training data
         main()
     training()
+    classification()

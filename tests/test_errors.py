@@ -97,9 +97,9 @@ def test_missing_tensor_is_named(tmp_path, tiny):
 
 def test_unexpected_tensor_is_named(tmp_path, tiny):
     flat = flat_of(tiny)
-    flat["score.weight"] = ("F32", np.zeros((2, 60), np.float32))
+    flat["classifier.weight"] = ("F32", np.zeros((2, 60), np.float32))
     write_model(tmp_path, flat)
-    with pytest.raises(CheckpointError, match="unexpected tensor 'score.weight'"):
+    with pytest.raises(CheckpointError, match="unexpected tensor 'classifier.weight'"):
         npgpt.load(tmp_path / "m.safetensors")
 
 

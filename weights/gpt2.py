@@ -74,6 +74,7 @@ class LoadInfo:
     source: object = None                                  # the open SafetensorsFile the arrays map
 
 
+HEADS = {"score.weight"}                                   # task heads beside the transformer (GPT2ForSequenceClassification)
 INDEX = "model.safetensors.index.json"                    # save_pretrained's map of a sharded checkpoint
 
 
@@ -183,7 +184,7 @@ def load_params(path):
         expected["lm_head.weight"] = (cfg.n_vocab, cfg.n_embd)
     info = LoadInfo(path=weights_path, config_source=source, tied="lm_head.weight" not in expected,
                     prefix=prefix, file_bytes=st.nbytes, source=st)
-    info.ignored = sorted(n for n in stored if BUFFER.fullmatch(n))
+    info.ignored = sorted(n for n in stored if BUFFER.fullmatch(n) or n in HEADS)
     scales = {name + "_scale" for name in expected if MATMUL.fullmatch(name)}   # int8 checkpoints (npgpt quantize)
     unexpected = sorted(set(stored) - set(expected) - set(info.ignored) - scales)
     if unexpected:
@@ -281,10 +282,12 @@ def random_params(cfg, seed=0):
     return tied(flat)
 
 
-def save(params, path, cfg=None, *, dtype="F32", prefix="", metadata=None, config_base=None):
+def save(params, path, cfg=None, *, dtype="F32", prefix="", metadata=None, config_base=None, extra=None,
+         architecture="GPT2LMHeadModel"):
     """Write params in HF layout. A head tied to wte is not written; float32 arrays are stored as
     `dtype`; bf16 weights as BF16, int8 weights as I8 `name` plus F32 `name_scale` (one per output
-    channel). `cfg` also writes config.json beside the file (see write_config; `config_base`: other keys to keep)."""
+    channel). `extra`: {name: float32 array} written as named, unprefixed (a task head). `cfg` also
+    writes config.json beside the file (see write_config; `config_base`: other keys to keep)."""
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {FLOAT_DTYPES}")
     flat = flatten(params)
@@ -299,12 +302,15 @@ def save(params, path, cfg=None, *, dtype="F32", prefix="", metadata=None, confi
             tensors[key], tensors[key + "_scale"] = ("I8", a.q), ("F32", a.scale.ravel())
         else:
             tensors[key] = (dtype, narrow(a, dtype))
+    for name, a in (extra or {}).items():
+        tensors[name] = (dtype, narrow(a, dtype))
     write(path, tensors, {"format": "pt", "npgpt.weights": quant.params_format(params), **(metadata or {})})
     if cfg is not None:
-        write_config(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"), cfg, base=config_base)
+        write_config(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"), cfg, base=config_base,
+                     architecture=architecture)
 
 
-def write_config(path, cfg, base=None):
+def write_config(path, cfg, base=None, architecture="GPT2LMHeadModel"):
     """config.json for `cfg`, keeping every other key of `base` and of a config.json already at `path`
     (tokenizer settings, task parameters, ...): npgpt owns only the keys it writes."""
     keys = {}
@@ -314,7 +320,7 @@ def write_config(path, cfg, base=None):
         except ConfigError:
             keys = {}                                      # unreadable: nothing to keep
     keys.update(base or {})
-    keys.update({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.n_vocab,
+    keys.update({"model_type": "gpt2", "architectures": [architecture], "vocab_size": cfg.n_vocab,
                  "n_positions": cfg.n_ctx, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
                  "layer_norm_epsilon": cfg.eps, "activation_function": "gelu_new"})
     atomic_write(path, lambda f: json.dump(keys, f, indent=2), mode="w")
