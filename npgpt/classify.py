@@ -12,6 +12,7 @@ model on disk and the trainer file of its position are both there. The best chec
 only by a better epoch.
 """
 
+import collections
 import csv
 import dataclasses
 import glob
@@ -19,11 +20,12 @@ import io
 import json
 import math
 import os
-import sys
+import re
 import time
 
 import numpy as np
 
+from . import train
 from .api import load_model
 from .classifier import classifier, load_classifier, parse_trainable
 from .errors import InputError, TrainingError
@@ -148,6 +150,36 @@ def report(m, labels):                                     # metrics -> text tab
     for i, name in enumerate(labels):
         lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>{width}d}" for c in m["confusion"][i]))
     return "\n".join(lines)
+
+
+WORD = re.compile(r"[a-z0-9']+")
+
+
+def majority_baseline(train_y, n_test):                   # -> predictions: the most common training label for all
+    return np.full(n_test, np.bincount(train_y).argmax())
+
+
+def bag_of_words_baseline(train_texts, train_y, test_texts, n_labels, vocab_size=5000, steps=300, lr=0.5, l2=1e-4):
+    """Logistic regression on which words a text has (its 5000 most common words in >= 2 training
+    texts), trained by full-batch gradient descent on the softmax cross-entropy -> test predictions."""
+    docs = [set(WORD.findall(t.lower())) for t in train_texts]
+    df = collections.Counter(w for d in docs for w in d)
+    vocab = {w: j for j, (w, c) in enumerate(df.most_common(vocab_size)) if c >= 2}
+
+    def features(word_sets):                               # -> [N, |vocab|] 0/1
+        x = np.zeros((len(word_sets), len(vocab)), np.float32)
+        for i, words in enumerate(word_sets):
+            x[i, [vocab[w] for w in words if w in vocab]] = 1.0
+        return x
+    x, onehot = features(docs), np.eye(n_labels, dtype=np.float32)[train_y]
+    w, b = np.zeros((x.shape[1], n_labels), np.float32), np.zeros(n_labels, np.float32)
+    for _ in range(steps):
+        z = x @ w + b
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        g = (p / p.sum(axis=1, keepdims=True) - onehot) / len(x)   # d(mean cross-entropy)/dz
+        w -= lr * (x.T @ g + l2 * w)
+        b -= lr * g.sum(axis=0)
+    return (features([set(WORD.findall(t.lower())) for t in test_texts]) @ w + b).argmax(axis=1)
 
 
 @dataclasses.dataclass
@@ -371,19 +403,10 @@ class Run:
         return self.best
 
 
-def progress_bar(total, start):                            # -> (callback(row), close): tqdm if installed, else a line per epoch
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        def line(row):
-            if "val_accuracy" in row:
-                print(f"epoch {row['epoch']} step {row['step']}/{total} loss {row['loss']:.4f} val loss {row['val_loss']:.4f} "
-                      f"val accuracy {row['val_accuracy']:.4f}", file=sys.stderr, flush=True)
-        return line, lambda: None
-    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-    def update(row):
-        bar.set_postfix_str(f"epoch {row['epoch']}, loss {row['loss']:.4f}, {row['examples_per_s']:.1f} ex/s"
-                            + (f", val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else ""))
-        bar.update(1)
-    return update, bar.close
+def progress_bar(total, start):                            # -> (callback(row), close), as npgpt train's
+    return train.progress_bar(
+        total, start,
+        postfix=lambda row: (f"epoch {row['epoch']}, loss {row['loss']:.4f}, {row['examples_per_s']:.1f} ex/s"
+                             + (f", val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else "")),
+        line=lambda row: (f"epoch {row['epoch']} step {row['step']}/{total} loss {row['loss']:.4f} val loss {row['val_loss']:.4f} "
+                          f"val accuracy {row['val_accuracy']:.4f}" if "val_accuracy" in row else None))

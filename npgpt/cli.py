@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 from . import weights as weight_io
 
 from . import __version__, api, quant
@@ -149,14 +151,17 @@ def _serve(engine, server):
     thread.join()
 
 
+def _run_settings(cls, args, **extend):                   # a run's Settings from the flags given; resuming: only out, backend, `extend`
+    if args.resume:
+        return cls(out=args.resume, backend=args.backend, **extend)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+
+
 def cmd_train(args):
     from . import train
 
-    if args.resume:
-        settings = train.Settings(out=args.resume, steps=args.steps, backend=args.backend)
-    else:
-        fields = {f.name for f in dataclasses.fields(train.Settings)}
-        settings = train.Settings(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    settings = _run_settings(train.Settings, args, steps=args.steps)
     with api.threads(args.threads):
         run = train.Run(settings, resume=bool(args.resume), log=lambda m: print(f"npgpt: {m}", file=sys.stderr))
         s = run.s
@@ -174,11 +179,7 @@ def cmd_train(args):
 def cmd_classify_train(args):
     from . import classify
 
-    if args.resume:
-        settings = classify.Settings(out=args.resume, epochs=args.epochs, backend=args.backend)
-    else:
-        fields = {f.name for f in dataclasses.fields(classify.Settings)}
-        settings = classify.Settings(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    settings = _run_settings(classify.Settings, args, epochs=args.epochs)
     with api.threads(args.threads):
         run = classify.Run(settings, resume=bool(args.resume), log=lambda m: print(f"npgpt: {m}", file=sys.stderr))
         s = run.s
@@ -211,6 +212,24 @@ def cmd_classify_eval(args):
     if args.json:
         atomic_write_json(args.json, {"weights": args.weights, "data": args.data, "labels": clf.labels, **m})
     print(classify.report(m, clf.labels))
+
+
+def cmd_classify_baseline(args):
+    from . import classify
+
+    texts, labels = classify.read_examples(args.data, args.text_column, args.label_column)
+    test_texts, test_labels = classify.read_examples(args.test, args.text_column, args.label_column)
+    order = classify.label_order(labels, args.labels, args.data)
+    classify.label_order(test_labels, order, args.test)
+    y, test_y = ([order.index(x) for x in ys] for ys in (labels, test_labels))
+    results = {"majority class": classify.majority_baseline(np.array(y), len(test_y)),
+               "bag-of-words logistic regression": classify.bag_of_words_baseline(texts, np.array(y), test_texts, len(order))}
+    out = {}
+    for name, pred in results.items():
+        m = out[name] = classify.metrics(test_y, pred, len(order))
+        print(f"== {name} (trained on {args.data}, measured on {args.test})\n{classify.report(m, order)}\n")
+    if args.json:
+        atomic_write_json(args.json, {"data": args.data, "test": args.test, "labels": order, **out})
 
 
 def atomic_write_json(path, obj):
@@ -493,6 +512,15 @@ def build_parser():
     cp.add_argument("--backend", default="numba", choices=api.BACKENDS)
     cp.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     cp.set_defaults(func=cmd_classify_predict)
+
+    cb = csub.add_parser("baseline", help="the majority class and a bag-of-words logistic regression, trained on --data, "
+                         "measured on --test")
+    cb.add_argument("--data", required=True, help="training examples: CSV with a header, or JSONL")
+    cb.add_argument("--test", required=True, help="test examples, the same format")
+    cb.add_argument("--labels", type=lambda t: [x.strip() for x in t.split(",")], help="label names in order")
+    cb.add_argument("--json", help="also write the figures as JSON to this file")
+    data_args(cb)
+    cb.set_defaults(func=cmd_classify_baseline)
 
     i = sub.add_parser("inspect", help="print a checkpoint's config, parameter count, dtypes and size")
     i.add_argument("path")

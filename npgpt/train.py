@@ -130,7 +130,8 @@ class Run:
             saved = json.load(f)["settings"]
         saved["betas"] = tuple(saved["betas"])
         merged = Settings(**saved)
-        merged.steps, merged.out = s.steps, s.out          # resuming may extend the run
+        merged.steps = s.steps if s.steps is not None else merged.steps   # resuming may extend the run
+        merged.out = s.out
         merged.backend = s.backend
         return merged
 
@@ -254,18 +255,23 @@ def plot(metrics_path, png_path):
     return True
 
 
-def progress_bar(total, start):                            # -> callback(row): tqdm if installed, else a line per eval
+def progress_bar(total, start, postfix=None, line=None):   # -> (callback(row), close): tqdm if installed, else printed lines
+    """postfix(row): the bar's text for a step's row; line(row): the line printed without tqdm (None: none)."""
+    postfix = postfix or (lambda row: f"loss {row['loss']:.4f}, {row['tokens_per_s']:.0f} tok/s"
+                          + (f", val {row['val_loss']:.4f}" if "val_loss" in row else ""))
+    line = line or (lambda row: (f"step {row['step']}/{total} loss {row['loss']:.4f} {row['tokens_per_s']:.0f} tok/s "
+                                 f"val {row['val_loss']:.4f}") if "val_loss" in row else None)   # a line per eval
     try:
         from tqdm import tqdm
     except ImportError:
-        def line(row):
-            print(f"step {row['step']}/{total} loss {row['loss']:.4f} {row['tokens_per_s']:.0f} tok/s"
-                  + (f" val {row['val_loss']:.4f}" if "val_loss" in row else ""), file=sys.stderr, flush=True)
-        return line, lambda: None
+        def plain(row):
+            text = line(row)
+            if text:
+                print(text, file=sys.stderr, flush=True)
+        return plain, lambda: None
     bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
     def update(row):
-        bar.set_postfix_str(f"loss {row['loss']:.4f}, {row['tokens_per_s']:.0f} tok/s"
-                            + (f", val {row['val_loss']:.4f}" if "val_loss" in row else ""))
+        bar.set_postfix_str(postfix(row))
         bar.update(1)
     return update, bar.close

@@ -277,3 +277,14 @@ def test_classify_train_bad_input(toy, tmp_path, capsys):
     assert "holds another run" in capsys.readouterr().err
 
 
+
+
+def test_baselines_majority_and_bag_of_words(toy, capsys, tmp_path):
+    tmp, train, test = toy
+    assert cli.main(["classify", "baseline", "--data", train, "--test", test, "--json", str(tmp_path / "b.json")]) == 0
+    b = json.load(open(tmp_path / "b.json"))
+    test_labels = classify.read_examples(test)[1]
+    majority = max(set(test_labels), key=classify.read_examples(train)[1].count)
+    assert b["majority class"]["accuracy"] == pytest.approx(test_labels.count(majority) / len(test_labels))
+    assert b["bag-of-words logistic regression"]["accuracy"] == 1.0   # the two classes share no word
+    assert "== bag-of-words logistic regression" in capsys.readouterr().out
