@@ -102,16 +102,17 @@ def _jsonl_rows(path, raw):
         yield n, row
 
 
-def label_order(labels, given=None, what="the data"):      # -> the label names in head order
+def label_order(labels, given=None, what="the data", training=True):   # -> the label names in head order
+    """training: the data must hold two classes or more (an evaluation set may hold one)."""
     found = sorted(set(labels))
     if given:
         unknown = sorted(set(labels) - set(given))
         if unknown:
-            raise InputError(f"{what} has label {unknown[0]!r}, which is not in --labels ({', '.join(given)})")
+            raise InputError(f"{what} has label {unknown[0]!r}, which is not one of the labels ({', '.join(given)})")
         order = list(given)
     else:
         order = found
-    if len(set(labels)) < 2:
+    if training and len(set(labels)) < 2:
         raise InputError(f"{what} has one class only ({found[0]!r}): a classifier needs examples of at least two")
     return order
 

@@ -206,7 +206,7 @@ def cmd_classify_eval(args):
     with api.threads(args.threads):
         clf = _classifier(args)
         texts, labels = classify.read_examples(args.data, args.text_column, args.label_column)
-        classify.label_order(labels, clf.labels, args.data)
+        classify.label_order(labels, clf.labels, args.data, training=False)
         pred = clf.logits(texts).argmax(axis=1)
     m = classify.metrics(clf.label_ids(labels), pred, len(clf.labels))
     if args.json:
@@ -220,7 +220,7 @@ def cmd_classify_baseline(args):
     texts, labels = classify.read_examples(args.data, args.text_column, args.label_column)
     test_texts, test_labels = classify.read_examples(args.test, args.text_column, args.label_column)
     order = classify.label_order(labels, args.labels, args.data)
-    classify.label_order(test_labels, order, args.test)
+    classify.label_order(test_labels, order, args.test, training=False)
     y, test_y = ([order.index(x) for x in ys] for ys in (labels, test_labels))
     results = {"majority class": classify.majority_baseline(np.array(y), len(test_y)),
                "bag-of-words logistic regression": classify.bag_of_words_baseline(texts, np.array(y), test_texts, len(order))}

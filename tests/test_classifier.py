@@ -188,7 +188,7 @@ def test_bad_jsonl_names_the_line(tmp_path):
 def test_labels_checked_against_the_given_order():
     assert classify.label_order(["b", "a", "b"]) == ["a", "b"]
     assert classify.label_order(["b", "a"], ["b", "a"]) == ["b", "a"]
-    with pytest.raises(InputError, match="label 'c', which is not in --labels"):
+    with pytest.raises(InputError, match="label 'c', which is not one of the labels"):
         classify.label_order(["a", "c"], ["a", "b"])
     with pytest.raises(InputError, match="one class only"):
         classify.label_order(["a", "a"])
@@ -261,7 +261,7 @@ def test_classify_train_bad_input(toy, tmp_path, capsys):
     assert cli.main(train_args(tmp, one, "r1")) == 1
     assert "one class only ('x')" in capsys.readouterr().err
     assert cli.main(train_args(tmp, train, "r2", "--labels", "fruit,animal")) == 1
-    assert "label 'vehicle', which is not in --labels (fruit, animal)" in capsys.readouterr().err
+    assert "label 'vehicle', which is not one of the labels (fruit, animal)" in capsys.readouterr().err
     npgpt.classifier(npgpt.random_model(SMALL, seed=0), ["a", "b", "c"]).save(tmp_path / "three")
     args = train_args(tmp, train, "r3")
     args[args.index("--init") + 1] = str(tmp_path / "three")
@@ -288,3 +288,14 @@ def test_baselines_majority_and_bag_of_words(toy, capsys, tmp_path):
     assert b["majority class"]["accuracy"] == pytest.approx(test_labels.count(majority) / len(test_labels))
     assert b["bag-of-words logistic regression"]["accuracy"] == 1.0   # the two classes share no word
     assert "== bag-of-words logistic regression" in capsys.readouterr().out
+
+
+def test_eval_on_one_class_and_an_unknown_label(toy, capsys, tmp_path):
+    tmp, train, _ = toy
+    assert cli.main(train_args(tmp, train, "run", "--epochs", "1")) == 0
+    only_fruit = write_csv(tmp_path / "fruit.csv", [("apple banana", "fruit"), ("grape", "fruit")])
+    assert cli.main(["classify", "eval", "--weights", str(tmp / "run"), "--data", only_fruit]) == 0   # one class is fine here
+    assert "(2 examples)" in capsys.readouterr().out
+    animal = write_csv(tmp_path / "animal.csv", [("cat", "animal"), ("grape", "fruit")])
+    assert cli.main(["classify", "eval", "--weights", str(tmp / "run"), "--data", animal]) == 1
+    assert "label 'animal', which is not one of the labels (fruit, vehicle)" in capsys.readouterr().err
