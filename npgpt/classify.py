@@ -207,10 +207,7 @@ class Settings:
     backend: str = "numba"
 
     def check(self):
-        for name in ("epochs", "batch", "max_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1; got {value!r}")
+        train.check_counts(self, ("epochs", "batch", "max_len"))
         check_hyperparameters(self.lr, (0.9, 0.999), 1e-8, self.weight_decay)
         if not 0 < self.val_fraction < 1:
             raise InputError(f"--val-fraction must be in (0, 1); got {self.val_fraction}")

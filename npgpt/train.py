@@ -26,6 +26,13 @@ from .optim import AdamW, check_hyperparameters, clip_grad_norm, cosine_lr
 from .weights.checkpoint import SafetensorsFile, atomic_write
 
 
+def check_counts(settings, names):                         # each named setting must be an integer >= 1 (a flag's value)
+    for name in names:
+        value = getattr(settings, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1; got {value!r}")
+
+
 @dataclasses.dataclass
 class Settings:
     data: str = None
@@ -50,10 +57,7 @@ class Settings:
     backend: str = "numba"
 
     def check(self):
-        for name in ("steps", "batch", "seq", "accum", "eval_every", "eval_batches", "save_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1; got {value!r}")
+        check_counts(self, ("steps", "batch", "seq", "accum", "eval_every", "eval_batches", "save_every"))
         if self.min_lr is None:
             self.min_lr = self.lr / 10
         check_hyperparameters(self.lr, self.betas, 1e-8, self.weight_decay)
