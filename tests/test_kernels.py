@@ -56,8 +56,8 @@ def test_causal_softmax(T, S):
     assert max_rel_err(softmax.causal_softmax(scores.copy(), 10), want) < TOL
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 97])               # GEMV below 17 rows, BLAS above
-@pytest.mark.parametrize("n_in, n_out", [(60, 180), (180, 60), (768, 50)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 13, 16, 17, 97])   # GEMV below 17 rows (8 at a time, then 4, then 1), BLAS above
+@pytest.mark.parametrize("n_in, n_out", [(60, 180), (180, 60), (768, 50), (61, 37)])   # an odd number of weight rows too
 def test_linear(rows, n_in, n_out):
     x, w, b = randn(rows, n_in), randn(n_in, n_out, scale=0.1), randn(n_out)
     got = kernels.matmul.linear(x, **kernels.transpose_linear({"weight": w, "bias": b}))
@@ -65,7 +65,7 @@ def test_linear(rows, n_in, n_out):
     assert max_rel_err(got, spec.linear(x, w, b)) < TOL
 
 
-@pytest.mark.parametrize("shape", [(1, 60), (3, 1, 60), (2, 19, 60)])
+@pytest.mark.parametrize("shape", [(1, 60), (3, 1, 60), (8, 60), (2, 6, 60), (2, 19, 60)])
 def test_lm_head(shape):
     x, wte = randn(*shape), randn(1000, 60)
     assert max_rel_err(matmul.lm_head(x, wte), spec.lm_head(x, wte)) < TOL
