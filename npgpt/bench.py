@@ -1,6 +1,8 @@
 """`npgpt bench`: prefill (pp) and decode (tg) tokens/s per backend, next to the machine's own limits.
 
-pp<T>: one forward over T tokens per sequence (all T positions' logits), from an empty context.
+pp<T>: generation's prefill: T tokens per sequence into an empty KV cache, logits of the last position
+only (as llama-bench's pp). pp<T>-all: one forward over T tokens with every position's logits (what
+perplexity and training compute; at GPT-2 124M the LM head makes it ~1.45x the matmul work at T=512).
 tg<N>: N tokens fed one at a time through the KV cache, from an empty context (as llama-bench does).
 Each figure is the median over --reps runs after one warm-up run, with the standard deviation; the
 backends take turns within each round, so a noisy neighbour slows them alike.
@@ -53,9 +55,11 @@ def decode_bytes_per_step(params):
     return sum(a.nbytes for name, a in weights.flatten(params).items() if name not in ("wte.weight", "wpe.weight"))
 
 
-def flops_per_token(cfg, T):
-    """2 FLOP per matmul weight (blocks + LM head) plus causal attention's q.k and p.v at average length T/2."""
-    matmul_weights = cfg.n_layer * 12 * cfg.n_embd**2 + cfg.n_vocab * cfg.n_embd
+def flops_per_token(cfg, T, all_logits=True):
+    """2 FLOP per matmul weight (blocks + LM head) plus causal attention's q.k and p.v at average length T/2.
+    Without all_logits the head runs once per sequence of T tokens."""
+    head = cfg.n_vocab * cfg.n_embd / (1 if all_logits else T)
+    matmul_weights = cfg.n_layer * 12 * cfg.n_embd**2 + head
     return 2 * matmul_weights + cfg.n_layer * 2 * 2 * cfg.n_embd * (T + 1) / 2
 
 
@@ -78,8 +82,13 @@ class Result:
         return 100 * self.tokens_per_s / self.bound
 
 
-def _prefill(forward, ids):
-    forward(ids)
+def _prefill(model, ids, all_logits):                     # pp (into a fresh cache, last logits) or pp-all (every position's)
+    if isinstance(model, TorchBaseline):
+        model.prefill(ids, all_logits)
+    elif all_logits:
+        model.forward(ids)
+    else:
+        model.forward(ids, model.new_cache(ids.shape[0]), last=True)
 
 
 def _decode(forward, new_cache, ids):
@@ -130,9 +139,12 @@ class TorchBaseline:
         cache["past"] = out.past_key_values
         return out.logits
 
-    def prefill(self, ids):
+    def prefill(self, ids, all_logits=True):
         with self.torch.no_grad():
-            self.model(self.torch.from_numpy(ids), use_cache=False)
+            if all_logits:
+                self.model(self.torch.from_numpy(ids), use_cache=False)
+            else:                                          # generation's prefill: the cache filled, the last logits only
+                self.model(self.torch.from_numpy(ids), use_cache=True, logits_to_keep=1)
 
 
 def jit_cache_stats():
@@ -154,6 +166,12 @@ def run(*, weights_path=None, config="gpt2", backends=("numpy", "numba"), prompt
         log=lambda msg: print(msg, file=sys.stderr, flush=True)):
     """Run every (backend, weights format, batch, test) and return a report dict (results, ceilings,
     JIT timings, resident memory per format). The numpy backend runs fp32 only: it is the spec."""
+    if compare == "torch":
+        try:                                               # before numba's OpenMP pool starts: torch started after it
+            import torch  # noqa: F401                     # runs ~2x slower in the same process
+            import transformers  # noqa: F401
+        except ImportError as e:
+            raise InputError(f"compare='torch' needs torch and transformers ({e}); pip install '.[compare]'") from None
     threads = threads or numba.config.NUMBA_NUM_THREADS
     if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
         raise InputError(f"-t {threads}: this machine runs 1 to {numba.config.NUMBA_NUM_THREADS} threads")
@@ -197,21 +215,23 @@ def run(*, weights_path=None, config="gpt2", backends=("numpy", "numba"), prompt
             report["torch"] = baseline.version
             runners.append(("torch", "fp32", baseline))
         for B in batches:
-            for kind, n in [("pp", T) for T in prompts] + [("tg", N) for N in gens]:
+            tests = [(f"pp{T}", T) for T in prompts] + [(f"pp{T}-all", T) for T in prompts] + [(f"tg{N}", N) for N in gens]
+            for test, n in tests:
                 if n > cfg.n_ctx:
-                    log(f"skip {kind}{n}: longer than the context ({cfg.n_ctx})")
+                    log(f"skip {test}: longer than the context ({cfg.n_ctx})")
                     continue
                 ids = rng.integers(0, cfg.n_vocab, size=(B, n))
-                if kind == "pp":
-                    fns = [lambda m=m: _prefill(m.prefill if isinstance(m, TorchBaseline) else m.forward, ids) for _, _, m in runners]
+                prefill, all_logits = test.startswith("pp"), test.endswith("-all")
+                if prefill:
+                    fns = [lambda m=m: _prefill(m, ids, all_logits) for _, _, m in runners]
                 else:
                     fns = [lambda m=m: _decode(m.forward, (lambda b: {}) if isinstance(m, TorchBaseline) else m.new_cache, ids)
                            for _, _, m in runners]
-                log(f"b{B} {kind}{n}: " + ", ".join(f"{b}/{f}" for b, f, _ in runners))
+                log(f"b{B} {test}: " + ", ".join(f"{b}/{f}" for b, f, _ in runners))
                 for (backend, fmt, m), (median, std, samples) in zip(runners, _interleaved(fns, B * n, reps, log)):
-                    per_unit = (1 / flops_per_token(cfg, n) if kind == "pp"   # t/s per FLOP/s, or per byte/s read
+                    per_unit = (1 / flops_per_token(cfg, n, all_logits) if prefill   # t/s per FLOP/s, or per byte/s read
                                 else B / decode_bytes_per_step(base.params if backend == "torch" else m.params))
-                    report["results"].append(asdict(Result(name, cfg.n_params, backend, fmt, threads, B, f"{kind}{n}",
+                    report["results"].append(asdict(Result(name, cfg.n_params, backend, fmt, threads, B, test,
                                                             round(median, 2), round(std, 2), per_unit,
                                                             [round(s, 2) for s in samples])))
         log("measuring machine ceilings again (the best of both measurements sets the bounds) ...")

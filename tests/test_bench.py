@@ -1,4 +1,5 @@
 """The bench's report: how it states its bounds (figures themselves come from `npgpt bench`, not tests)."""
+import pytest
 
 from npgpt import bench
 
@@ -38,3 +39,14 @@ def test_bench_train_refuses_options_that_do_not_apply(capsys):
     assert "--weights and --weights-dtype do not apply" in capsys.readouterr().err
     assert cli.main(["bench", "--config", "gpt2,tiny"]) != 0
     assert "takes one config" in capsys.readouterr().err
+
+
+def test_prefill_flops_count_the_head_once_per_sequence_unless_all_logits():
+    """pp<T> (generation's prefill) runs the LM head on the last position only; pp<T>-all on every one:
+    at GPT-2 124M and T=512 that is ~1.4x the work, which the bounds must reflect."""
+    import npgpt
+
+    cfg = npgpt.preset("gpt2")
+    every, last = bench.flops_per_token(cfg, 512), bench.flops_per_token(cfg, 512, all_logits=False)
+    assert 1.4 < every / last < 1.5
+    assert every - last == pytest.approx(2 * cfg.n_vocab * cfg.n_embd * (1 - 1 / 512))
