@@ -82,13 +82,15 @@ class Result:
         return 100 * self.tokens_per_s / self.bound
 
 
-def _prefill(model, ids, all_logits):                     # pp (into a fresh cache, last logits) or pp-all (every position's)
+def _prefill(model, ids, all_logits, cache=None):         # pp (into an emptied KV cache, last logits) or pp-all (every position's)
     if isinstance(model, TorchBaseline):
         model.prefill(ids, all_logits)
     elif all_logits:
         model.forward(ids)
-    else:
-        model.forward(ids, model.new_cache(ids.shape[0]), last=True)
+    else:                                                  # the cache is allocated once, as llama-bench's, and emptied per run
+        for row in range(cache.batch):
+            cache.reset(row)
+        model.forward(ids, cache, last=True)
 
 
 def _decode(forward, new_cache, ids):
@@ -223,7 +225,8 @@ def run(*, weights_path=None, config="gpt2", backends=("numpy", "numba"), prompt
                 ids = rng.integers(0, cfg.n_vocab, size=(B, n))
                 prefill, all_logits = test.startswith("pp"), test.endswith("-all")
                 if prefill:
-                    fns = [lambda m=m: _prefill(m, ids, all_logits) for _, _, m in runners]
+                    fns = [lambda m=m, c=(None if isinstance(m, TorchBaseline) or all_logits else m.new_cache(B)): _prefill(m, ids, all_logits, c)
+                           for _, _, m in runners]
                 else:
                     fns = [lambda m=m: _decode(m.forward, (lambda b: {}) if isinstance(m, TorchBaseline) else m.new_cache, ids)
                            for _, _, m in runners]
@@ -316,7 +319,7 @@ def table(report):
               if be == "torch" and ("numba", "fp32", b, test) in by_key]
     if ratios:
         rows.append(f"numba / torch ({report['torch']}): " + ", ".join(ratios))
-    for fmt in ("bf16", "int8"):
+    for fmt in ("bf16", "int8", "int4"):
         ratios = [f"{test} b{b}: {t / by_key[('numba', 'fp32', b, test)]:.2f}x" for (be, f, b, test), t in by_key.items()
                   if be == "numba" and f == fmt and ("numba", "fp32", b, test) in by_key]
         if ratios:
