@@ -109,14 +109,13 @@ def run_level(port, requests, clients, max_tokens):
     wall = time.perf_counter() - start
     ttft = [times[0] for times, _, err in results if times and not err]
     itl = [b - a for times, _, err in results if not err for a, b in zip(times[:-1], times[1:-1])]   # the last chunk is the end
+    # decode rate, prefill excluded: tokens after the first over the time from a stream's first chunk to its last
+    spans = [(n - 1, times[-1] - times[0]) for times, n, err in results if not err and len(times) > 1]
     pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")
     errors = [err for _, _, err in results if err]
     return {"clients": clients, "requests": len(requests), "wall_s": round(wall, 2),
             "tokens_per_s": round(sum(n for _, n, err in results if not err) / wall, 2),
-            # per stream, prefill excluded: tokens after the first over the time from the first chunk to the last
-            "decode_tokens_per_s": round(sum(n - 1 for times, n, err in results if not err and len(times) > 1)
-                                         / sum(times[-1] - times[0] for times, _, err in results if not err and len(times) > 1), 2)
-            if any(len(times) > 1 for times, _, err in results if not err) else float("nan"),
+            "decode_tokens_per_s": round(sum(n for n, _ in spans) / sum(t for _, t in spans), 2) if spans else float("nan"),
             "requests_per_s": round(sum(1 for *_, err in results if not err) / wall, 3),
             "ttft_p50_ms": round(1e3 * pct(ttft, 50), 1), "ttft_p99_ms": round(1e3 * pct(ttft, 99), 1),
             "itl_p50_ms": round(1e3 * pct(itl, 50), 1), "itl_p99_ms": round(1e3 * pct(itl, 99), 1),

@@ -158,38 +158,36 @@ def _run_settings(cls, args, **extend):                   # a run's Settings fro
     return cls(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
 
 
+def _drive(module, settings, args, describe, total, done):   # a train or classify Run: start, describe, run under a progress bar
+    with api.threads(args.threads):
+        run = module.Run(settings, resume=bool(args.resume), log=lambda m: print(f"npgpt: {m}", file=sys.stderr))
+        print(f"npgpt: {describe(run)}", file=sys.stderr)
+        update, close = module.progress_bar(total(run), done(run))
+        try:
+            return run, run.run(progress=update)
+        finally:
+            close()
+
+
 def cmd_train(args):
     from . import train
 
-    settings = _run_settings(train.Settings, args, steps=args.steps)
-    with api.threads(args.threads):
-        run = train.Run(settings, resume=bool(args.resume), log=lambda m: print(f"npgpt: {m}", file=sys.stderr))
-        s = run.s
-        print(f"npgpt: training {'from ' + s.init if s.init else s.config + ' from scratch'} on {s.data} "
-              f"({len(run.train_ids):,} train / {len(run.val_ids):,} val tokens), {s.steps} steps of "
-              f"{s.batch}x{s.seq}x{s.accum} tokens, backend {s.backend}, into {s.out}", file=sys.stderr)
-        update, close = train.progress_bar(s.steps, run.step)
-        try:
-            run.run(progress=update)
-        finally:
-            close()
-    print(f"npgpt: done: step {run.step}, checkpoint in {s.out} (npgpt generate --weights {s.out} ...)", file=sys.stderr)
+    run, _ = _drive(train, _run_settings(train.Settings, args, steps=args.steps), args, lambda r: (
+        f"training {'from ' + r.s.init if r.s.init else r.s.config + ' from scratch'} on {r.s.data} "
+        f"({len(r.train_ids):,} train / {len(r.val_ids):,} val tokens), {r.s.steps} steps of "
+        f"{r.s.batch}x{r.s.seq}x{r.s.accum} tokens, backend {r.s.backend}, into {r.s.out}"),
+        total=lambda r: r.s.steps, done=lambda r: r.step)
+    print(f"npgpt: done: step {run.step}, checkpoint in {run.s.out} (npgpt generate --weights {run.s.out} ...)", file=sys.stderr)
 
 
 def cmd_classify_train(args):
     from . import classify
 
-    settings = _run_settings(classify.Settings, args, epochs=args.epochs)
-    with api.threads(args.threads):
-        run = classify.Run(settings, resume=bool(args.resume), log=lambda m: print(f"npgpt: {m}", file=sys.stderr))
-        s = run.s
-        print(f"npgpt: fine-tuning {s.init} ({s.trainable}) on {s.data}: {s.epochs} epochs of {run.steps_per_epoch} batches "
-              f"of {s.batch}, backend {s.backend}, into {s.out}", file=sys.stderr)
-        update, close = classify.progress_bar(run.total_steps, run.epoch * run.steps_per_epoch + run.pos)
-        try:
-            best = run.run(progress=update)
-        finally:
-            close()
+    run, best = _drive(classify, _run_settings(classify.Settings, args, epochs=args.epochs), args, lambda r: (
+        f"fine-tuning {r.s.init} ({r.s.trainable}) on {r.s.data}: {r.s.epochs} epochs of {r.steps_per_epoch} batches "
+        f"of {r.s.batch}, backend {r.s.backend}, into {r.s.out}"),
+        total=lambda r: r.total_steps, done=lambda r: r.epoch * r.steps_per_epoch + r.pos)
+    s = run.s
     print(f"npgpt: done: best epoch {best['epoch']} (val accuracy {best['val_accuracy']:.4f}) in {s.out} "
           f"(npgpt classify eval --weights {s.out} --data ...)", file=sys.stderr)
 
