@@ -463,9 +463,12 @@ def build_parser():
     c = sub.add_parser("classify", help="sequence classification: fine-tune (train), measure (eval), use (predict)")
     csub = c.add_subparsers(dest="classify_command", required=True)
 
-    def data_args(p):
+    def data_args(p, run=True):                            # the data's columns; with run: the backend and threads too
         p.add_argument("--text-column", default="text", help="CSV column / JSONL key of the text (default text)")
         p.add_argument("--label-column", default="label", help="CSV column / JSONL key of the label (default label)")
+        if run:
+            p.add_argument("--backend", default="numba", choices=api.BACKENDS)
+            p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
 
     ct = csub.add_parser("train", help="fine-tune a checkpoint with a score head on labelled texts; resumable")
     ct.add_argument("--data", help="labelled examples: CSV with a header, or JSONL")
@@ -488,8 +491,6 @@ def build_parser():
     ct.add_argument("--dropout", type=float, help="probability of GPT-2's embd, attn and resid dropout (default 0)")
     ct.add_argument("--seed", type=int, help="head init, split and data-order seed (default 0)")
     data_args(ct)
-    ct.add_argument("--backend", default="numba", choices=api.BACKENDS)
-    ct.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     ct.set_defaults(func=cmd_classify_train)
 
     ce = csub.add_parser("eval", help="accuracy, per-class precision/recall/F1 and the confusion matrix on labelled texts")
@@ -497,8 +498,6 @@ def build_parser():
     ce.add_argument("--data", required=True, help="labelled examples: CSV with a header, or JSONL")
     ce.add_argument("--json", help="also write the figures as JSON to this file")
     data_args(ce)
-    ce.add_argument("--backend", default="numba", choices=api.BACKENDS)
-    ce.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     ce.set_defaults(func=cmd_classify_eval)
 
     cp = csub.add_parser("predict", help="label texts: prints label, probability and the text's start (or JSON lines)")
@@ -507,8 +506,6 @@ def build_parser():
     cp.add_argument("--data", help="a CSV or JSONL file whose --text-column texts to label")
     cp.add_argument("--json", action="store_true", help="one JSON object per text: label, probabilities, text")
     data_args(cp)
-    cp.add_argument("--backend", default="numba", choices=api.BACKENDS)
-    cp.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     cp.set_defaults(func=cmd_classify_predict)
 
     cb = csub.add_parser("baseline", help="the majority class and a bag-of-words logistic regression, trained on --data, "
@@ -517,7 +514,7 @@ def build_parser():
     cb.add_argument("--test", required=True, help="test examples, the same format")
     cb.add_argument("--labels", type=lambda t: [x.strip() for x in t.split(",")], help="label names in order")
     cb.add_argument("--json", help="also write the figures as JSON to this file")
-    data_args(cb)
+    data_args(cb, run=False)
     cb.set_defaults(func=cmd_classify_baseline)
 
     i = sub.add_parser("inspect", help="print a checkpoint's config, parameter count, dtypes and size")
