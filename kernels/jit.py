@@ -53,6 +53,7 @@ if _cache_dir:                                            # an installed, read-o
 parallel = numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
 serial = numba.njit(nogil=True, fastmath=FASTMATH, cache=True)   # nogil: bands of it run on Python threads at once
 exact = numba.njit(parallel=True, cache=True)              # IEEE float32 as NumPy does it: no reassociation, no FMA
+inline = numba.njit(inline="always")                       # a helper's numba IR pasted into its caller (which sets the flags)
 
 @intrinsic
 def f32_from_bits(typingctx, bits):                        # uint32 -> float32 with the same bits (no conversion)

@@ -56,7 +56,7 @@ def test_causal_softmax(T, S):
     assert max_rel_err(softmax.causal_softmax(scores.copy(), 10), want) < TOL
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 13, 16, 17, 97])   # GEMV below 17 rows (8 at a time, then 4, then 1), BLAS above
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 13, 16, 17, 97])   # GEMV below 17 rows (4x4 tiles from 4, then the rest), BLAS above
 @pytest.mark.parametrize("n_in, n_out", [(60, 180), (180, 60), (768, 50), (61, 37)])   # an odd number of weight rows too
 def test_linear(rows, n_in, n_out):
     x, w, b = randn(rows, n_in), randn(n_in, n_out, scale=0.1), randn(n_out)

@@ -42,8 +42,8 @@ def test_kernel_tiles_dequantize_to_exactly_the_reference_values(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
-@pytest.mark.parametrize("rows", [1, 3, 4, 16, 17, 300])                # GEMV up to 16 rows, tiled sgemm above
-@pytest.mark.parametrize("n_in, n_out", [(60, 180), (180, 60), (768, 301)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 13, 16, 17, 300])         # GEMV up to 16 rows (4x4 tiles from 4), tiled sgemm above
+@pytest.mark.parametrize("n_in, n_out", [(60, 180), (180, 60), (768, 301), (61, 37)])
 def test_linear_on_quantized_weights(fmt, rows, n_in, n_out):
     x, b = rng.standard_normal((rows, n_in), dtype=np.float32), rng.standard_normal(n_out, dtype=np.float32)
     w = quant.convert(rng.standard_normal((n_in, n_out), dtype=np.float32) * np.float32(0.1), fmt, 1)
