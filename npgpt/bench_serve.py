@@ -6,7 +6,7 @@ requests (mixed prompt lengths, greedy, a fixed number of new tokens, streamed);
 the next request when its last one ends. Reported per level: aggregate generated tokens/s and
 requests/s over the level's wall time, time to first token and inter-token latency (p50, p99), and
 errors and lost requests (a request that ended without its last chunk or `[DONE]`). Clients use only
-the standard library (http.client).
+the standard library (http.client). Levels repeat in rounds; ratios are taken within a round (see run).
 """
 
 import http.client
@@ -126,9 +126,12 @@ def run_level(port, requests, clients, max_tokens):
 def run(*, weights=None, config="gpt2", backend="numba", weights_dtype=None, levels=(1, 4, 8, 16), requests=16,
         max_tokens=64, prompt_lengths=(16, 256), threads=None, seed=0, tg_reference=True, rounds=3,
         log=lambda msg: print(msg, file=sys.stderr, flush=True)):
-    """With tg_reference, the 1-client level runs `rounds` times, each right after an in-process `npgpt bench`
-    tg128 b1 of the same model (the server idle meanwhile): the ratio of the two is taken per round, side by
-    side, because this machine's speed drifts by more than the overhead being measured."""
+    """Every level runs once per round, `rounds` rounds, in forward order then reversed (a drift within a
+    round hits the levels alike); each ratio is taken within its round, then the median over rounds,
+    because this machine's speed drifts between minutes by more than the effects being measured:
+    - each level's aggregate tokens/s against the 1-client level's of the same round;
+    - with tg_reference, the 1-client decode rate against an in-process `npgpt bench` tg128 b1 of the same
+      model run just before it (the server idle meanwhile)."""
     if requests < 1 or max_tokens < 1 or min(levels) < 1 or rounds < 1:
         raise InputError("--serve needs at least 1 request, 1 token, 1 client per level and 1 round")
     rng = np.random.default_rng(seed)
@@ -140,31 +143,42 @@ def run(*, weights=None, config="gpt2", backend="numba", weights_dtype=None, lev
                         max_batch=max(levels), threads=threads)
     report = {"server": {"weights": weights or f"{config} (random)", "backend": backend, "weights_dtype": weights_dtype or "fp32",
                          "max_batch": max(levels)},
-              "load": {"requests": requests, "max_tokens": max_tokens, "prompt_lengths": [int(x) for x in lengths]}, "levels": []}
+              "load": {"requests": requests, "max_tokens": max_tokens, "prompt_lengths": [int(x) for x in lengths]},
+              "rounds": [], "levels": []}
     try:
         stream_one(port, prompts[0][:8], 4)                # warm-up: JIT cache, first allocations
-        for clients in levels:
-            paired = tg_reference and clients == 1
-            runs = []
-            for r in range(rounds if paired else 1):
-                tg = _tg128(weights, config, backend, weights_dtype, threads, log) if paired else None
-                log(f"{clients} concurrent clients, {requests} requests of {max_tokens} tokens"
-                    + (f" (round {r + 1} of {rounds}) ..." if paired else " ..."))
-                runs.append({**run_level(port, prompts, clients, max_tokens), **({"tg128_b1": tg} if paired else {})})
-                log(f"  {runs[-1]['tokens_per_s']} tokens/s" + (f"; decode {runs[-1]['decode_tokens_per_s']} t/s vs tg128 {tg} t/s"
-                                                                 if paired else ""))
-            if paired:
-                ratios = [x["decode_tokens_per_s"] / x["tg128_b1"] for x in runs]
-                report["one_client_vs_tg128"] = {"ratios": [round(x, 3) for x in ratios], "median": round(float(np.median(ratios)), 3)}
-                runs = [runs[int(np.argsort(ratios)[len(ratios) // 2])]]   # the table shows the median round
-            report["levels"].append(runs[0])
+        for r in range(rounds):
+            runs = {}
+            for clients in (levels if r % 2 == 0 else levels[::-1]):
+                tg = _tg128(weights, config, backend, weights_dtype, threads, log) if tg_reference and clients == 1 else None
+                log(f"round {r + 1} of {rounds}: {clients} concurrent clients, {requests} requests of {max_tokens} tokens ...")
+                runs[clients] = {**run_level(port, prompts, clients, max_tokens), **({"tg128_b1": tg} if tg else {})}
+                log(f"  {runs[clients]['tokens_per_s']} tokens/s" + (f"; decode {runs[clients]['decode_tokens_per_s']} t/s "
+                                                                     f"vs tg128 {tg} t/s" if tg else ""))
+            report["rounds"].append([runs[c] for c in levels])
     finally:
         proc.terminate()
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+    summarize(report, levels)
     return report
+
+
+def summarize(report, levels):
+    """Per level, the round of median tokens/s goes in the table; ratios are medians of per-round ratios."""
+    median = lambda xs: {"ratios": [round(x, 3) for x in xs], "median": round(float(np.median(xs)), 3)}
+    for i, clients in enumerate(levels):
+        runs = [rnd[i] for rnd in report["rounds"]]
+        report["levels"].append(sorted(runs, key=lambda x: x["tokens_per_s"])[len(runs) // 2])
+    if 1 in levels:
+        one = levels.index(1)
+        report["vs_one_client"] = {c: median([rnd[i]["tokens_per_s"] / rnd[one]["tokens_per_s"] for rnd in report["rounds"]])
+                                   for i, c in enumerate(levels) if c != 1}
+        if "tg128_b1" in report["rounds"][0][one]:
+            report["one_client_vs_tg128"] = median([rnd[one]["decode_tokens_per_s"] / rnd[one]["tg128_b1"]
+                                                    for rnd in report["rounds"]])
 
 
 def _tg128(weights, config, backend, weights_dtype, threads, log):   # in-process `npgpt bench` tg128 b1 -> tokens/s
@@ -187,16 +201,16 @@ def table(report):
     rows += ["", f"server: {s['weights']}, {s['backend']}, {s['weights_dtype']}, --max-batch {s['max_batch']}; each level: "
              f"{load['requests']} streamed greedy requests of {load['max_tokens']} tokens, prompts of "
              f"{min(load['prompt_lengths'])}-{max(load['prompt_lengths'])} tokens"]
-    by = {r["clients"]: r["tokens_per_s"] for r in report["levels"]}
-    if 1 in by:
-        rows.append("aggregate tokens/s vs 1 client: " + ", ".join(f"{c} clients {v / by[1]:.2f}x" for c, v in by.items() if c != 1))
-        one = next(r for r in report["levels"] if r["clients"] == 1)
-        if report.get("one_client_vs_tg128"):
-            ratios = report["one_client_vs_tg128"]
-            rows.append(f"1 client's decode rate (tokens after the first / time from first to last chunk) vs npgpt bench tg128 b1 "
-                        f"(same model, in-process, run just before each round): {ratios['median']:.2f}x, the median of "
-                        f"{len(ratios['ratios'])} rounds ({', '.join(f'{x:.2f}x' for x in ratios['ratios'])}); shown round: "
-                        f"{one['decode_tokens_per_s']:.1f} vs {one['tg128_b1']:.1f} t/s; with prefill, 1 client makes {by[1]:.1f} t/s")
+    n = len(report["rounds"])
+    if report.get("vs_one_client"):
+        rows.append(f"aggregate tokens/s vs 1 client, per round, median of {n}: " + "; ".join(
+            f"{c} clients {v['median']:.2f}x ({', '.join(f'{x:.2f}' for x in v['ratios'])})" for c, v in report["vs_one_client"].items()))
+    if report.get("one_client_vs_tg128"):
+        v = report["one_client_vs_tg128"]
+        rows.append(f"1 client's decode rate (tokens after the first / time from first to last chunk) vs npgpt bench tg128 b1 "
+                    f"(same model, in-process, run just before it), per round, median of {n}: {v['median']:.2f}x "
+                    f"({', '.join(f'{x:.2f}' for x in v['ratios'])})")
+    rows.append(f"table: per level, the round of median tokens/s (of {n})")
     errors = [r["first_error"] for r in report["levels"] if r["first_error"]]
     if errors:
         rows.append(f"first error: {errors[0]}")

@@ -420,7 +420,7 @@ def build_parser():
     b.add_argument("-n", type=_ints, help="tokens to decode for tg tests (default 128)")
     b.add_argument("-b", type=_ints, help="batch sizes (default 1)")
     b.add_argument("-t", type=int, default=None, help="threads for numba and BLAS (default: all cores)")
-    b.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (default 3); --serve: rounds of 1 client vs tg128")
+    b.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (default 3); --serve: rounds of every level")
     b.add_argument("--json", help="also write the report as JSON to this file")
     b.add_argument("--compare", choices=["torch"], help="also run transformers' GPT-2 in PyTorch on the same weights")
     b.set_defaults(func=cmd_bench)

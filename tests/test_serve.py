@@ -300,10 +300,13 @@ def test_bench_serve_machinery_reports_every_level_without_errors():
     assert [r["clients"] for r in report["levels"]] == [1, 3]
     for r in report["levels"]:
         assert r["errors"] == 0 and r["lost"] == 0 and r["tokens_per_s"] > 0 and r["ttft_p50_ms"] > 0
+    assert [[r["clients"] for r in rnd] for rnd in report["rounds"]] == [[1, 3], [1, 3]]   # every level in every round
     ratios = report["one_client_vs_tg128"]["ratios"]           # 1 client, each round next to its own tg128 run
     assert len(ratios) == 2 and all(r > 0 for r in ratios) and report["levels"][0]["tg128_b1"] > 0
+    scaling = report["vs_one_client"][3]["ratios"]            # 3 clients against 1 client of the same round
+    assert scaling == [round(rnd[1]["tokens_per_s"] / rnd[0]["tokens_per_s"], 3) for rnd in report["rounds"]]
     text = bench_serve.table(report)
-    assert "| 3 | 4 |" in text and "3 clients" in text and "the median of 2 rounds" in text
+    assert "| 3 | 4 |" in text and "3 clients" in text and "median of 2" in text
 
 
 def test_bench_serve_flags(capsys):
