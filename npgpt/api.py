@@ -14,7 +14,7 @@ from .config import Config, preset
 from .errors import CheckpointError, InputError
 from .generate import Timings, generate_ids, generate_ragged, text_pieces
 from .inputs import check_ids, check_seed
-from .model import REFERENCE, Dropout, cross_entropy, forward
+from .model import REFERENCE, Dropout, cross_entropy, forward, forward_packed
 from .tokenizer import encode, get_encoding
 
 BACKENDS = ("numpy", "numba")
@@ -149,6 +149,10 @@ class Model:
     def forward(self, ids, cache=None, last=False):        # [T] or [B, T] -> float32 [T, V] or [B, T, V]
         with self._runtime():
             return forward(self.params, ids, self.config, ops=self.ops, cache=cache, last=last)
+
+    def forward_packed(self, cache, groups):               # [(first row, [B, T] ids)] -> float32 [rows, V]
+        with self._runtime():
+            return forward_packed(self.params, cache, groups, self.config, ops=self.ops)
 
     def loss(self, ids, targets=None):                     # [T] or [B, T] -> mean next-token cross-entropy (nats)
         """As transformers' `labels=ids` loss: every position predicts the next token, averaged. With

@@ -84,3 +84,49 @@ class LayerCache:
         ends = starts + T
         S = int(ends.max())
         return self.k[:, :, :S], self.v[:, :, :S], ends
+
+
+class Packed:
+    """Groups of rows of one cache advanced in a single forward pass (npgpt.model.forward_packed): group
+    (start, T) is rows start..start+B-1, each adding T new tokens. Their tokens travel as one sequence
+    [1, N], group by group and row by row, so the per-token work (embeddings, LayerNorm, the linear
+    layers, GELU) runs once over all N tokens; attention runs per group, each row on its own keys.
+    Serving packs the busy rows' next tokens (one group, T = 1) with newcomers' prompts (a group each)."""
+
+    def __init__(self, cache, groups):                     # groups: [(first row, rows, T)]
+        rows = sorted(r for start, B, _ in groups for r in range(start, start + B))
+        if len(set(rows)) != len(rows) or not groups or rows[0] < 0 or rows[-1] >= cache.batch:
+            raise InputError(f"packed groups {[(s, B) for s, B, _ in groups]} must be distinct rows of this cache's {cache.batch}")
+        self.cache, self.groups = cache, groups
+        self._views = [cache.rows(start, start + B) for start, B, _ in groups]
+
+    def positions(self):                                   # [N]: each row goes on from its own length
+        return np.concatenate([(view.lengths[:, None] + np.arange(T)).ravel() for view, (_, _, T) in zip(self._views, self.groups)])
+
+    def last(self):                                        # [rows]: where each row's last new token sits in the N
+        ends = np.cumsum([B * T for _, B, T in self.groups])
+        return np.concatenate([end - B * T + np.arange(1, B + 1) * T - 1 for end, (_, B, T) in zip(ends, self.groups)])
+
+    def layer(self, i):
+        return PackedLayer(self, i)
+
+    def advance(self):
+        for view, (_, _, T) in zip(self._views, self.groups):
+            view.lengths += T
+
+
+class PackedLayer:
+    def __init__(self, packed, i):
+        self.packed, self.i = packed, i
+
+    def attend(self, q, k, v, attention):                  # [1, H, N, D] x3, the op -> [1, H, N, D]
+        """Each group's queries, keys and values back in [B, H, T, D]; its keys written into its rows and
+        attended to as a plain cache forward would (causal within the new T, all of each row's past)."""
+        H, D = q.shape[1], q.shape[3]
+        out, offset = [], 0
+        for view, (_, B, T) in zip(self.packed._views, self.packed.groups):
+            qg, kg, vg = (a[0, :, offset : offset + B * T].reshape(H, B, T, D).transpose(1, 0, 2, 3) for a in (q, k, v))
+            keys, values, lengths = view.layer(self.i).append(kg, vg)
+            out.append(attention(qg, keys, values, lengths=lengths).transpose(1, 0, 2, 3).reshape(H, B * T, D))
+            offset += B * T
+        return np.concatenate(out, axis=1)[None]

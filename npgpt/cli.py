@@ -12,6 +12,7 @@ from . import weights as weight_io
 
 from . import __version__, api, quant
 from .config import PRESETS
+from .serve.engine import PREFILL_TOKENS
 from .errors import InputError, NpgptError
 from .tokenizer import encode
 
@@ -99,7 +100,7 @@ def cmd_serve(args):
         raise NpgptError(f"npgpt serve needs the serve extra ({e.name} is missing): pip install 'npgpt[serve]'") from None
     from .serve.engine import Engine
 
-    for name in ("max_batch", "max_queue", "port"):
+    for name in ("max_batch", "max_queue", "prefill_tokens", "port"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise InputError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     # The engine and the event loop share the GIL; a short switch interval lets the event loop send each
@@ -109,7 +110,7 @@ def cmd_serve(args):
         model = _model(args)
         name = args.model_name or (os.path.basename(os.path.normpath(args.weights)).removesuffix(".safetensors")
                                    if args.weights else f"{args.config}-random")
-        engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue)
+        engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, prefill_tokens=args.prefill_tokens)
         server = uvicorn.Server(uvicorn.Config(create_app(engine, name), host=args.host, port=args.port, log_level=args.log_level,
                                                timeout_graceful_shutdown=args.shutdown_timeout))
         print(f"npgpt: serving {name!r} ({model.backend}, {model.weights}) on http://{args.host}:{args.port}/v1 "
@@ -431,6 +432,8 @@ def build_parser():
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-batch", type=int, default=8, help="KV-cache slots: requests decoded together (default 8)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    sv.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS, help="prompt tokens admitted per step, prefilled "
+                    f"with the busy rows' next tokens (default {PREFILL_TOKENS}; one prompt always)")
     sv.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name)")
     sv.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
     sv.add_argument("--shutdown-timeout", type=float, default=30, help="seconds in-flight requests get on SIGTERM (default 30)")

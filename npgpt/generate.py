@@ -81,8 +81,8 @@ class Continuation:
 
 class Slots:
     """max_batch rows of one KV cache and the continuations in rows 0..n-1 (continuous batching).
-    A continuation is prefilled alone into the next free row; `step` advances every busy row one token
-    in one batched forward, each row at its own position, attending only to its own keys. A finished
+    `step` advances every busy row one token and prefills newcomers into the next free rows, in one
+    forward, each row at its own position, attending only to its own keys (`add` prefills one alone). A finished
     row leaves at once and the last busy row moves into its place, so the busy rows stay 0..n-1 and
     no step ever computes on a finished or padded row."""
 
@@ -101,10 +101,18 @@ class Slots:
             row.prompt_scores(logits[:-1])                 # [T - 1, V]: position t predicts prompt token t + 1
         row.take(logits[-1])
 
-    def step(self):                                        # every busy row: one more token
-        step = np.array([[row.new[-1]] for row in self.busy])                                    # [n, 1]
-        logits = self.model.forward(step, cache=self.cache.rows(0, len(self.busy)), last=True)    # [n, 1, V]
-        for row, row_logits in zip(self.busy, logits[:, -1, : self.n_choices]):
+    def step(self, newcomers=()):                          # every busy row: one more token; newcomers join
+        """One forward for every busy row's next token and the newcomers' prompts, prefilled into the next
+        free rows (npgpt.model.forward_packed): the prompts' pass over the weights carries the busy rows'
+        tokens too, and several prompts share one. Each newcomer takes its first token."""
+        n = len(self.busy)
+        groups = [(0, np.array([[row.new[-1]] for row in self.busy]))] if self.busy else []      # [n, 1]
+        for i, row in enumerate(newcomers, start=n):
+            self.cache.reset(i)
+            groups.append((i, row.ids[None]))
+        logits = self.model.forward_packed(self.cache, groups)                                   # [n + k, V]
+        self.busy.extend(newcomers)
+        for row, row_logits in zip(self.busy, logits[:, : self.n_choices]):
             row.take(row_logits)
 
     def drop_finished(self):                               # -> the continuations that left

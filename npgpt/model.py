@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from .cache import Packed, PackedLayer
 from .inputs import check_ids
 from .quant import dequantize
 
@@ -119,6 +120,8 @@ def merge_heads(x):                                        # [B, H, T, D] -> [B,
 
 def self_attention(x, c_attn, c_proj, *, n_head, ops, kv=None, drop=NO_DROPOUT):   # [B, T, C] -> [B, T, C]
     q, k, v = split_heads(ops.linear(x, **c_attn), n_head)        # [B, T, 3C] -> 3 x [B, H, T, D]
+    if isinstance(kv, PackedLayer):                               # rows packed as one sequence: each group in its rows
+        return ops.linear(merge_heads(kv.attend(q, k, v, ops.attention)), **c_proj)
     lengths = None
     if kv is not None:
         k, v, lengths = kv.append(k, v)                           # 2 x [B, H, longest past + T, D], [B] row lengths
@@ -163,3 +166,22 @@ def forward(params, ids, cfg, ops=REFERENCE, cache=None, last=False, drop=NO_DRO
         x = x[:, -1:]                                                                         # [B, 1, C]
     logits = ops.lm_head(ops.layer_norm(x, **params["ln_f"], eps=cfg.eps), **params["lm_head"])   # [B, T, V]
     return logits[0] if one_sequence else logits
+
+
+def forward_packed(params, cache, groups, cfg, ops=REFERENCE):   # [(first row, [B, T] ids)] -> [rows, V]
+    """Several groups of a cache's rows advanced in one pass: group (start, ids [B, T]) adds T tokens to
+    each of rows start..start+B-1. Returns each row's last-position logits, group by group: what
+    forward(ids, cache.rows(start, start + B), last=True) gives each group alone. Token-wise work runs
+    once over all the groups' tokens (npgpt.cache.Packed), so a prompt's prefill and other rows' next
+    tokens share the linear layers' passes over the weights."""
+    cache.check(cfg)
+    checked = [check_ids(ids, cfg, past=int(cache.lengths[start : start + len(np.atleast_2d(ids))].max()), batch=len(np.atleast_2d(ids)))[0]
+               for start, ids in groups]                                                 # each [B, T]
+    packed = Packed(cache, [(start, *ids.shape) for (start, _), ids in zip(groups, checked)])
+    ids = np.concatenate([ids.ravel() for ids in checked])                                # [N]: group by group, row by row
+    x = (params["wte"]["weight"][ids] + params["wpe"]["weight"][packed.positions()])[None]   # [1, N, C]
+    for i, layer in enumerate(params["h"]):
+        x = block(x, **layer, n_head=cfg.n_head, eps=cfg.eps, ops=ops, kv=packed.layer(i))
+    packed.advance()
+    x = x[:, packed.last()]                                                               # [1, rows, C]
+    return ops.lm_head(ops.layer_norm(x, **params["ln_f"], eps=cfg.eps), **params["lm_head"])[0]

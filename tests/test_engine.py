@@ -153,3 +153,40 @@ def test_a_request_cancelled_while_waiting_never_takes_a_row(model):
         assert first.wait().done.finish_reason == "length"
     finally:
         engine.stop(timeout=30)
+
+
+class Steps:
+    """An observer that records how many rows were busy after each engine step."""
+
+    def __init__(self):
+        self.busy = []
+
+    def started(self, request):
+        pass
+
+    def finished(self, request, reason):
+        pass
+
+    def step(self, busy, waiting):
+        self.busy.append(busy)
+
+
+@pytest.mark.parametrize("budget, first_step", [(1, 1), (512, 3)])
+def test_newcomers_join_together_within_the_prefill_budget(model, budget, first_step):
+    """Requests waiting when the engine starts join in one step while their prompts fit --prefill-tokens
+    (one always joins); either way each gets exactly what it gets alone."""
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(0, 50257, n)) for n in (5, 12, 8)]
+    steps = Steps()
+    engine = Engine(model, max_batch=4, observer=steps, prefill_tokens=budget)
+    sinks = [Collector() for _ in prompts]
+    for ids, sink in zip(prompts, sinks):
+        engine.submit(ids, Sampling(max_tokens=6, temperature=0), sink)
+    engine.start()
+    try:
+        results = [sink.wait() for sink in sinks]
+    finally:
+        engine.stop(timeout=30)
+    assert steps.busy[0] == first_step
+    for ids, r in zip(prompts, results):
+        assert r.ids == model.generate(ids, max_new_tokens=6, temperature=0)

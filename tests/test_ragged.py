@@ -91,3 +91,36 @@ def test_generate_on_a_list_of_texts(backend):
 def test_bad_prompt_lists(tiny, prompts, kwargs, message):
     with pytest.raises(npgpt.NpgptError, match=message):
         tiny.generate(prompts, max_new_tokens=2, temperature=0, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_packed_groups_equal_each_group_alone(tiny_params, backend):
+    """forward_packed: busy rows' next tokens (one group, T=1) and two prompts (a group each, rows of
+    their own) in one pass give each row the logits it gets alone, and fill each row of the cache."""
+    model = npgpt.Model(tiny_params, TINY, backend=backend)
+    history = [rng.integers(0, TINY.n_vocab, n) for n in (9, 2, 30)]
+    prompts = [rng.integers(0, TINY.n_vocab, n) for n in (7, 20)]
+    cache = model.new_cache(batch=6)
+    for i, s in enumerate(history):
+        model.forward(s[None, :-1], cache=cache.rows(i, i + 1))
+    groups = [(0, np.array([[s[-1]] for s in history])), (3, prompts[0][None]), (5, prompts[1][None])]
+    logits = model.forward_packed(cache, groups)
+    assert logits.shape == (5, TINY.n_vocab) and cache.lengths.tolist() == [9, 2, 30, 7, 0, 20]
+    for got, seq in zip(logits, history + prompts):
+        assert max_rel_err(got, model.forward(seq)[-1]) < 1e-5      # float32 sums in another order: 1e-5 as elsewhere
+    step = model.forward_packed(cache, [(3, np.array([[4]])), (0, np.array([[6], [7], [8]]))])   # the cache goes on from there
+    for got, seq in zip(step, [np.append(prompts[0], 4)] + [np.append(s, t) for s, t in zip(history, (6, 7, 8))]):
+        assert max_rel_err(got, model.forward(seq)[-1]) < 1e-5
+
+
+def test_packed_groups_refuse_shared_rows_and_overflows(tiny):
+    cache = tiny.new_cache(batch=3)
+    with pytest.raises(npgpt.InputError, match="distinct rows"):
+        tiny.forward_packed(cache, [(0, np.array([[1], [2]])), (1, np.array([[3]]))])
+    with pytest.raises(npgpt.InputError, match="distinct rows"):
+        tiny.forward_packed(cache, [(2, np.array([[1], [2]]))])
+    with pytest.raises(npgpt.InputError, match="outside the vocabulary"):
+        tiny.forward_packed(cache, [(0, np.array([[TINY.n_vocab]]))])
+    with pytest.raises(npgpt.InputError, match="exceeds the context"):
+        tiny.forward_packed(cache, [(1, np.zeros((1, TINY.n_ctx + 1), np.int64))])
+    assert cache.lengths.tolist() == [0, 0, 0]                  # nothing was written

@@ -288,6 +288,8 @@ def test_serve_flags_are_checked(capsys):
 
     assert cli.main(["serve", "--config", "tiny", "--max-batch", "0"]) == 1
     assert "--max-batch must be >= 1" in capsys.readouterr().err
+    assert cli.main(["serve", "--config", "tiny", "--prefill-tokens", "0"]) == 1
+    assert "--prefill-tokens must be >= 1" in capsys.readouterr().err
 
 
 def test_bench_serve_machinery_reports_every_level_without_errors():

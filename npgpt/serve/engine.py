@@ -1,8 +1,9 @@
 """The continuous-batching engine: one thread owns the model and --max-batch KV-cache rows.
 
-HTTP handlers only `submit` requests and read their events. The engine thread loops: admit the next
-waiting request into a free row (prefilled alone; one per step), run one batched decode step over every busy row,
-hand each request its token, and let finished or cancelled rows leave at once (npgpt.generate.Slots).
+HTTP handlers only `submit` requests and read their events. The engine thread loops: admit waiting
+requests into free rows (up to --prefill-tokens prompt tokens a step), run one forward that carries
+every busy row's next token and the newcomers' prompts (npgpt.model.forward_packed), hand each request
+its token, and let finished or cancelled rows leave at once (npgpt.generate.Slots).
 Each request keeps its own sampling parameters, generator (seed), stop strings and max_tokens, so
 its text is exactly what it would get alone. Waiting requests queue up to --max-queue; beyond that
 `submit` raises QueueFull at once (HTTP 429).
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..errors import NpgptError
 from ..generate import Continuation, Slots, TextOut
+from ..inputs import check_ids
 from ..tokenizer import EOT, get_encoding
 
 
@@ -113,12 +115,15 @@ class Request(Continuation):
         self.cancelled = True
 
 
+PREFILL_TOKENS = 512                                       # prompt tokens admitted per step (one prompt always)
+
+
 class Engine:
     """Owns the model; serves submitted requests in a thread of its own. `observer` (optional) gets
     observer.started(request), .finished(request, reason) and .step(busy, waiting) calls."""
 
-    def __init__(self, model, max_batch=8, max_queue=64, observer=None):
-        self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+    def __init__(self, model, max_batch=8, max_queue=64, observer=None, prefill_tokens=PREFILL_TOKENS):
+        self.model, self.max_batch, self.max_queue, self.prefill_tokens = model, max_batch, max_queue, prefill_tokens
         self.slots = Slots(model, max_batch, n_choices=get_encoding().n_vocab)
         self.waiting = collections.deque()
         self.wake = threading.Condition()
@@ -179,34 +184,44 @@ class Engine:
                     self.wake.wait()
                 if self.stopping and not self.waiting and not self.slots.busy:
                     return
-                # one prefill per decode step: a prefill stalls every busy row's next token, so newcomers join one
-                # per step rather than all at once (a token waits for at most one prefill)
-                admitted = [self.waiting.popleft()] if self.waiting and len(self.slots.busy) < self.max_batch else []
-            for request in admitted:
-                self._guarded(request, lambda r=request: self.slots.add(r))
+                # newcomers join while their prompts fit the step's budget: a step's prefill delays every busy
+                # row's next token, so the budget bounds that delay; one prompt always goes, however long
+                admitted, tokens = [], 0
+                while (self.waiting and len(self.slots.busy) + len(admitted) < self.max_batch
+                       and (not admitted or tokens + len(self.waiting[0].ids) <= self.prefill_tokens)):
+                    admitted.append(self.waiting.popleft())
+                    tokens += len(admitted[-1].ids)
+            newcomers = []
+            for request in admitted:                       # prompt scoring (echo + logprobs) needs every position: alone
+                if request.score_prompt:
+                    self._guarded(request, lambda r=request: self.slots.add(r))
+                elif self._guarded(request, lambda r=request: check_ids(r.ids, self.model.config)):
+                    newcomers.append(request)
             self._leave()
-            if self.slots.busy:
+            if self.slots.busy or newcomers:
                 try:
-                    self.slots.step()
+                    self.slots.step(newcomers)
                 except Exception as e:                     # noqa: BLE001 (a failed step ends its requests, not the server)
-                    for request in list(self.slots.busy):
+                    for request in {id(r): r for r in self.slots.busy + newcomers}.values():
                         self._fail(request, e)
                 self._leave()
             if self.observer:
                 self.observer.step(len(self.slots.busy), len(self.waiting))
 
-    def _guarded(self, request, fn):
+    def _guarded(self, request, fn):                       # -> whether fn ran without error
         if request.cancelled:                              # cancelled while it waited: it never takes a row
             request.sink(Done("cancelled"))
             if self.observer:
                 self.observer.finished(request, "cancelled")
-            return
+            return False
         if self.observer:
             self.observer.started(request)
         try:
             fn()
         except Exception as e:                             # noqa: BLE001
             self._fail(request, e)
+            return False
+        return True
 
     def _fail(self, request, error):                       # the request ends with an error event; its row leaves
         request.cancelled = request.failed = True
