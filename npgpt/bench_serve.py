@@ -29,9 +29,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def start_server(port, *, weights=None, config="gpt2", backend="numba", weights_dtype=None, max_batch=16, threads=None, log=print):
+def start_server(port, *, weights=None, config="gpt2", backend="numba", weights_dtype=None, max_batch=16, threads=None,
+                 prefill_tokens=None, log=print):
     cmd = [sys.executable, "-m", "npgpt", "serve", "--port", str(port), "--max-batch", str(max_batch), "--max-queue", "256",
            "--backend", backend, "--model-name", "bench"]
+    cmd += ["--prefill-tokens", str(prefill_tokens)] if prefill_tokens else []
     cmd += ["--weights", weights] if weights else ["--config", config]
     cmd += ["--weights-dtype", weights_dtype] if weights_dtype else []
     cmd += ["-t", str(threads)] if threads else []
@@ -124,7 +126,7 @@ def run_level(port, requests, clients, max_tokens):
 
 
 def run(*, weights=None, config="gpt2", backend="numba", weights_dtype=None, levels=(1, 4, 8, 16), requests=16,
-        max_tokens=64, prompt_lengths=(16, 256), threads=None, seed=0, tg_reference=True, rounds=3,
+        max_tokens=64, prompt_lengths=(16, 256), threads=None, seed=0, tg_reference=True, rounds=3, prefill_tokens=None,
         log=lambda msg: print(msg, file=sys.stderr, flush=True)):
     """Every level runs once per round, `rounds` rounds, in forward order then reversed (a drift within a
     round hits the levels alike); each ratio is taken within its round, then the median over rounds,
@@ -140,9 +142,9 @@ def run(*, weights=None, config="gpt2", backend="numba", weights_dtype=None, lev
     port = _free_port()
     log(f"starting npgpt serve ({weights or config + ' random'}, {backend}) on port {port} ...")
     proc = start_server(port, weights=weights, config=config, backend=backend, weights_dtype=weights_dtype,
-                        max_batch=max(levels), threads=threads)
+                        max_batch=max(levels), threads=threads, prefill_tokens=prefill_tokens)
     report = {"server": {"weights": weights or f"{config} (random)", "backend": backend, "weights_dtype": weights_dtype or "fp32",
-                         "max_batch": max(levels)},
+                         "max_batch": max(levels), "prefill_tokens": prefill_tokens},
               "load": {"requests": requests, "max_tokens": max_tokens, "prompt_lengths": [int(x) for x in lengths]},
               "rounds": [], "levels": []}
     try:

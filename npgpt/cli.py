@@ -12,7 +12,7 @@ from . import weights as weight_io
 
 from . import __version__, api, quant
 from .config import PRESETS
-from .serve.engine import PREFILL_TOKENS
+from .generate import PREFILL_TOKENS
 from .errors import InputError, NpgptError
 from .tokenizer import encode
 

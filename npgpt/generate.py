@@ -1,6 +1,7 @@
 """Prompt -> stream of new tokens: one prefill over the prompt, then one cached decode step per token."""
 
 import codecs
+import collections
 import time
 from dataclasses import dataclass
 
@@ -139,14 +140,25 @@ def generate_ragged(model, prompts, *, max_new_tokens=20, temperature=1.0, top_k
                          stop_token, model.config.n_ctx) for ids, seed in zip(prompts, seeds)]
     if max_new_tokens == 0:
         return [r.new for r in rows]
-    slots = Slots(model, len(rows), n_choices)
-    for row in rows:
-        slots.add(row)
-    slots.drop_finished()
-    while slots.busy:
-        slots.step()
+    slots, pending = Slots(model, len(rows), n_choices), collections.deque(rows)
+    while pending or slots.busy:                           # prompts join within the budget; the rest decode meanwhile
+        slots.step(take_prompts(pending, PREFILL_TOKENS, len(rows) - len(slots.busy)))
         slots.drop_finished()
     return [r.new for r in rows]
+
+
+PREFILL_TOKENS = 512                                       # prompt tokens prefilled per step (one prompt always)
+
+
+def take_prompts(queue, budget, free):                     # deque of continuations -> those to prefill this step
+    """From the front of `queue`, as many as there are free rows while their prompts total at most
+    `budget` tokens, and always one (if a row is free): a step's prefill delays every busy row's next
+    token, so the budget bounds that delay, and several short prompts share one pass over the weights."""
+    taken, tokens = [], 0
+    while queue and len(taken) < free and (not taken or tokens + len(queue[0].ids) <= budget):
+        taken.append(queue.popleft())
+        tokens += len(taken[-1].ids)
+    return taken
 
 
 class TextOut:

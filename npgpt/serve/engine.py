@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from ..errors import NpgptError
-from ..generate import Continuation, Slots, TextOut
+from ..generate import PREFILL_TOKENS, Continuation, Slots, TextOut, take_prompts
 from ..inputs import check_ids
 from ..tokenizer import EOT, get_encoding
 
@@ -115,9 +115,6 @@ class Request(Continuation):
         self.cancelled = True
 
 
-PREFILL_TOKENS = 512                                       # prompt tokens admitted per step (one prompt always)
-
-
 class Engine:
     """Owns the model; serves submitted requests in a thread of its own. `observer` (optional) gets
     observer.started(request), .finished(request, reason) and .step(busy, waiting) calls."""
@@ -184,13 +181,7 @@ class Engine:
                     self.wake.wait()
                 if self.stopping and not self.waiting and not self.slots.busy:
                     return
-                # newcomers join while their prompts fit the step's budget: a step's prefill delays every busy
-                # row's next token, so the budget bounds that delay; one prompt always goes, however long
-                admitted, tokens = [], 0
-                while (self.waiting and len(self.slots.busy) + len(admitted) < self.max_batch
-                       and (not admitted or tokens + len(self.waiting[0].ids) <= self.prefill_tokens)):
-                    admitted.append(self.waiting.popleft())
-                    tokens += len(admitted[-1].ids)
+                admitted = take_prompts(self.waiting, self.prefill_tokens, self.max_batch - len(self.slots.busy))
             newcomers = []
             for request in admitted:                       # prompt scoring (echo + logprobs) needs every position: alone
                 if request.score_prompt:
