@@ -91,6 +91,8 @@ def test_n_head_taken_from_config_json(tmp_path, tiny):
     weights.save(tiny.params, tmp_path / "model.safetensors", cfg)
     m = npgpt.load(tmp_path)
     assert m.config.n_head == 4 and "config.json" in m.info.config_source
+    hf = json.loads((tmp_path / "config.json").read_text())   # both context keys, as HF's gpt2 config.json
+    assert hf["n_positions"] == hf["n_ctx"] == 64
 
 
 def test_n_head_and_eps_from_known_gpt2_sizes_without_config_json():
