@@ -132,8 +132,10 @@ def run(*, weights=None, config="gpt2", backend="numba", weights_dtype=None, lev
     round hits the levels alike); each ratio is taken within its round, then the median over rounds,
     because this machine's speed drifts between minutes by more than the effects being measured:
     - each level's aggregate tokens/s against the 1-client level's of the same round;
-    - with tg_reference, the 1-client decode rate against an in-process `npgpt bench` tg128 b1 of the same
-      model run just before it (the server idle meanwhile)."""
+    - with tg_reference, the 1-client decode rate against two in-process references run just before it (the
+      server idle meanwhile): `npgpt bench` tg128 b1 of the same model (from an empty context), and the
+      same model decoding the level's first REFERENCE_REQUESTS requests itself, one at a time (the same
+      prompts and contexts: what the server adds and nothing else)."""
     if requests < 1 or max_tokens < 1 or min(levels) < 1 or rounds < 1:
         raise InputError("--serve needs at least 1 request, 1 token, 1 client per level and 1 round")
     rng = np.random.default_rng(seed)
@@ -147,16 +149,20 @@ def run(*, weights=None, config="gpt2", backend="numba", weights_dtype=None, lev
                          "max_batch": max(levels), "prefill_tokens": prefill_tokens},
               "load": {"requests": requests, "max_tokens": max_tokens, "prompt_lengths": [int(x) for x in lengths]},
               "rounds": [], "levels": []}
+    local = _reference_model(weights, config, backend, weights_dtype) if tg_reference else None
     try:
         stream_one(port, prompts[0][:8], 4)                # warm-up: JIT cache, first allocations
         for r in range(rounds):
             runs = {}
             for clients in (levels if r % 2 == 0 else levels[::-1]):
-                tg = _tg128(weights, config, backend, weights_dtype, threads, log) if tg_reference and clients == 1 else None
+                ref = {}
+                if tg_reference and clients == 1:
+                    ref = {"tg128_b1": _tg128(weights, config, backend, weights_dtype, threads, log),
+                           "in_process_decode": _decode_in_process(local, prompts[:REFERENCE_REQUESTS], max_tokens, threads, log)}
                 log(f"round {r + 1} of {rounds}: {clients} concurrent clients, {requests} requests of {max_tokens} tokens ...")
-                runs[clients] = {**run_level(port, prompts, clients, max_tokens), **({"tg128_b1": tg} if tg else {})}
-                log(f"  {runs[clients]['tokens_per_s']} tokens/s" + (f"; decode {runs[clients]['decode_tokens_per_s']} t/s "
-                                                                     f"vs tg128 {tg} t/s" if tg else ""))
+                runs[clients] = {**run_level(port, prompts, clients, max_tokens), **ref}
+                log(f"  {runs[clients]['tokens_per_s']} tokens/s" + (f"; decode {runs[clients]['decode_tokens_per_s']} t/s vs tg128 "
+                                                                     f"{ref['tg128_b1']}, in-process {ref['in_process_decode']} t/s" if ref else ""))
             report["rounds"].append([runs[c] for c in levels])
     finally:
         proc.terminate()
@@ -181,6 +187,37 @@ def summarize(report, levels):
         if "tg128_b1" in report["rounds"][0][one]:
             report["one_client_vs_tg128"] = median([rnd[one]["decode_tokens_per_s"] / rnd[one]["tg128_b1"]
                                                     for rnd in report["rounds"]])
+            report["one_client_vs_in_process"] = median([rnd[one]["decode_tokens_per_s"] / rnd[one]["in_process_decode"]
+                                                         for rnd in report["rounds"]])
+
+
+REFERENCE_REQUESTS = 8                                     # requests the in-process reference decodes per round
+
+
+def _reference_model(weights, config, backend, weights_dtype):   # the served model, in this process
+    from . import api, quant
+
+    base = api.load(weights) if weights else api.random_model(config, seed=0)
+    return api.Model(quant.quantize(base.params, weights_dtype or "fp32"), base.config, backend=backend)
+
+
+def _decode_in_process(model, prompts, max_tokens, threads, log):   # -> t/s of greedy decode after each prefill
+    """What the server does for one client, minus the server: each prompt prefilled alone, then its tokens
+    decoded one at a time; timed from the first token to the last, as the server's decode rate is."""
+    from . import api
+
+    log("reference: the same requests decoded in-process ...")
+    tokens, span = 0, 0.0
+    with api.threads(threads):
+        for prompt in prompts:
+            cache = model.new_cache(1)
+            token = int(np.argmax(model.forward(np.array([prompt]), cache, last=True)[0, -1]))
+            start = time.perf_counter()
+            for _ in range(max_tokens - 1):
+                token = int(np.argmax(model.forward(np.array([[token]]), cache, last=True)[0, -1]))
+            span += time.perf_counter() - start
+            tokens += max_tokens - 1
+    return round(tokens / span, 2) if span else float("nan")
 
 
 def _tg128(weights, config, backend, weights_dtype, threads, log):   # in-process `npgpt bench` tg128 b1 -> tokens/s
@@ -208,10 +245,11 @@ def table(report):
         rows.append(f"aggregate tokens/s vs 1 client, per round, median of {n}: " + "; ".join(
             f"{c} clients {v['median']:.2f}x ({', '.join(f'{x:.2f}' for x in v['ratios'])})" for c, v in report["vs_one_client"].items()))
     if report.get("one_client_vs_tg128"):
-        v = report["one_client_vs_tg128"]
-        rows.append(f"1 client's decode rate (tokens after the first / time from first to last chunk) vs npgpt bench tg128 b1 "
-                    f"(same model, in-process, run just before it), per round, median of {n}: {v['median']:.2f}x "
-                    f"({', '.join(f'{x:.2f}' for x in v['ratios'])})")
+        v, w = report["one_client_vs_tg128"], report["one_client_vs_in_process"]
+        rows.append(f"1 client's decode rate (tokens after the first / time from first to last chunk), per round, median of {n}: "
+                    f"vs npgpt bench tg128 b1 (same model, in-process, from an empty context) {v['median']:.2f}x "
+                    f"({', '.join(f'{x:.2f}' for x in v['ratios'])}); vs the same model decoding the same requests in-process "
+                    f"{w['median']:.2f}x ({', '.join(f'{x:.2f}' for x in w['ratios'])})")
     rows.append(f"table: per level, the round of median tokens/s (of {n})")
     errors = [r["first_error"] for r in report["levels"] if r["first_error"]]
     if errors:

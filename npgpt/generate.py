@@ -147,7 +147,7 @@ def generate_ragged(model, prompts, *, max_new_tokens=20, temperature=1.0, top_k
     return [r.new for r in rows]
 
 
-PREFILL_TOKENS = 512                                       # prompt tokens prefilled per step (one prompt always)
+PREFILL_TOKENS = 2048                                      # prompt tokens prefilled per step (one prompt always)
 
 
 def take_prompts(queue, budget, free):                     # deque of continuations -> those to prefill this step

@@ -305,6 +305,8 @@ def test_bench_serve_machinery_reports_every_level_without_errors():
     assert [[r["clients"] for r in rnd] for rnd in report["rounds"]] == [[1, 3], [1, 3]]   # every level in every round
     ratios = report["one_client_vs_tg128"]["ratios"]           # 1 client, each round next to its own tg128 run
     assert len(ratios) == 2 and all(r > 0 for r in ratios) and report["levels"][0]["tg128_b1"] > 0
+    local = report["one_client_vs_in_process"]["ratios"]       # and next to the same requests decoded in-process
+    assert len(local) == 2 and all(r > 0 for r in local) and report["levels"][0]["in_process_decode"] > 0
     scaling = report["vs_one_client"][3]["ratios"]            # 3 clients against 1 client of the same round
     assert scaling == [round(rnd[1]["tokens_per_s"] / rnd[0]["tokens_per_s"], 3) for rnd in report["rounds"]]
     text = bench_serve.table(report)
