@@ -52,6 +52,7 @@ _cache_dir = choose_cache_dir(os.path.dirname(os.path.abspath(__file__)))
 if _cache_dir:                                            # an installed, read-only package: cache=True would fail at import
     numba.config.CACHE_DIR = _cache_dir
 
+# nogil on parallel kernels too: while the model runs, other Python threads (a server's event loop) run
 parallel = numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 serial = numba.njit(nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)   # nogil: bands of it run on Python threads at once
 exact = numba.njit(parallel=True, cache=True)              # IEEE float32 as NumPy does it: no reassociation, no FMA

@@ -12,8 +12,8 @@ from . import weights as weight_io
 
 from . import __version__, api, quant
 from .config import PRESETS
-from .generate import PREFILL_TOKENS
 from .errors import InputError, NpgptError
+from .generate import PREFILL_TOKENS
 from .tokenizer import encode
 
 

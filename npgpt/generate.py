@@ -83,9 +83,9 @@ class Continuation:
 class Slots:
     """max_batch rows of one KV cache and the continuations in rows 0..n-1 (continuous batching).
     `step` advances every busy row one token and prefills newcomers into the next free rows, in one
-    forward, each row at its own position, attending only to its own keys (`add` prefills one alone). A finished
-    row leaves at once and the last busy row moves into its place, so the busy rows stay 0..n-1 and
-    no step ever computes on a finished or padded row."""
+    forward, each row at its own position, attending only to its own keys (`add` prefills one alone).
+    A finished row leaves at once and the last busy row moves into its place, so the busy rows stay
+    0..n-1 and no step ever computes on a finished or padded row."""
 
     def __init__(self, model, max_batch, n_choices=None):
         self.model, self.max_batch, self.n_choices = model, max_batch, n_choices

@@ -175,9 +175,10 @@ def forward_packed(params, cache, groups, cfg, ops=REFERENCE):   # [(first row, 
     once over all the groups' tokens (npgpt.cache.Packed), so a prompt's prefill and other rows' next
     tokens share the linear layers' passes over the weights."""
     cache.check(cfg)
-    checked = [check_ids(ids, cfg, past=int(cache.lengths[start : start + len(np.atleast_2d(ids))].max()), batch=len(np.atleast_2d(ids)))[0]
-               for start, ids in groups]                                                 # each [B, T]
-    packed = Packed(cache, [(start, *ids.shape) for (start, _), ids in zip(groups, checked)])
+    checked = [check_ids(ids, cfg)[0] for _, ids in groups]                              # each [B, T]
+    packed = Packed(cache, [(start, *ids.shape) for (start, _), ids in zip(groups, checked)])   # rows of the cache, distinct
+    for (start, _), ids in zip(groups, checked):                                          # each row's past + T fits the context
+        check_ids(ids, cfg, past=int(cache.lengths[start : start + len(ids)].max()))
     ids = np.concatenate([ids.ravel() for ids in checked])                                # [N]: group by group, row by row
     x = (params["wte"]["weight"][ids] + params["wpe"]["weight"][packed.positions()])[None]   # [1, N, C]
     for i, layer in enumerate(params["h"]):

@@ -119,6 +119,8 @@ def test_packed_groups_refuse_shared_rows_and_overflows(tiny):
         tiny.forward_packed(cache, [(0, np.array([[1], [2]])), (1, np.array([[3]]))])
     with pytest.raises(npgpt.InputError, match="distinct rows"):
         tiny.forward_packed(cache, [(2, np.array([[1], [2]]))])
+    with pytest.raises(npgpt.InputError, match="distinct rows"):
+        tiny.forward_packed(cache, [(7, np.array([[1]]))])                 # no such row
     with pytest.raises(npgpt.InputError, match="outside the vocabulary"):
         tiny.forward_packed(cache, [(0, np.array([[TINY.n_vocab]]))])
     with pytest.raises(npgpt.InputError, match="exceeds the context"):

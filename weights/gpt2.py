@@ -320,8 +320,8 @@ def write_config(path, cfg, base=None, architecture="GPT2LMHeadModel"):
         except ConfigError:
             keys = {}                                      # unreadable: nothing to keep
     keys.update(base or {})
+    # n_ctx beside n_positions, as HF's own gpt2 config.json has it (llama.cpp's convert_hf_to_gguf.py reads n_ctx)
     keys.update({"model_type": "gpt2", "architectures": [architecture], "vocab_size": cfg.n_vocab,
                  "n_positions": cfg.n_ctx, "n_ctx": cfg.n_ctx, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-                 "layer_norm_epsilon": cfg.eps, "activation_function": "gelu_new"})   # n_ctx too, as HF's gpt2 config
-                                                   # (llama.cpp's convert_hf_to_gguf.py reads it)
+                 "layer_norm_epsilon": cfg.eps, "activation_function": "gelu_new"})
     atomic_write(path, lambda f: json.dump(keys, f, indent=2), mode="w")
