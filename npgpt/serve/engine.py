@@ -186,6 +186,7 @@ class Engine:
             for request in admitted:                       # prompt scoring (echo + logprobs) needs every position: alone
                 if request.score_prompt:
                     self._guarded(request, lambda r=request: self.slots.add(r))
+                # checked here too (forward_packed checks again): a bad prompt fails its own request, not the whole step
                 elif self._guarded(request, lambda r=request: check_ids(r.ids, self.model.config)):
                     newcomers.append(request)
             self._leave()
