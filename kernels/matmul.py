@@ -77,6 +77,49 @@ def gemv_stored(x, w, scale, b):                           # [N, K] x bf16 bits 
 
 
 @serial
+def _unpack_int4_row(packed, scale, buf):                  # one int4 row (quant.pack4's layout) -> float32 buf [K]
+    K = buf.shape[0]
+    full = K // 32
+    for j in range(full):                                  # whole blocks, branch-free so the loop vectorizes
+        d = scale[j]
+        for i in range(16):                                # byte i: input i (low nibble) and 16 + i (high)
+            byte = np.int32(packed[16 * j + i])            # int32 throughout (numba's default int64 does not vectorize)
+            buf[32 * j + i] = np.float32((byte & np.int32(15)) - np.int32(8)) * d
+            buf[32 * j + 16 + i] = np.float32((byte >> np.int32(4)) - np.int32(8)) * d
+    for k in range(32 * full, K):                          # a last partial block
+        byte = np.int32(packed[16 * full + (k - 32 * full) % 16])
+        nibble = byte & 15 if k - 32 * full < 16 else byte >> 4
+        buf[k] = np.float32(nibble - 8) * scale[full]
+
+
+INT4_TILE = 64                                             # rows per parallel work item: one scratch row each
+
+
+@parallel
+def gemv_int4(x, packed, scale, b):                        # [N, K] x int4 rows (packed [M, 16 * blocks], scale [M, blocks]) -> [N, M]
+    """Each int4 row is unpacked into a float32 scratch row that stays in L1 (the weights are read from
+    memory packed, 5 bits a weight), then dotted with every input as the float32 GEMV does."""
+    N, K = x.shape
+    M = packed.shape[0]
+    out = np.empty((N, M), dtype=np.float32)
+    for t in numba.prange((M + INT4_TILE - 1) // INT4_TILE):
+        buf = np.empty(K, dtype=np.float32)
+        for m in range(t * INT4_TILE, min(t * INT4_TILE + INT4_TILE, M)):
+            _unpack_int4_row(packed[m], scale[m], buf)
+            _dot_rows(x, buf, out, m)
+            if b is not None:
+                for n in range(N):
+                    out[n, m] += b[m]
+    return out
+
+
+@serial
+def widen_int4_tile(packed, scale, out):                   # int4 rows [m, 16 * blocks] bytes, scale [m, blocks] -> out float32 [m, K]
+    for r in range(out.shape[0]):
+        _unpack_int4_row(packed[r], scale[r], out[r])
+
+
+@serial
 def widen_tile(w, scale, out):                             # bf16 bits or int8 [m, K] (scale [m] or None) -> out float32 [m, K]
     for m in range(w.shape[0]):
         for k in range(w.shape[1]):
@@ -118,12 +161,25 @@ def stored(w):                                             # quant.BF16 / quant.
     return (w.bits, None) if isinstance(w, quant.BF16) else (w.q, w.scale)
 
 
+def widen_rows(w, t0, t1, out):                            # rows t0..t1 of a low-precision weight -> out float32 [t1 - t0, K]
+    if isinstance(w, quant.Packed4):
+        widen_int4_tile(w.packed[t0:t1], w.scale[t0:t1], out)
+    else:
+        values, scale = stored(w)
+        widen_tile(values[t0:t1], None if scale is None else scale[t0:t1], out)
+
+
 def matmul_rows(x, w, b=None):                             # [..., K] x [M, K] rows (+ [M]) -> [..., M]
-    """w: float32 rows, or quant.BF16 / quant.Int8 rows (scale [M]) read as they are stored."""
+    """w: float32 rows, or quant.BF16 / quant.Int8 rows (scale [M]) / quant.Packed4 rows, read as they are stored."""
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     M = w.shape[0]
     if x2.shape[0] <= DECODE_ROWS:
-        y = gemv(x2, w, b) if isinstance(w, np.ndarray) else gemv_stored(x2, *stored(w), b)
+        if isinstance(w, np.ndarray):
+            y = gemv(x2, w, b)
+        elif isinstance(w, quant.Packed4):
+            y = gemv_int4(x2, w.packed, w.scale, b)
+        else:
+            y = gemv_stored(x2, *stored(w), b)
     else:
         y = np.empty((x2.shape[0], M), dtype=np.float32)
         bands(lambda cols: _gemm_band(x2, w, b, y, cols), M, inline_upto=1)
@@ -140,8 +196,7 @@ def _gemm_band(x, w, b, y, cols):                          # y[:, cols] = x [N, 
         for t0 in range(cols.start, cols.stop, PREFILL_TILE):
             t1 = min(t0 + PREFILL_TILE, cols.stop)
             part = tile[: t1 - t0]
-            values, scale = stored(w)
-            widen_tile(values[t0:t1], None if scale is None else scale[t0:t1], part)
+            widen_rows(w, t0, t1, part)
             np.matmul(x, part.T, out=y[:, t0:t1])
     if b is not None:
         y[:, cols] += b[cols]
