@@ -68,6 +68,24 @@ def f32_from_bits(typingctx, bits):                        # uint32 -> float32 w
     return sig, codegen
 
 
+def _nibble(high):
+    @intrinsic
+    def nibble(typingctx, byte):                           # uint8 -> float32 of its low (high) 4 bits
+        """In 8-bit integers, then converted: numba's own `byte & 15` is int64 arithmetic, which LLVM
+        vectorizes 8 lanes to a 512-bit register (int4 GEMV measured 1.3x slower that way)."""
+        sig = types.float32(types.uint8)
+
+        def codegen(context, builder, signature, args):
+            bits = (builder.lshr(args[0], context.get_constant(types.uint8, 4)) if high
+                    else builder.and_(args[0], context.get_constant(types.uint8, 15)))
+            return builder.uitofp(bits, context.get_value_type(types.float32))
+        return sig, codegen
+    return nibble
+
+
+low_nibble, high_nibble = _nibble(False), _nibble(True)
+
+
 _BLAS = ThreadpoolController()
 _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="npgpt")
 

@@ -10,7 +10,7 @@ from numba.extending import overload
 
 from .. import quant
 
-from .jit import DECODE_ROWS, bands, f32_from_bits, inline, parallel, serial
+from .jit import DECODE_ROWS, bands, f32_from_bits, high_nibble, inline, low_nibble, parallel, serial
 
 
 def widen(w, m, k):                                        # stored weight element -> float32 (numba-only; see overload)
@@ -152,11 +152,17 @@ def stored(w):                                             # quant.BF16 / quant.
 
 
 def matmul_rows(x, w, b=None):                             # [..., K] x [M, K] rows (+ [M]) -> [..., M]
-    """w: float32 rows, or quant.BF16 / quant.Int8 rows (scale [M]) read as they are stored."""
+    """w: float32 rows, quant.BF16 / quant.Int8 rows (scale [M]) or quant.Int4Tiles, read as they are stored."""
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     M = w.shape[0]
     if x2.shape[0] <= DECODE_ROWS:
-        y = gemv(x2, w, None, b) if isinstance(w, np.ndarray) else gemv(x2, *stored(w), b)
+        if isinstance(w, quant.Int4Tiles):
+            y = gemv_int4(x2, w.packed, w.scale, b, M)
+        else:
+            y = gemv(x2, w, None, b) if isinstance(w, np.ndarray) else gemv(x2, *stored(w), b)
+    elif isinstance(w, quant.Int4Tiles):
+        y = np.empty((x2.shape[0], M), dtype=np.float32)
+        bands(lambda tiles: _gemm_band_int4(x2, w, b, y, tiles), w.packed.shape[0], inline_upto=1)
     else:
         y = np.empty((x2.shape[0], M), dtype=np.float32)
         bands(lambda cols: _gemm_band(x2, w, b, y, cols), M, inline_upto=1)
@@ -178,6 +184,133 @@ def _gemm_band(x, w, b, y, cols):                          # y[:, cols] = x [N, 
             np.matmul(x, part.T, out=y[:, t0:t1])
     if b is not None:
         y[:, cols] += b[cols]
+
+
+# int4 (quant.Int4Tiles). Rows of one tile lie side by side in memory, so the GEMV's inner loop runs
+# across 32 rows (one byte each, two nibbles) for one input, and each block's scale multiplies a
+# vector of per-row sums: no horizontal sum per block. A q4_0 row layout (inputs side by side) needs
+# one per block of 32, and numba's loops did not vectorize it (measured ~10x slower than int8's GEMV).
+INT4_ROWS = 64                                             # output rows per tile: 32 bytes per input
+INT4_HALF = INT4_ROWS // 2
+
+
+def int4_tiles(q, scale):                                  # int8 rows [M, K] in [-8, 7], float32 scale [M, blocks] -> quant.Int4Tiles
+    M, K = q.shape
+    blocks = scale.shape[1]
+    tiles = -(-M // INT4_ROWS)
+    u = np.full((tiles * INT4_ROWS, blocks * quant.INT4_BLOCK), 8, np.uint8)   # padding: q = 0
+    u[:M, :K] = (q.astype(np.int16) + 8).astype(np.uint8)
+    u = u.reshape(tiles, INT4_ROWS, -1).transpose(0, 2, 1)                     # [tiles, inputs, 64 rows]
+    s = np.zeros((tiles * INT4_ROWS, blocks), np.float32)
+    s[:M] = scale
+    return quant.Int4Tiles(np.ascontiguousarray(u[..., :INT4_HALF] | (u[..., INT4_HALF:] << 4)),
+                           np.ascontiguousarray(s.reshape(tiles, INT4_ROWS, blocks).transpose(0, 2, 1)), M, K)
+
+
+def int4_rows(w):                                          # quant.Int4Tiles -> (q int8 rows [M, K], scale [M, blocks])
+    u = np.concatenate([w.packed & 15, w.packed >> 4], axis=2)                 # [tiles, inputs, 64 rows]
+    q = u.transpose(0, 2, 1).reshape(-1, u.shape[1])[: w.n_out, : w.n_in].astype(np.int8) - 8
+    scale = w.scale.transpose(0, 2, 1).reshape(-1, w.scale.shape[1])[: w.n_out]
+    return np.ascontiguousarray(q), np.ascontiguousarray(scale)
+
+
+@inline
+def _int4_block_sums(xp, n, packed, t, k0, lo, hi):        # lo[i], hi[i] = sum over the block at k0 of x[k] * nibble
+    """Four inputs per pass, summed as a tree: the row sums live in memory between passes, and a chain
+    of 32 dependent adds (one pass per input) measured 1.5x slower."""
+    for k in range(k0, k0 + quant.INT4_BLOCK, 4):
+        x0, x1, x2, x3 = xp[n, k], xp[n, k + 1], xp[n, k + 2], xp[n, k + 3]
+        for i in range(INT4_HALF):
+            p0, p1, p2, p3 = packed[t, k, i], packed[t, k + 1, i], packed[t, k + 2, i], packed[t, k + 3, i]
+            a = (x0 * low_nibble(p0) + x1 * low_nibble(p1)) + (x2 * low_nibble(p2) + x3 * low_nibble(p3))
+            c = (x0 * high_nibble(p0) + x1 * high_nibble(p1)) + (x2 * high_nibble(p2) + x3 * high_nibble(p3))
+            if k == k0:
+                lo[i] = a
+                hi[i] = c
+            else:
+                lo[i] += a
+                hi[i] += c
+
+
+@inline
+def _int4_dequantize_block(packed, scale, t, j, wl, wh):   # block j of tile t -> wl, wh [32 inputs, 32 rows] float32
+    for kk in range(quant.INT4_BLOCK):
+        k = quant.INT4_BLOCK * j + kk
+        for i in range(INT4_HALF):                         # one array stored per loop: two blocked vectorization
+            wl[kk, i] = (low_nibble(packed[t, k, i]) - np.float32(8.0)) * scale[t, j, i]
+        for i in range(INT4_HALF):
+            wh[kk, i] = (high_nibble(packed[t, k, i]) - np.float32(8.0)) * scale[t, j, INT4_HALF + i]
+
+
+@parallel
+def gemv_int4(x, packed, scale, b, M):                     # [N, K] x quant.Int4Tiles (packed, scale; M rows) (+ b [M]) -> [N, M]
+    """One input: per block, the row sums of x[k] * (q + 8), then y += scale * (sum - 8 * sum(x over
+    the block)): a nibble is converted, multiplied and added, nothing more. Several inputs: each block is
+    dequantized once into an L1 scratch (8 KiB) that every input then reads."""
+    N, K = x.shape
+    tiles, Kp, _ = packed.shape
+    blocks = Kp // quant.INT4_BLOCK
+    out = np.empty((N, M), dtype=np.float32)
+    xp = np.zeros((N, Kp), dtype=np.float32)               # inputs padded to whole blocks (padding meets q = 0)
+    x8 = np.zeros((N, blocks), dtype=np.float32)           # 8 * each block's sum of inputs
+    for n in range(N):
+        for k in range(K):
+            xp[n, k] = x[n, k]
+            x8[n, k // quant.INT4_BLOCK] += np.float32(8.0) * x[n, k]
+    for t in numba.prange(tiles):
+        yl = np.zeros((N, INT4_HALF), dtype=np.float32)    # rows 64t + i and 64t + 32 + i
+        yh = np.zeros((N, INT4_HALF), dtype=np.float32)
+        if N == 1:
+            lo = np.empty(INT4_HALF, dtype=np.float32)
+            hi = np.empty(INT4_HALF, dtype=np.float32)
+            for j in range(blocks):
+                _int4_block_sums(xp, 0, packed, t, quant.INT4_BLOCK * j, lo, hi)
+                for i in range(INT4_HALF):
+                    yl[0, i] += scale[t, j, i] * (lo[i] - x8[0, j])
+                    yh[0, i] += scale[t, j, INT4_HALF + i] * (hi[i] - x8[0, j])
+        else:
+            wl = np.empty((quant.INT4_BLOCK, INT4_HALF), dtype=np.float32)
+            wh = np.empty((quant.INT4_BLOCK, INT4_HALF), dtype=np.float32)
+            for j in range(blocks):
+                _int4_dequantize_block(packed, scale, t, j, wl, wh)
+                for n in range(N):
+                    for kk in range(0, quant.INT4_BLOCK, 4):
+                        k = quant.INT4_BLOCK * j + kk
+                        x0, x1, x2, x3 = xp[n, k], xp[n, k + 1], xp[n, k + 2], xp[n, k + 3]
+                        for i in range(INT4_HALF):
+                            yl[n, i] += (x0 * wl[kk, i] + x1 * wl[kk + 1, i]) + (x2 * wl[kk + 2, i] + x3 * wl[kk + 3, i])
+                            yh[n, i] += (x0 * wh[kk, i] + x1 * wh[kk + 1, i]) + (x2 * wh[kk + 2, i] + x3 * wh[kk + 3, i])
+        for i in range(INT4_ROWS):
+            m = INT4_ROWS * t + i
+            if m < M:
+                for n in range(N):
+                    out[n, m] = (yl[n, i] if i < INT4_HALF else yh[n, i - INT4_HALF]) + (b[m] if b is not None else np.float32(0.0))
+    return out
+
+
+@serial
+def widen_int4(packed, scale, t0, t1, out):                # tiles t0..t1 -> out float32 [K, 64 * (t1 - t0)]: columns are rows
+    K = out.shape[0]
+    for t in range(t0, t1):
+        c = INT4_ROWS * (t - t0)
+        for k in range(K):
+            j = k // quant.INT4_BLOCK
+            for i in range(INT4_HALF):
+                out[k, c + i] = (low_nibble(packed[t, k, i]) - np.float32(8.0)) * scale[t, j, i]
+            for i in range(INT4_HALF):
+                out[k, c + INT4_HALF + i] = (high_nibble(packed[t, k, i]) - np.float32(8.0)) * scale[t, j, INT4_HALF + i]
+
+
+def _gemm_band_int4(x, w, b, y, tiles):                    # y[:, rows of tiles] = x [N, K] . W^T (+ b), PREFILL_TILE rows at a time
+    step = PREFILL_TILE // INT4_ROWS
+    scratch = np.empty((x.shape[1], PREFILL_TILE), dtype=np.float32)          # [K, rows]: already W^T for sgemm
+    for t0 in range(tiles.start, tiles.stop, step):
+        t1 = min(t0 + step, tiles.stop)
+        r0, r1 = INT4_ROWS * t0, min(INT4_ROWS * t1, w.n_out)
+        widen_int4(w.packed, w.scale, t0, t1, scratch)
+        np.matmul(x, scratch[:, : r1 - r0], out=y[:, r0:r1])
+        if b is not None:
+            y[:, r0:r1] += b[r0:r1]
 
 
 def linear(x, weight_t, bias):                             # [..., in], [out, in], [out] -> [..., out]; W transposed once at load

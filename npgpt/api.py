@@ -266,8 +266,8 @@ def check_stops(stop):                                     # None | str | list o
 
 def load(path, backend="numpy", weights=None):
     """A Model from a HF GPT-2 .safetensors file or a directory holding model.safetensors (+ config.json).
-    weights: "fp32", "bf16" or "int8" for the matmul weights; default fp32, or int8 for an int8 checkpoint.
-    A checkpoint already in the asked format (bf16 on disk, int8 from `npgpt quantize`) is used as stored.
+    weights: "fp32", "bf16", "int8" or "int4" for the matmul weights; default fp32, or the checkpoint's own
+    int8/int4. A checkpoint already in the asked format (bf16 on disk, int8/int4 from `npgpt quantize`) is used as stored.
     A sequence-classification checkpoint loads as its transformer; its score head is left out, with a warning
     (npgpt.load_classifier reads both)."""
     model = load_model(path, backend, weights)
@@ -281,7 +281,7 @@ def load_model(path, backend="numpy", weights=None):      # load() without the w
     if weights is not None:
         quant.check_format(weights)
     params, config, info = weight_io.load_params(path)
-    fmt = weights or ("int8" if info.format == "int8" else "fp32")
+    fmt = weights or (info.format if info.format in ("int8", "int4") else "fp32")
     params = quant.quantize(params, fmt)
     model = Model(params, config, backend=backend, info=info)
     if fmt != info.format or model.params is not params:   # converted or re-laid-out: the mapped originals are dead weight
@@ -290,11 +290,11 @@ def load_model(path, backend="numpy", weights=None):      # load() without the w
 
 
 def quantize_checkpoint(source, dest, fmt):
-    """Write a bf16 or int8 copy of a checkpoint -> the path written. `dest`: a .safetensors path (its
+    """Write a bf16, int8 or int4 copy of a checkpoint -> the path written. `dest`: a .safetensors path (its
     folder is created) or a directory (gets model.safetensors). config.json is written beside it, keeping
     the source's and any existing config.json's other keys."""
-    if fmt not in ("bf16", "int8"):
-        raise InputError(f"quantize writes bf16 or int8; got {fmt!r}")
+    if fmt not in ("bf16", "int8", "int4"):
+        raise InputError(f"quantize writes bf16, int8 or int4; got {fmt!r}")
     source_weights, source_config = weight_io.gpt2.resolve(source)
     dest = os.fspath(dest)
     if os.path.isdir(dest) or not dest.endswith(".safetensors"):

@@ -319,7 +319,7 @@ def table(report):
               if be == "torch" and ("numba", "fp32", b, test) in by_key]
     if ratios:
         rows.append(f"numba / torch ({report['torch']}): " + ", ".join(ratios))
-    for fmt in ("bf16", "int8"):
+    for fmt in quant.FORMATS[1:]:
         ratios = [f"{test} b{b}: {t / by_key[('numba', 'fp32', b, test)]:.2f}x" for (be, f, b, test), t in by_key.items()
                   if be == "numba" and f == fmt and ("numba", "fp32", b, test) in by_key]
         if ratios:

@@ -366,7 +366,7 @@ def build_parser():
         p.add_argument("--weights", help="model.safetensors file or a directory holding it (+ config.json)")
         p.add_argument("--config", default="gpt2", choices=list(PRESETS), help="shapes of the random model used without --weights")
         p.add_argument("--backend", default=backend, choices=api.BACKENDS)
-        p.add_argument("--weights-dtype", choices=quant.FORMATS, help="matmul weights: fp32 (default), bf16, int8")
+        p.add_argument("--weights-dtype", choices=quant.FORMATS, help="matmul weights: fp32 (default), bf16, int8, int4")
 
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
     model_args(g, backend="numba")
@@ -389,13 +389,13 @@ def build_parser():
     pp.add_argument("--stride", type=int, default=512, help="window step; each window scores its new tokens (default 512)")
     pp.set_defaults(func=cmd_perplexity)
 
-    q = sub.add_parser("quantize", help="write a bf16 or int8 copy of a checkpoint")
+    q = sub.add_parser("quantize", help="write a bf16, int8 or int4 copy of a checkpoint")
     q.add_argument("input", help="model.safetensors or its directory")
     q.add_argument("output", help="output .safetensors path or directory (created if missing; config.json is written beside it)")
-    q.add_argument("--dtype", required=True, choices=["bf16", "int8"])
+    q.add_argument("--dtype", required=True, choices=["bf16", "int8", "int4"])
     q.set_defaults(func=cmd_quantize)
 
-    ql = sub.add_parser("quality", help="bf16 and int8 against fp32: logit error, cosine, greedy agreement, perplexity")
+    ql = sub.add_parser("quality", help="bf16, int8 and int4 against fp32: logit error, cosine, greedy agreement, perplexity")
     ql.add_argument("--weights", help="model.safetensors (default: seeded random model at --config shapes)")
     ql.add_argument("--config", default="gpt2", choices=list(PRESETS))
     ql.add_argument("--backend", default="numba", choices=api.BACKENDS)
@@ -415,7 +415,7 @@ def build_parser():
     b.add_argument("--requests", type=int, default=16, help="with --serve: requests per level (default 16)")
     b.add_argument("--backend", type=_backends, help="comma-separated (default numpy,numba; --serve: numba)")
     b.add_argument("--weights-dtype", type=_formats, default=["fp32"],
-                   help="comma-separated matmul weight formats for the numba backend: fp32,bf16,int8 (default fp32); "
+                   help="comma-separated matmul weight formats for the numba backend: fp32,bf16,int8,int4 (default fp32); "
                         "more than one also measures each one's resident memory")
     b.add_argument("-p", type=_ints, help="prompt lengths for pp tests (default 128,512)")
     b.add_argument("-n", type=_ints, help="tokens to decode for tg tests (default 128)")

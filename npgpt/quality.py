@@ -1,4 +1,4 @@
-"""How much a weight format changes the model: bf16/int8 against fp32 on the same weights and inputs."""
+"""How much a weight format changes the model: bf16/int8/int4 against fp32 on the same weights and inputs."""
 
 import os
 
@@ -22,7 +22,7 @@ def text_ids(path=SAMPLE_TEXT):
         raise InputError(f"{path}: cannot read UTF-8 text: {e}") from None
 
 
-def compare(params, cfg, ids, formats=("bf16", "int8"), steps=64, backend="numba", prompt=16):
+def compare(params, cfg, ids, formats=("bf16", "int8", "int4"), steps=64, backend="numba", prompt=16):
     """Rows for fp32 and each format: logit errors and cosine over the text's first window, greedy-token
     agreement over `steps` steps (teacher-forced on fp32's greedy continuation), perplexity and its delta."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:

@@ -4,6 +4,12 @@ bf16: the upper 16 bits of each float32 (rounded to nearest even), kept as uint1
 int8: symmetric per-output-channel: w ~= q * scale with q in [-127, 127] and one float32 scale per
 output channel, so a row of outputs loses at most scale/2 per weight. `scale` is shaped to
 broadcast over q: [1, out] for a Conv1D weight [in, out], [V, 1] for the LM head [V, C].
+int4: block-wise symmetric, as llama.cpp's q4_0: each block of 32 consecutive inputs of an output
+channel has one float32 scale d = (its value of largest magnitude) / -8, and w ~= q * d with q in
+[-8, 7]. The spec keeps q unpacked (Int4, the weight's shape). Checkpoint files keep two per byte in
+q4_0's order (pack4: rows [out, in]; in each block of 32, byte i holds q + 8 of input i in its low
+nibble and of input 16 + i in its high one). The kernels keep them two per byte too, interleaved
+across rows for their GEMV (Int4Tiles, built by npgpt.kernels.matmul.int4_tiles).
 Embeddings, LayerNorm and biases stay float32; only matmul weights change format.
 """
 
@@ -13,7 +19,8 @@ import numpy as np
 
 from .errors import InputError
 
-FORMATS = ("fp32", "bf16", "int8")
+FORMATS = ("fp32", "bf16", "int8", "int4")
+INT4_BLOCK = 32                                            # inputs per int4 scale, as q4_0
 
 
 def check_format(name):
@@ -33,17 +40,61 @@ class BF16(NamedTuple):
         return self.bits.nbytes
 
 
+# shared by Int8 and Int4: the weight's shape is q's, and both arrays are what it costs
+_Q_SHAPE = property(lambda self: self.q.shape)
+_Q_NBYTES = property(lambda self: self.q.nbytes + self.scale.nbytes)
+
+
 class Int8(NamedTuple):
     q: np.ndarray                                          # int8, the weight's shape
     scale: np.ndarray                                      # float32, broadcasts over q along the output channel
+    shape = _Q_SHAPE
+    nbytes = _Q_NBYTES
+
+
+class Int4(NamedTuple):
+    q: np.ndarray                                          # int8 in [-8, 7], the weight's shape
+    scale: np.ndarray                                      # float32: the weight's shape, the input axis in blocks of 32
+    axis: int                                              # the input axis: 0 for Conv1D [in, out], 1 for the LM head [V, C]
+    shape = _Q_SHAPE
+    nbytes = _Q_NBYTES
+
+
+class Int4Tiles(NamedTuple):
+    """Int4 as the kernels keep it: tiles of 64 output rows. For tile t and input k, packed[t, k, i]
+    holds q + 8 of row 64t + i in its low nibble and of row 64t + 32 + i in its high one, so one input
+    meets 64 rows in 32 consecutive bytes; scale[t, j, r] is row 64t + r's scale for block j. Rows past
+    the last and inputs past the last block are padded with q = 0 and scale 0."""
+    packed: np.ndarray                                     # uint8 [tiles, 32 * blocks, 32]
+    scale: np.ndarray                                      # float32 [tiles, blocks, 64]
+    n_out: int
+    n_in: int
 
     @property
     def shape(self):
-        return self.q.shape
+        return (self.n_out, self.n_in)
 
     @property
     def nbytes(self):
-        return self.q.nbytes + self.scale.nbytes
+        return self.packed.nbytes + self.scale.nbytes
+
+
+def pack4(q):                                              # int8 rows [out, in] in [-8, 7] -> uint8 [out, 16 * blocks]
+    """q4_0's layout: in each block of 32 inputs, byte i holds input i (low nibble) and input 16 + i (high
+    nibble), as q + 8; a last partial block is padded with q = 0."""
+    blocks = -(-q.shape[1] // INT4_BLOCK)
+    u = np.full((q.shape[0], blocks * INT4_BLOCK), 8, np.uint8)
+    u[:, : q.shape[1]] = (q.astype(np.int16) + 8).astype(np.uint8)
+    u = u.reshape(q.shape[0], blocks, INT4_BLOCK)
+    return np.ascontiguousarray((u[..., :16] | (u[..., 16:] << 4)).reshape(q.shape[0], blocks * 16))
+
+
+def unpack4(packed, n_in):                                 # inverse of pack4 -> int8 rows [out, n_in]
+    b = packed.reshape(packed.shape[0], -1, 16)
+    q = np.empty((packed.shape[0], b.shape[1], INT4_BLOCK), np.int8)
+    q[..., :16] = (b & 15).astype(np.int8) - 8
+    q[..., 16:] = (b >> 4).astype(np.int8) - 8
+    return q.reshape(packed.shape[0], -1)[:, :n_in]
 
 
 def dequantize(w):                                         # stored weight -> float32 array of its shape
@@ -51,6 +102,9 @@ def dequantize(w):                                         # stored weight -> fl
         return (w.bits.astype(np.uint32) << 16).view(np.float32)
     if isinstance(w, Int8):
         return w.q.astype(np.float32) * w.scale
+    if isinstance(w, Int4):                                # each scale covers 32 inputs
+        n = w.q.shape[w.axis]
+        return w.q.astype(np.float32) * np.repeat(w.scale, INT4_BLOCK, axis=w.axis).take(np.arange(n), axis=w.axis)
     return w
 
 
@@ -68,7 +122,20 @@ def to_int8(w, axis):                                      # float32 -> Int8, on
     return Int8(q, scale)
 
 
+def to_int4(w, axis):                                      # float32 -> Int4, blocks of 32 along `axis` (the input axis)
+    w = np.moveaxis(np.asarray(w, dtype=np.float32), axis, -1)   # [..., in]
+    n = w.shape[-1]
+    blocks = np.zeros(w.shape[:-1] + (-(-n // INT4_BLOCK), INT4_BLOCK), np.float32)
+    blocks.reshape(w.shape[:-1] + (-1,))[..., :n] = w     # the last block zero-padded
+    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]   # signed
+    scale = np.where(peak != 0, peak / -8.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(blocks / scale[..., None]), -8, 7).astype(np.int8).reshape(w.shape[:-1] + (-1,))[..., :n]
+    return Int4(np.ascontiguousarray(np.moveaxis(q, -1, axis)), np.ascontiguousarray(np.moveaxis(scale, -1, axis)), axis)
+
+
 def format_of(w):
+    if isinstance(w, (Int4, Int4Tiles)):
+        return "int4"
     return "bf16" if isinstance(w, BF16) else "int8" if isinstance(w, Int8) else "fp32"
 
 
@@ -77,7 +144,8 @@ def convert(w, fmt, axis):                                 # a matmul weight in 
     if format_of(w) == fmt:
         return w
     w32 = dequantize(w)
-    return {"fp32": lambda: w32, "bf16": lambda: to_bf16(w32), "int8": lambda: to_int8(w32, axis)}[fmt]()
+    return {"fp32": lambda: w32, "bf16": lambda: to_bf16(w32), "int8": lambda: to_int8(w32, axis),
+            "int4": lambda: to_int4(w32, 1 - axis)}[fmt]()
 
 
 def quantize(params, fmt):

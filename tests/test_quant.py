@@ -1,4 +1,4 @@
-"""bf16 and int8 weights: the formats, the kernels that read them, checkpoints that store them."""
+"""bf16, int8 and int4 weights: the formats, the kernels that read them, checkpoints that store them."""
 
 import numpy as np
 import pytest
@@ -32,16 +32,55 @@ def test_int8_is_symmetric_per_output_channel(axis, shape):
     assert np.all(np.abs(quant.dequantize(q) - w) <= q.scale / 2 * (1 + 1e-6))   # rounding error only
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8"])
-def test_kernel_tiles_dequantize_to_exactly_the_reference_values(fmt):
-    w = quant.quantize({"h": [], "lm_head": {"weight": rng.standard_normal((37, 60), dtype=np.float32)}}, fmt)["lm_head"]["weight"]
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (64, 33)])   # partial tiles and blocks, whole ones
+def test_prefill_widening_gives_exactly_the_reference_values(fmt, n_out, n_in):
+    w = quant.quantize({"h": [], "lm_head": {"weight": rng.standard_normal((n_out, n_in), dtype=np.float32)}}, fmt)["lm_head"]["weight"]
     rows = kernels.head_rows(w)
-    out = np.empty(w.shape, np.float32)
-    matmul.widen_tile(*matmul.stored(rows), out)
+    if fmt == "int4":
+        tiles = rows.packed.shape[0]
+        out = np.empty((n_in, matmul.INT4_ROWS * tiles), np.float32)
+        matmul.widen_int4(rows.packed, rows.scale, 0, tiles, out)
+        out = out[:, :n_out].T
+    else:
+        out = np.empty(w.shape, np.float32)
+        values, scale = matmul.stored(rows)
+        matmul.widen_tile(values, scale, out)
     assert np.array_equal(out, quant.dequantize(w))
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+@pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (1, 1)])
+def test_int4_tiles_keep_every_weight_and_scale(n_out, n_in):
+    w = quant.to_int4(rng.standard_normal((n_out, n_in), dtype=np.float32), 1)
+    tiles = matmul.int4_tiles(w.q, w.scale)
+    assert tiles.packed.shape == (-(-n_out // 64), 32 * -(-n_in // 32), 32) and tiles.packed.dtype == np.uint8
+    r = 64 * (n_out // 64) if n_out > 64 else 0            # a row in the high nibbles: row 64t + 32 + i shares byte i
+    if n_out > r + 32:
+        assert tiles.packed[r // 64, 0, 0] >> 4 == w.q[r + 32, 0] + 8
+    q, scale = matmul.int4_rows(tiles)
+    assert np.array_equal(q, w.q) and np.array_equal(scale, w.scale)
+
+
+@pytest.mark.parametrize("n_in", [64, 60, 33])            # whole int4 blocks, a partial last block, an odd input count
+def test_int4_is_blockwise_symmetric_and_packs_two_per_byte(n_in):
+    w = rng.standard_normal((n_in, 50), dtype=np.float32) * rng.uniform(0.01, 3, size=(n_in, 1)).astype(np.float32)
+    q = quant.to_int4(w, 0)
+    blocks = -(-n_in // 32)
+    assert q.q.dtype == np.int8 and q.q.min() >= -8 and q.q.max() <= 7 and q.scale.shape == (blocks, 50)
+    scale = np.repeat(q.scale, 32, axis=0)[:n_in]
+    err = np.abs(quant.dequantize(q) - w)
+    assert np.all(err <= np.abs(scale) / 2 * (1 + 1e-6) + (q.q == 7) * np.abs(scale))   # rounding; +8 clipped to 7
+    for j in range(blocks):                                # each block's value of largest magnitude is exactly -8 * scale
+        part = w[32 * j : 32 * j + 32]
+        i = np.abs(part).argmax(axis=0)
+        assert np.all(q.q[32 * j + i, np.arange(50)] == -8)
+    packed = quant.pack4(q.q.T)
+    assert packed.dtype == np.uint8 and packed.shape == (50, 16 * blocks)
+    assert packed[0, 0] == (int(q.q[0, 0]) + 8) | ((int(q.q[16, 0]) + 8) << 4)   # q4_0's order: inputs i and 16 + i share byte i
+    assert np.array_equal(quant.unpack4(packed, n_in), q.q.T)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 13, 16, 17, 300])         # GEMV up to 16 rows (4x4 tiles from 4), tiled sgemm above
 @pytest.mark.parametrize("n_in, n_out", [(60, 180), (180, 60), (768, 301), (61, 37)])
 def test_linear_on_quantized_weights(fmt, rows, n_in, n_out):
@@ -51,7 +90,7 @@ def test_linear_on_quantized_weights(fmt, rows, n_in, n_out):
     assert max_rel_err(got, spec.linear(x, w, b)) < 1e-5                # same quantized weights, fp32 arithmetic
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("shape", [(1, 60), (2, 3, 60), (1, 40, 60)])
 def test_lm_head_on_quantized_weights(fmt, shape):
     x = rng.standard_normal(shape, dtype=np.float32)
@@ -59,7 +98,7 @@ def test_lm_head_on_quantized_weights(fmt, shape):
     assert max_rel_err(matmul.lm_head(x, kernels.head_rows(w)), spec.lm_head(x, w)) < 1e-5
 
 
-@pytest.mark.parametrize("fmt, min_cosine", [("bf16", 0.9999), ("int8", 0.999)])
+@pytest.mark.parametrize("fmt, min_cosine", [("bf16", 0.9999), ("int8", 0.999), ("int4", 0.97)])
 def test_quantized_model_numba_matches_numpy_and_stays_close_to_fp32(tiny_params, fmt, min_cosine):
     params = quant.quantize(tiny_params, fmt)
     ref = npgpt.Model(params, TINY).forward(IDS)
@@ -76,7 +115,23 @@ def test_numba_int8_model_holds_no_float32_matmul_weights(tiny_params):
             assert isinstance(w, quant.Int8) and w.q.dtype == np.int8, name
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_numba_int4_model_holds_packed_nibbles_and_saves_back_the_same_values(tiny_params, tmp_path):
+    params = quant.quantize(tiny_params, "int4")
+    model = npgpt.Model(params, TINY, backend="numba")
+    for name, w in weights.flatten(model.params).items():
+        if name.endswith("weight_t") or name == "lm_head.weight":
+            assert isinstance(w, quant.Int4Tiles) and w.packed.dtype == np.uint8, name
+            blocks, tiles = -(-w.shape[1] // 32), -(-w.shape[0] // 64)
+            assert w.nbytes == tiles * 64 * blocks * (16 + 4), name   # 16 bytes of nibbles + a float32 scale per 32 inputs
+    model.save(tmp_path)                                   # unpacked again from the kernels' layout, then packed into the file
+    back = npgpt.load(tmp_path)
+    for name, w in weights.flatten(params).items():
+        got = weights.flatten(back.params)[name]
+        if isinstance(w, quant.Int4):
+            assert isinstance(got, quant.Int4) and np.array_equal(got.q, w.q) and np.array_equal(got.scale, w.scale), name
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_quantize_command_round_trips_without_requantizing(tmp_path, tiny_file, fmt):
     out = tmp_path / "q" / "model.safetensors"
     out.parent.mkdir()
@@ -96,6 +151,18 @@ def test_quantize_refuses_to_overwrite_its_input(tiny_file, capsys):
     assert main(["quantize", str(tiny_file), str(tiny_file), "--dtype", "int8"]) == 1
     assert "is the input checkpoint" in capsys.readouterr().err
     assert npgpt.load(tiny_file).weights == "fp32"
+
+
+def test_int4_checkpoint_stores_packed_rows_and_block_scales(tmp_path, tiny_file):
+    out = tmp_path / "int4" / "model.safetensors"
+    out.parent.mkdir()
+    assert main(["quantize", str(tiny_file), str(out), "--dtype", "int4"]) == 0
+    f = weights.SafetensorsFile(out)
+    c_attn, head = f.tensors["h.0.attn.c_attn.weight"], f.tensors["lm_head.weight"]
+    assert c_attn.dtype == "U8" and c_attn.shape == (180, 32) and f.tensors["h.0.attn.c_attn.weight_scale"].shape == (180, 2)
+    assert head.dtype == "U8" and head.shape == (1000, 32) and f.tensors["lm_head.weight_scale"].shape == (1000, 2)
+    assert f.metadata["npgpt.weights"] == "int4" and f.metadata["npgpt.int4_block"] == "32"
+    assert npgpt.load(out).weights == "int4"
 
 
 def test_int8_checkpoint_loads_as_int8_by_default_and_names_its_scales(tmp_path, tiny_file):
@@ -120,5 +187,5 @@ def test_bf16_checkpoint_loads_as_bf16_bits_without_float32_round_trip(tmp_path,
 
 
 def test_unknown_weights_format_is_refused(tiny_file):
-    with pytest.raises(npgpt.InputError, match="unknown weights format 'int4'"):
-        npgpt.load(tiny_file, weights="int4")
+    with pytest.raises(npgpt.InputError, match="unknown weights format 'int3'"):
+        npgpt.load(tiny_file, weights="int3")

@@ -195,11 +195,13 @@ def load_params(path):
         if name not in stored:
             raise CheckpointError(f"{weights_path}: missing tensor '{prefix}{name}' (GPT-2 with n_layer={cfg.n_layer} needs it)")
         t = st.tensors[stored[name]]
+        if t.dtype == "U8" and MATMUL.fullmatch(name):     # int4: packed rows [out, 16 * blocks] (see int4_rows_shape)
+            shape = int4_rows_shape(name, shape)
         if t.shape != shape:
             raise CheckpointError(f"{weights_path}: tensor '{t.name}' has shape {t.shape}; "
                                   f"GPT-2 with n_embd={cfg.n_embd}, n_vocab={cfg.n_vocab}, n_ctx={cfg.n_ctx} needs {shape}")
         info.dtypes[t.dtype] = info.dtypes.get(t.dtype, 0) + 1
-        flat[name] = check_finite(stored_weight(st, t, name, stored, weights_path), t.name, weights_path)
+        flat[name] = check_finite(stored_weight(st, t, name, stored, weights_path, expected[name]), t.name, weights_path)
     if "lm_head.weight" not in flat:                       # tied: the head is wte, kept as stored (bf16 stays bf16)
         wte = st.tensors[stored["wte.weight"]]
         flat["lm_head.weight"] = quant.BF16(st.array(wte.name)) if wte.dtype == "BF16" else flat["wte.weight"]
@@ -207,7 +209,7 @@ def load_params(path):
     return unflatten(flat), cfg, info
 
 
-def stored_weight(st, t, name, stored, path):
+def stored_weight(st, t, name, stored, path, shape=None):
     """A tensor as npgpt keeps it: matmul weights in their stored format (F32, BF16 bits, or int8 +
     scale), everything else widened to float32."""
     matmul = MATMUL.fullmatch(name)
@@ -224,16 +226,37 @@ def stored_weight(st, t, name, stored, path):
             raise CheckpointError(f"{path}: tensor '{s.name}' is {s.dtype} {s.shape}; int8 scales must be F32 {want}")
         scale = st.array(s.name)
         return quant.Int8(st.array(t.name), scale.reshape((1, -1) if out_axis == 1 else (-1, 1)))
+    if matmul and t.dtype == "U8":                         # int4 (npgpt quantize --dtype int4): packed rows + block scales
+        scale_name = stored.get(name + "_scale")
+        if scale_name is None:
+            raise CheckpointError(f"{path}: int4 tensor '{t.name}' has no '{t.name}_scale'")
+        block = st.metadata.get("npgpt.int4_block", str(quant.INT4_BLOCK))
+        if block != str(quant.INT4_BLOCK):
+            raise CheckpointError(f"{path}: int4 blocks of {block} inputs; npgpt reads blocks of {quant.INT4_BLOCK}")
+        n_out, n_in = shape if name == "lm_head.weight" else shape[::-1]   # the weight's own shape (the packed one is checked)
+        s = st.tensors[scale_name]
+        want = (n_out, -(-n_in // quant.INT4_BLOCK))
+        if s.dtype != "F32" or s.shape != want:
+            raise CheckpointError(f"{path}: tensor '{s.name}' is {s.dtype} {s.shape}; int4 scales must be F32 {want}")
+        q, scale = quant.unpack4(st.array(t.name), n_in), st.array(s.name)
+        if name == "lm_head.weight":                       # [V, C]: rows already
+            return quant.Int4(q, np.ascontiguousarray(scale), 1)
+        return quant.Int4(np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T), 0)
     if t.dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"{path}: tensor '{t.name}' has dtype {t.dtype}; expected one of {', '.join(FLOAT_DTYPES)}")
     return widen(st.array(t.name), t.dtype)
+
+
+def int4_rows_shape(name, shape):                         # a matmul weight's shape -> its packed int4 rows' shape
+    n_out, n_in = shape if name == "lm_head.weight" else shape[::-1]
+    return (n_out, 16 * -(-n_in // quant.INT4_BLOCK))
 
 
 def check_finite(w, name, path):
     """A NaN or inf weight makes every logit NaN: refuse it at load, naming the tensor (one pass over it)."""
     if isinstance(w, quant.BF16):
         bad = (w.bits & 0x7F80) == 0x7F80                  # exponent all ones: inf or NaN
-    elif isinstance(w, quant.Int8):
+    elif isinstance(w, (quant.Int8, quant.Int4)):
         bad = ~np.isfinite(w.scale)
     else:
         bad = ~np.isfinite(w)
@@ -286,25 +309,29 @@ def save(params, path, cfg=None, *, dtype="F32", prefix="", metadata=None, confi
          architecture="GPT2LMHeadModel"):
     """Write params in HF layout. A head tied to wte is not written; float32 arrays are stored as
     `dtype`; bf16 weights as BF16, int8 weights as I8 `name` plus F32 `name_scale` (one per output
-    channel). `extra`: {name: float32 array} written as named, unprefixed (a task head). `cfg` also
+    channel), int4 weights as U8 `name` (packed rows [out, 16 * blocks], quant.pack4) plus F32 `name_scale` [out, blocks]. `extra`: {name: float32 array} written as named, unprefixed (a task head). `cfg` also
     writes config.json beside the file (see write_config; `config_base`: other keys to keep)."""
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {FLOAT_DTYPES}")
     flat = flatten(params)
     if flat["lm_head.weight"] is flat["wte.weight"]:
         del flat["lm_head.weight"]
-    tensors = {}
+    tensors, int4_meta = {}, {}
     for name, a in flat.items():
         key = name if name == "lm_head.weight" else prefix + name
         if isinstance(a, quant.BF16):
             tensors[key] = ("BF16", a.bits)
         elif isinstance(a, quant.Int8):
             tensors[key], tensors[key + "_scale"] = ("I8", a.q), ("F32", a.scale.ravel())
+        elif isinstance(a, quant.Int4):                    # rows [out, in], two inputs a byte; scales [out, blocks]
+            q, scale = (a.q, a.scale) if a.axis == 1 else (a.q.T, a.scale.T)
+            tensors[key], tensors[key + "_scale"] = ("U8", quant.pack4(q)), ("F32", np.ascontiguousarray(scale))
+            int4_meta["npgpt.int4_block"] = quant.INT4_BLOCK
         else:
             tensors[key] = (dtype, narrow(a, dtype))
     for name, a in (extra or {}).items():
         tensors[name] = (dtype, narrow(a, dtype))
-    write(path, tensors, {"format": "pt", "npgpt.weights": quant.params_format(params), **(metadata or {})})
+    write(path, tensors, {"format": "pt", "npgpt.weights": quant.params_format(params), **int4_meta, **(metadata or {})})
     if cfg is not None:
         write_config(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"), cfg, base=config_base,
                      architecture=architecture)
