@@ -1,5 +1,7 @@
 """Ragged batches: cache rows of their own lengths, in the spec and the kernels, and generate() on a list of prompts."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -126,3 +128,23 @@ def test_packed_groups_refuse_shared_rows_and_overflows(tiny):
     with pytest.raises(npgpt.InputError, match="exceeds the context"):
         tiny.forward_packed(cache, [(1, np.zeros((1, TINY.n_ctx + 1), np.int64))])
     assert cache.lengths.tolist() == [0, 0, 0]                  # nothing was written
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc (Linux)")
+def test_a_new_cache_is_resident_only_where_it_is_written(tmp_path):
+    """After loading an int4 checkpoint, whose unpacking frees heap memory, np.zeros reused that memory
+    and calloc cleared it page by page: the whole n_ctx cache became resident (this failed that way)."""
+    def rss_mb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    cfg = npgpt.Config(n_vocab=4096, n_ctx=1024, n_embd=768, n_head=12, n_layer=6)
+    npgpt.random_model(cfg, seed=0, weights="int4").save(tmp_path)
+    model = npgpt.load(tmp_path)
+    ids = np.arange(8)[None].repeat(4, 0)
+    model.forward(ids)                                     # code and scratch of a forward pass: not the cache's
+    before = rss_mb()
+    cache = model.new_cache(batch=4)                       # 4 x 6 layers x 2 x 3 MiB = 144 MiB
+    model.forward(ids, cache=cache)
+    assert cache.layer(0).k[:, :, :8].any() and not cache.layer(0).k[:, :, 8:].any()
+    assert rss_mb() - before < 36                          # 8 positions written: a page per row, head and layer (with np.zeros: 136)
