@@ -251,12 +251,14 @@ def gemv_int4(x, packed, scale, b, M):                     # [N, K] x quant.Int4
     tiles, Kp, _ = packed.shape
     blocks = Kp // quant.INT4_BLOCK
     out = np.empty((N, M), dtype=np.float32)
-    xp = np.zeros((N, Kp), dtype=np.float32)               # inputs padded to whole blocks (padding meets q = 0)
-    x8 = np.zeros((N, blocks), dtype=np.float32)           # 8 * each block's sum of inputs
-    for n in range(N):
-        for k in range(K):
-            xp[n, k] = x[n, k]
-            x8[n, k // quant.INT4_BLOCK] += np.float32(8.0) * x[n, k]
+    xp = np.empty((N, Kp), dtype=np.float32)               # inputs padded to whole blocks (padding meets q = 0)
+    x8 = np.empty((N, blocks), dtype=np.float32)           # 8 * each block's sum of inputs
+    for n in range(N):                                     # loops, not np.zeros: in a parallel kernel that is a
+        for j in range(blocks):                            # parallel region of its own (~3 us to start, each)
+            x8[n, j] = np.float32(0.0)
+        for k in range(Kp):
+            xp[n, k] = x[n, k] if k < K else np.float32(0.0)
+            x8[n, k // quant.INT4_BLOCK] += np.float32(8.0) * xp[n, k]
     for t in numba.prange(tiles):
         yl = np.zeros((N, INT4_HALF), dtype=np.float32)    # rows 64t + i and 64t + 32 + i
         yh = np.zeros((N, INT4_HALF), dtype=np.float32)
