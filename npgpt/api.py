@@ -1,7 +1,9 @@
 """The public object: a GPT-2 model = params + Config + a backend's op table."""
 
 import contextlib
+import ctypes
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -284,9 +286,23 @@ def load_model(path, backend="numpy", weights=None):      # load() without the w
     fmt = weights or (info.format if info.format in ("int8", "int4") else "fp32")
     params = quant.quantize(params, fmt)
     model = Model(params, config, backend=backend, info=info)
-    if fmt != info.format or model.params is not params:   # converted or re-laid-out: the mapped originals are dead weight
+    converted = fmt != info.format or model.params is not params
+    del params                                             # the model keeps what it needs; the rest is freed now
+    if converted:                                          # converted or re-laid-out: the mapped originals are dead weight
         info.source.release_pages()
+        return_freed_heap()
     return model
+
+
+def return_freed_heap():
+    """Give the heap the loader freed back to the system. glibc keeps freed memory for reuse, and converting
+    or re-laying out weights frees several times their size in temporaries (measured: loading gpt2 as int4
+    left 104 MiB of such heap resident next to 77 MiB of weights). A no-op off glibc."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):                  # not glibc (musl has no malloc_trim)
+            pass
 
 
 def quantize_checkpoint(source, dest, fmt):
