@@ -279,6 +279,10 @@ def _ints(text):
     return values
 
 
+def _lengths(text):                                        # -p / -n: positive integers, or 0 for none (as llama-bench)
+    return [] if text.strip() == "0" else _ints(text)
+
+
 def _backends(text):
     names = [v for v in text.split(",") if v]
     unknown = [n for n in names if n not in api.BACKENDS]
@@ -310,6 +314,10 @@ def cmd_bench(args):
             raise NpgptError(f"--compare torch needs torch and transformers ({e}); pip install '.[compare]'") from None
     if args.train and args.serve:
         raise InputError("--train and --serve are separate benchmarks: choose one")
+    if args.p == [] and (args.train or args.serve or args.n == []):
+        raise InputError("-p 0 -n 0: nothing to measure" if args.n == [] else "-p 0 skips prefill tests; --train and --serve need lengths")
+    if args.n == [] and args.serve:
+        raise InputError("-n 0: --serve needs a number of tokens per request")
     if args.train:
         return bench_train(args)
     if args.serve:
@@ -319,8 +327,8 @@ def cmd_bench(args):
     if args.config and len(args.config) > 1:
         raise InputError("--config: the inference bench takes one config (several are for --train)")
     report = bench.run(weights_path=args.weights, config=(args.config or ["gpt2"])[0], backends=args.backend or ["numpy", "numba"],
-                       prompts=args.p or [128, 512],
-                       gens=args.n or [128], batches=args.b or [1], threads=args.t, reps=args.reps, compare=args.compare,
+                       prompts=[128, 512] if args.p is None else args.p,
+                       gens=[128] if args.n is None else args.n, batches=args.b or [1], threads=args.t, reps=args.reps, compare=args.compare,
                        formats=args.weights_dtype)
     print(bench.table(report))
     if args.json:
@@ -417,8 +425,8 @@ def build_parser():
     b.add_argument("--weights-dtype", type=_formats, default=["fp32"],
                    help="comma-separated matmul weight formats for the numba backend: fp32,bf16,int8,int4 (default fp32); "
                         "more than one also measures each one's resident memory")
-    b.add_argument("-p", type=_ints, help="prompt lengths for pp tests (default 128,512)")
-    b.add_argument("-n", type=_ints, help="tokens to decode for tg tests (default 128)")
+    b.add_argument("-p", type=_lengths, help="prompt lengths for pp tests (default 128,512; 0: none)")
+    b.add_argument("-n", type=_lengths, help="tokens to decode for tg tests (default 128; 0: none)")
     b.add_argument("-b", type=_ints, help="batch sizes (default 1)")
     b.add_argument("-t", type=int, default=None, help="threads for numba and BLAS (default: all cores)")
     b.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (default 3); --serve: rounds of every level")

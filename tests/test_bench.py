@@ -50,3 +50,15 @@ def test_prefill_flops_count_the_head_once_per_sequence_unless_all_logits():
     every, last = bench.flops_per_token(cfg, 512), bench.flops_per_token(cfg, 512, all_logits=False)
     assert 1.4 < every / last < 1.5
     assert every - last == pytest.approx(2 * cfg.n_vocab * cfg.n_embd * (1 - 1 / 512))
+
+
+def test_p_0_skips_prefill_as_in_llama_bench(capsys):
+    from npgpt import cli
+
+    assert cli.main(["bench", "-p", "0", "-n", "0"]) != 0
+    assert "nothing to measure" in capsys.readouterr().err
+    assert cli.main(["bench", "--train", "-p", "0"]) != 0
+    assert "need lengths" in capsys.readouterr().err
+    assert cli.main(["bench", "--config", "tiny", "--backend", "numba", "-p", "0", "-n", "4", "--reps", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
+    assert [line.split("|")[7].strip() for line in rows] == ["tg4"]
