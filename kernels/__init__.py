@@ -13,6 +13,7 @@ from ..backward import SPEC
 from ..model import REFERENCE
 
 from . import activation, attention, matmul, memory, norm, optim, softmax
+from . import decode
 from .jit import blas_per_band as runtime
 from .jit import serialized
 
@@ -94,4 +95,4 @@ def unprepare(params):
     return {**params, "h": blocks, "lm_head": {"weight": head}}
 
 
-__all__ = ["KERNELS", "unprepare", "BACKWARD", "OPTIM", "prepare_again", "prepare", "runtime", "serialized", "activation", "attention", "matmul", "memory", "norm", "optim", "softmax"]
+__all__ = ["KERNELS", "unprepare", "BACKWARD", "OPTIM", "prepare_again", "prepare", "runtime", "serialized", "activation", "attention", "decode", "matmul", "memory", "norm", "optim", "softmax"]

@@ -7,11 +7,30 @@ import math
 import numba
 import numpy as np
 
-from .jit import bands, parallel, serial
+from .jit import bands, inline, parallel, serial
 from .softmax import causal_softmax_rows, softmax_row
 
 FUSED_MAX_QUERIES = 4                                      # more queries than this: the BLAS path wins (bench-measured)
 QUERY_BLOCK = 128
+
+
+@inline
+def attend_row(q, k, v, b, h, n, scale):                   # q [D] (contiguous), keys/values [B, H, >=n, D] -> [D]
+    """One query against positions 0..n-1 of row b, head h: scores, softmax, the weighted sum of values."""
+    p = np.empty(n, dtype=np.float32)
+    for s in range(n):
+        ks = k[b, h, s]
+        acc = np.float32(0.0)
+        for d in range(q.shape[0]):
+            acc += q[d] * ks[d]
+        p[s] = acc * scale
+    softmax_row(p, n)
+    o = np.zeros(q.shape[0], dtype=np.float32)
+    for s in range(n):
+        w, vs = p[s], v[b, h, s]
+        for d in range(q.shape[0]):
+            o[d] += w * vs[d]
+    return o
 
 
 @parallel
@@ -21,21 +40,7 @@ def fused_attention(q, k, v, lengths, scale):              # [B, H, T, D], [B, H
     for i in numba.prange(B * H * T):
         b, h, t = i // (H * T), (i // T) % H, i % T
         n = lengths[b] - T + t + 1                         # causal: query t sees keys 0 .. length-T+t of its row
-        qt = q[b, h, t].copy()                             # contiguous copies let the d-loops vectorize
-        p = np.empty(n, dtype=np.float32)
-        for s in range(n):
-            ks = k[b, h, s]
-            acc = np.float32(0.0)
-            for d in range(D):
-                acc += qt[d] * ks[d]
-            p[s] = acc * scale
-        softmax_row(p, n)
-        o = np.zeros(D, dtype=np.float32)
-        for s in range(n):
-            w, vs = p[s], v[b, h, s]
-            for d in range(D):
-                o[d] += w * vs[d]
-        out[b, h, t] = o
+        out[b, h, t] = attend_row(q[b, h, t].copy(), k, v, b, h, n, scale)   # a contiguous copy: the d-loops vectorize
     return out
 
 

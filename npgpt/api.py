@@ -43,13 +43,13 @@ def threads(n=None):
 
 
 def resolve_backend(name):
-    """(op table, params preparation, context a forward pass runs in) of a backend:
-    'numpy' is the spec in npgpt.model, 'numba' the kernels package."""
+    """(op table, params preparation, context a forward pass runs in, forward, forward_packed) of a backend:
+    'numpy' is the spec in npgpt.model, 'numba' the kernels package (whose forwards fuse a decode step)."""
     if name == "numpy":
-        return REFERENCE, lambda params: params, contextlib.nullcontext
+        return REFERENCE, lambda params: params, contextlib.nullcontext, forward, forward_packed
     if name == "numba":
         from . import kernels                              # imported on demand: numba start-up is not free
-        return kernels.KERNELS, kernels.prepare, kernels.runtime
+        return kernels.KERNELS, kernels.prepare, kernels.runtime, kernels.decode.forward, kernels.decode.forward_packed
     raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -57,7 +57,7 @@ class Model:
     """`params` are the arrays the backend runs on (the numba backend keeps linear weights as [out, in])."""
 
     def __init__(self, params, config, *, backend="numpy", info=None):
-        self.ops, self._prepare, self._runtime = resolve_backend(backend)
+        self.ops, self._prepare, self._runtime, self._forward, self._forward_packed = resolve_backend(backend)
         self.params, self.config, self.info, self.backend = self._prepare(params), config, info, backend
         self.weights = quant.params_format(params)
         # checkpoint layout: what state_dict, save and training see. Where the backend re-laid the weights out,
@@ -150,11 +150,11 @@ class Model:
 
     def forward(self, ids, cache=None, last=False):        # [T] or [B, T] -> float32 [T, V] or [B, T, V]
         with self._runtime():
-            return forward(self.params, ids, self.config, ops=self.ops, cache=cache, last=last)
+            return self._forward(self.params, ids, self.config, ops=self.ops, cache=cache, last=last)
 
     def forward_packed(self, cache, groups):               # [(first row, [B, T] ids)] -> float32 [rows, V]
         with self._runtime():
-            return forward_packed(self.params, cache, groups, self.config, ops=self.ops)
+            return self._forward_packed(self.params, cache, groups, self.config, ops=self.ops)
 
     def loss(self, ids, targets=None):                     # [T] or [B, T] -> mean next-token cross-entropy (nats)
         """As transformers' `labels=ids` loss: every position predicts the next token, averaged. With

@@ -131,3 +131,46 @@ def test_numba_cache_dir_falls_back_when_package_is_read_only(tmp_path, monkeypa
     assert chosen == str(tmp_path / "xdg" / "npgpt" / "numba")
     assert choose_cache_dir(str(readonly), env={"NUMBA_CACHE_DIR": "/somewhere"}) is None
     assert choose_cache_dir(str(tmp_path), env={}) is None
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("B", [1, 3, 5])
+def test_fused_decode_step_equals_the_spec_on_rows_of_different_lengths(tiny_params, fmt, B, monkeypatch):
+    """kernels.decode.step against npgpt.model.forward: logits and the keys and values it writes, two
+    steps running, rows holding 3, 5, 7, ... positions (each attends to its own). 1e-4: twelve kernels
+    in a row, each within TOL of its spec function (int4 GEMV sums x * (q + 8), then subtracts 8 * sum x)."""
+    from npgpt import quant
+    from npgpt.kernels import decode
+
+    params = quant.quantize(tiny_params, fmt)
+    ref, fused = npgpt.Model(params, TINY), npgpt.Model(params, TINY, backend="numba")
+    prompts = [rng.integers(0, TINY.n_vocab, size=(1, 3 + 2 * b)) for b in range(B)]
+    caches = [ref.new_cache(batch=B), fused.new_cache(batch=B)]
+    for m, cache in zip((ref, fused), caches):
+        for b, ids in enumerate(prompts):
+            m.forward(ids, cache=cache.rows(b, b + 1))
+    monkeypatch.setattr(decode, "spec_forward", None)      # the numba model must take the fused path
+    for _ in range(2):
+        ids = rng.integers(0, TINY.n_vocab, size=(B, 1))
+        got, want = fused.forward(ids, cache=caches[1], last=True), ref.forward(ids, cache=caches[0], last=True)
+        assert got.shape == want.shape == (B, 1, TINY.n_vocab)
+        assert max_rel_err(got, want) < 1e-4
+    assert np.array_equal(caches[0].lengths, caches[1].lengths)
+    for i in range(TINY.n_layer):
+        for a, b in ((caches[0].layer(i).k, caches[1].layer(i).k), (caches[0].layer(i).v, caches[1].layer(i).v)):
+            assert max_rel_err(b[:, :, : 3 + 2 * B + 2], a[:, :, : 3 + 2 * B + 2]) < 1e-4
+
+
+def test_fused_decode_step_serves_a_packed_step_of_busy_rows(tiny_params):
+    from npgpt.kernels import decode
+
+    fused = npgpt.Model(tiny_params, TINY, backend="numba")
+    caches = [fused.new_cache(batch=4), fused.new_cache(batch=4)]
+    for cache in caches:
+        for b in range(3):
+            fused.forward(np.arange(2 + b)[None], cache=cache.rows(b, b + 1))
+    ids = np.array([[5], [6]])
+    got = fused.forward_packed(caches[0], [(1, ids)])      # rows 1 and 2: the fused step
+    want = spec.forward_packed(fused.params, caches[1], [(1, ids)], TINY, ops=kernels.KERNELS)
+    assert decode.is_step(ids, caches[0]) and max_rel_err(got, want) < 1e-4
+    assert caches[0].lengths.tolist() == caches[1].lengths.tolist() == [2, 4, 5, 0]
