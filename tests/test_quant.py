@@ -8,6 +8,7 @@ import pytest
 from npgpt import kernels
 import npgpt
 from npgpt import weights
+from npgpt.weights import checkpoint
 from npgpt.kernels import matmul
 from npgpt import model as spec
 from npgpt import quant
@@ -208,3 +209,32 @@ def test_loading_int4_leaves_only_the_packed_weights_resident(tmp_path):
     model = npgpt.load(tmp_path, backend="numba")
     packed = sum(w.nbytes for name, w in weights.flatten(model.params).items() if name.endswith("weight_t") or name == "lm_head.weight")
     assert rss_mb() - before < packed / 2**20 + 8          # measured: the tiles + 0.05 MiB; without handing back: + 20 MiB
+
+
+def _rewrite(path, change=lambda tensors: None, metadata=None):   # a checkpoint's tensors, changed, written back
+    f = weights.SafetensorsFile(path)
+    tensors = {name: (t.dtype, np.array(f.array(name))) for name, t in f.tensors.items()}
+    meta = {**f.metadata, **(metadata or {})}
+    del f
+    change(tensors)
+    checkpoint.write(path, tensors, meta)
+
+
+@pytest.mark.parametrize("fmt, change, metadata, message", [
+    ("int4", lambda t: t.pop("h.0.attn.c_attn.weight_scale"), None, "int4 tensor 'h.0.attn.c_attn.weight' has no 'h.0.attn.c_attn.weight_scale'"),
+    ("int4", lambda t: t.update({"h.0.mlp.c_fc.weight_scale": ("F32", np.ones((240, 1), np.float32))}), None,
+     r"'h.0.mlp.c_fc.weight_scale' is F32 \(240, 1\); int4 scales must be F32 \(240, 2\)"),
+    ("int4", lambda t: t.update({"h.1.mlp.c_proj.weight": ("U8", np.zeros((60, 16), np.uint8))}), None,
+     r"'h.1.mlp.c_proj.weight' has shape \(60, 16\)"),
+    ("int4", lambda t: None, {"npgpt.int4_block": "64"}, "int4 blocks of 64 inputs; npgpt reads blocks of 32"),
+    ("int8", lambda t: t.pop("lm_head.weight_scale"), None, "int8 tensor 'lm_head.weight' has no 'lm_head.weight_scale'"),
+    ("int8", lambda t: t.update({"lm_head.weight_scale": ("F32", np.ones(999, np.float32))}), None,
+     r"int8 scales must be F32 \(1000,\)"),
+])
+def test_a_quantized_checkpoint_with_bad_scales_or_packing_is_refused_by_name(tmp_path, tiny_file, fmt, change, metadata, message):
+    out = tmp_path / "q" / "model.safetensors"
+    out.parent.mkdir()
+    assert main(["quantize", str(tiny_file), str(out), "--dtype", fmt]) == 0
+    _rewrite(out, change, metadata)
+    with pytest.raises(npgpt.CheckpointError, match=message):
+        npgpt.load(out)
