@@ -210,8 +210,8 @@ def load_params(path):
 
 
 def stored_weight(st, t, name, stored, path, shape=None):
-    """A tensor as npgpt keeps it: matmul weights in their stored format (F32, BF16 bits, or int8 +
-    scale), everything else widened to float32."""
+    """A tensor as npgpt keeps it: matmul weights in their stored format (F32, BF16 bits, int8 + scale,
+    or int4 unpacked from its packed rows + block scales), everything else widened to float32."""
     matmul = MATMUL.fullmatch(name)
     if matmul and t.dtype == "BF16":
         return quant.BF16(st.array(t.name))
@@ -309,8 +309,10 @@ def save(params, path, cfg=None, *, dtype="F32", prefix="", metadata=None, confi
          architecture="GPT2LMHeadModel"):
     """Write params in HF layout. A head tied to wte is not written; float32 arrays are stored as
     `dtype`; bf16 weights as BF16, int8 weights as I8 `name` plus F32 `name_scale` (one per output
-    channel), int4 weights as U8 `name` (packed rows [out, 16 * blocks], quant.pack4) plus F32 `name_scale` [out, blocks]. `extra`: {name: float32 array} written as named, unprefixed (a task head). `cfg` also
-    writes config.json beside the file (see write_config; `config_base`: other keys to keep)."""
+    channel), int4 weights as U8 `name` (packed rows [out, 16 * blocks], quant.pack4) plus F32
+    `name_scale` [out, blocks]. `extra`: {name: float32 array} written as named, unprefixed (a task
+    head). `cfg` also writes config.json beside the file (see write_config; `config_base`: other keys
+    to keep)."""
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {FLOAT_DTYPES}")
     flat = flatten(params)
