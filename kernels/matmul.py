@@ -198,18 +198,17 @@ def int4_tiles(q, scale):                                  # int8 rows [M, K] in
     M, K = q.shape
     blocks = scale.shape[1]
     tiles = -(-M // INT4_ROWS)
-    u = np.full((tiles * INT4_ROWS, blocks * quant.INT4_BLOCK), 8, np.uint8)   # padding: q = 0
-    u[:M, :K] = (q.astype(np.int16) + 8).astype(np.uint8)
+    u = quant.offset_nibbles(q, tiles * INT4_ROWS, blocks * quant.INT4_BLOCK)
     u = u.reshape(tiles, INT4_ROWS, -1).transpose(0, 2, 1)                     # [tiles, inputs, 64 rows]
     s = np.zeros((tiles * INT4_ROWS, blocks), np.float32)
     s[:M] = scale
-    return quant.Int4Tiles(np.ascontiguousarray(u[..., :INT4_HALF] | (u[..., INT4_HALF:] << 4)),
+    return quant.Int4Tiles(np.ascontiguousarray(quant.pair_nibbles(u)),
                            np.ascontiguousarray(s.reshape(tiles, INT4_ROWS, blocks).transpose(0, 2, 1)), M, K)
 
 
 def int4_rows(w):                                          # quant.Int4Tiles -> (q int8 rows [M, K], scale [M, blocks])
-    u = np.concatenate([w.packed & 15, w.packed >> 4], axis=2)                 # [tiles, inputs, 64 rows]
-    q = u.transpose(0, 2, 1).reshape(-1, u.shape[1])[: w.n_out, : w.n_in].astype(np.int8) - 8
+    u = quant.split_nibbles(w.packed)                                         # [tiles, inputs, 64 rows]
+    q = u.transpose(0, 2, 1).reshape(-1, u.shape[1])[: w.n_out, : w.n_in].view(np.int8) - np.int8(8)
     scale = w.scale.transpose(0, 2, 1).reshape(-1, w.scale.shape[1])[: w.n_out]
     return np.ascontiguousarray(q), np.ascontiguousarray(scale)
 
@@ -291,26 +290,23 @@ def gemv_int4(x, packed, scale, b, M):                     # [N, K] x quant.Int4
 
 
 @serial
-def widen_int4(packed, scale, t0, t1, out):                # tiles t0..t1 -> out float32 [K, 64 * (t1 - t0)]: columns are rows
-    K = out.shape[0]
+def widen_int4(packed, scale, t0, t1, out):                # tiles t0..t1 -> out float32 [32 * blocks, 64 * (t1 - t0)]: columns are rows
     for t in range(t0, t1):
         c = INT4_ROWS * (t - t0)
-        for k in range(K):
-            j = k // quant.INT4_BLOCK
-            for i in range(INT4_HALF):
-                out[k, c + i] = (low_nibble(packed[t, k, i]) - np.float32(8.0)) * scale[t, j, i]
-            for i in range(INT4_HALF):
-                out[k, c + INT4_HALF + i] = (high_nibble(packed[t, k, i]) - np.float32(8.0)) * scale[t, j, INT4_HALF + i]
+        for j in range(packed.shape[1] // quant.INT4_BLOCK):
+            k = quant.INT4_BLOCK * j
+            _int4_dequantize_block(packed, scale, t, j, out[k : k + quant.INT4_BLOCK, c : c + INT4_HALF],
+                                   out[k : k + quant.INT4_BLOCK, c + INT4_HALF : c + INT4_ROWS])
 
 
 def _gemm_band_int4(x, w, b, y, tiles):                    # y[:, rows of tiles] = x [N, K] . W^T (+ b), PREFILL_TILE rows at a time
     step = PREFILL_TILE // INT4_ROWS
-    scratch = np.empty((x.shape[1], PREFILL_TILE), dtype=np.float32)          # [K, rows]: already W^T for sgemm
+    scratch = np.empty((w.packed.shape[1], PREFILL_TILE), dtype=np.float32)   # [inputs padded to blocks, rows]: W^T for sgemm
     for t0 in range(tiles.start, tiles.stop, step):
         t1 = min(t0 + step, tiles.stop)
         r0, r1 = INT4_ROWS * t0, min(INT4_ROWS * t1, w.n_out)
         widen_int4(w.packed, w.scale, t0, t1, scratch)
-        np.matmul(x, scratch[:, : r1 - r0], out=y[:, r0:r1])
+        np.matmul(x, scratch[: x.shape[1], : r1 - r0], out=y[:, r0:r1])
         if b is not None:
             y[:, r0:r1] += b[r0:r1]
 

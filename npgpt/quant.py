@@ -79,21 +79,31 @@ class Int4Tiles(NamedTuple):
         return self.packed.nbytes + self.scale.nbytes
 
 
+def offset_nibbles(q, rows, cols):                         # int8 [r, c] in [-8, 7] -> uint8 q + 8 [rows, cols], padded with q = 0
+    u = np.full((rows, cols), 8, np.uint8)
+    u[: q.shape[0], : q.shape[1]] = (q + np.int8(8)).view(np.uint8)
+    return u
+
+
+def pair_nibbles(u):                                       # uint8 [..., 2h] of 4-bit values -> [..., h]: first half low, second high
+    h = u.shape[-1] // 2
+    return u[..., :h] | (u[..., h:] << 4)
+
+
+def split_nibbles(p):                                      # inverse of pair_nibbles
+    return np.concatenate([p & 15, p >> 4], axis=-1)
+
+
 def pack4(q):                                              # int8 rows [out, in] in [-8, 7] -> uint8 [out, 16 * blocks]
     """q4_0's layout: in each block of 32 inputs, byte i holds input i (low nibble) and input 16 + i (high
     nibble), as q + 8; a last partial block is padded with q = 0."""
     blocks = -(-q.shape[1] // INT4_BLOCK)
-    u = np.full((q.shape[0], blocks * INT4_BLOCK), 8, np.uint8)
-    u[:, : q.shape[1]] = (q.astype(np.int16) + 8).astype(np.uint8)
-    u = u.reshape(q.shape[0], blocks, INT4_BLOCK)
-    return np.ascontiguousarray((u[..., :16] | (u[..., 16:] << 4)).reshape(q.shape[0], blocks * 16))
+    u = offset_nibbles(q, q.shape[0], blocks * INT4_BLOCK).reshape(q.shape[0], blocks, INT4_BLOCK)
+    return np.ascontiguousarray(pair_nibbles(u).reshape(q.shape[0], blocks * 16))
 
 
 def unpack4(packed, n_in):                                 # inverse of pack4 -> int8 rows [out, n_in]
-    b = packed.reshape(packed.shape[0], -1, 16)
-    q = np.empty((packed.shape[0], b.shape[1], INT4_BLOCK), np.int8)
-    q[..., :16] = (b & 15).astype(np.int8) - 8
-    q[..., 16:] = (b >> 4).astype(np.int8) - 8
+    q = split_nibbles(packed.reshape(packed.shape[0], -1, 16)).view(np.int8) - np.int8(8)
     return q.reshape(packed.shape[0], -1)[:, :n_in]
 
 

@@ -42,9 +42,9 @@ def test_prefill_widening_gives_exactly_the_reference_values(fmt, n_out, n_in):
     rows = kernels.head_rows(w)
     if fmt == "int4":
         tiles = rows.packed.shape[0]
-        out = np.empty((n_in, matmul.INT4_ROWS * tiles), np.float32)
+        out = np.empty((rows.packed.shape[1], matmul.INT4_ROWS * tiles), np.float32)   # inputs padded to whole blocks
         matmul.widen_int4(rows.packed, rows.scale, 0, tiles, out)
-        out = out[:, :n_out].T
+        out = out[:n_in, :n_out].T
     else:
         out = np.empty(w.shape, np.float32)
         values, scale = matmul.stored(rows)
