@@ -1,7 +1,8 @@
 """Matrix products. Weights are rows of outputs, W [out, in] (the loader transposes HF's Conv1D once,
 see kernels.prepare): decode streams the rows once on every core, four rows against four inputs at a
-time when a batch has four or more; prefill gives each core a band of output columns and a
-single-threaded sgemm on the same array transposed."""
+time when a batch has four or more (int8: a row against each input in integers, int4: 64-row tiles);
+prefill gives each core a band of output columns and a single-threaded sgemm on the same array
+transposed."""
 
 import numba
 import numpy as np
@@ -10,7 +11,7 @@ from numba.extending import overload
 
 from .. import quant
 
-from .jit import DECODE_ROWS, bands, f32_from_bits, high_nibble, inline, low_nibble, parallel, serial
+from .jit import DECODE_ROWS, bands, dot_q8, exact, f32_from_bits, high_nibble, inline, low_nibble, parallel, serial
 
 
 def widen(w, m, k):                                        # stored weight element -> float32 (numba-only; see overload)
@@ -20,7 +21,8 @@ def widen(w, m, k):                                        # stored weight eleme
 @overload(widen)
 def _widen(w, m, k):
     """Chosen per dtype at compile time: float32 is itself; bf16 bits << 16 are its float32 (a bit cast,
-    not a conversion); int8 converts, its scale applied after the dot. The loops still vectorize."""
+    not a conversion); int8 converts (prefill's widening), its scale applied by the caller. The loops
+    still vectorize."""
     if w.dtype == types.uint16:
         return lambda w, m, k: f32_from_bits(np.uint32(w[m, k]) << np.uint32(16))
     return lambda w, m, k: np.float32(w[m, k])
@@ -68,10 +70,7 @@ def _dot_4x4(x, n, w, m, out):                             # out[n:n+4, m:m+4] =
 
 
 @inline
-def _scale_bias(out, scale, b, m):                         # out[:, m] *= scale[m], += b[m] (either may be None)
-    if scale is not None:
-        for n in range(out.shape[0]):
-            out[n, m] *= scale[m]
+def _bias(out, b, m):                                      # out[:, m] += b[m] (b may be None)
     if b is not None:
         for n in range(out.shape[0]):
             out[n, m] += b[m]
@@ -81,11 +80,11 @@ TILE_FROM = 4                                              # from this many inpu
 
 
 @parallel
-def gemv(x, w, scale, b):                                  # [N, K] x [M, K] rows (scale [M], b [M], or None) -> [N, M]
-    """w: float32, bf16 bits or int8, widened in registers: no float32 copy of a row exists, and
-    x . (q * scale) is (x . q) * scale. One pass over the weights serves all N inputs. The helpers are
-    inlined: a call inside a prange loop costs reference-count updates on the arrays it is passed,
-    atomic writes to a cache line every core shares (measured: int8 GEMV at 1 input 1.3-1.8x slower)."""
+def gemv(x, w, b):                                         # [N, K] x [M, K] rows (b [M] or None) -> [N, M]
+    """w: float32 or bf16 bits, widened in registers: no float32 copy of a row exists. One pass over the
+    weights serves all N inputs. The helpers are inlined: a call inside a prange loop costs
+    reference-count updates on the arrays it is passed, atomic writes to a cache line every core shares
+    (measured: an int8 GEMV at 1 input 1.3-1.8x slower)."""
     N = x.shape[0]
     M = w.shape[0]
     out = np.empty((N, M), dtype=np.float32)
@@ -93,7 +92,7 @@ def gemv(x, w, scale, b):                                  # [N, K] x [M, K] row
         for m in numba.prange(M):
             for n in range(N):
                 out[n, m] = _dot(x, n, w, m)
-            _scale_bias(out, scale, b, m)
+            _bias(out, b, m)
     else:                                                  # four rows per task
         for t in numba.prange((M + 3) // 4):
             m0, m1 = 4 * t, min(4 * t + 4, M)
@@ -105,7 +104,65 @@ def gemv(x, w, scale, b):                                  # [N, K] x [M, K] row
             for m in range(m0, m1):                        # what tiles do not cover: the last N % 4 inputs, M % 4 rows
                 for i in range(n, N):
                     out[i, m] = _dot(x, i, w, m)
-                _scale_bias(out, scale, b, m)
+                _bias(out, b, m)
+    return out
+
+
+# int8 (quant.Int8): the inputs are rounded to int8 blocks first (quant.round_to_q8), so a row's dot is
+# int8 by int8 in integer lanes (jit.dot_q8), one float32 multiply per block of 32.
+Q8 = quant.Q8_BLOCK
+
+
+@inline
+def _round_block(x, n, j, K):                              # (peak / 127, 127 / peak) of block j of x[n], as quant.round_to_q8
+    peak = np.float32(0.0)
+    for k in range(Q8 * j, min(Q8 * j + Q8, K)):
+        peak = max(peak, abs(x[n, k]))
+    return peak / np.float32(127.0), (np.float32(127.0) / peak if peak > 0 else np.float32(0.0))
+
+
+@parallel
+def gemv_q8(x, w, scale, b):                               # [N, K] x int8 rows [M, K] (scale [M], b [M] or None) -> [N, M]
+    """x . (q * scale) with x rounded to int8 blocks of 32: each row's dot in integers, times the block
+    scales, times the row's scale. A row meets all N inputs while it is in L1: one pass over the weights."""
+    N, K = x.shape
+    M = w.shape[0]
+    blocks, whole = -(-K // Q8), K // Q8
+    xq = np.empty((N, blocks * Q8), dtype=np.int8)         # the inputs' int8 levels, padded with zeros to whole blocks
+    xa = np.empty((N, blocks * Q8), dtype=np.uint8)        # and their magnitudes (vpmaddubsw's unsigned operand)
+    sx = np.empty((N, blocks), dtype=np.float32)
+    for n in range(N):
+        for j in range(blocks):
+            sx[n, j], inv = _round_block(x, n, j, K)
+            for k in range(Q8 * j, Q8 * j + Q8):
+                v = np.rint(x[n, k] * inv) if k < K else np.float32(0.0)
+                xq[n, k] = np.int8(v)
+                xa[n, k] = np.uint8(abs(v))
+    out = np.empty((N, M), dtype=np.float32)
+    for m in numba.prange(M):
+        for n in range(N):
+            s = dot_q8(w, m, xq, xa, sx, n, whole)
+            if whole < blocks:                             # a last partial block (K % 32 inputs), in scalars
+                t = np.int32(0)
+                for k in range(Q8 * whole, K):
+                    t += np.int32(w[m, k]) * np.int32(xq[n, k])
+                s += np.float32(t) * sx[n, whole]
+            out[n, m] = s * scale[m] + (b[m] if b is not None else np.float32(0.0))
+    return out
+
+
+@exact
+def round_to_q8_rows(x):                                   # [N, K] -> [N, K]: quant.round_to_q8, for prefill's sgemm
+    """Without reassociation, so it equals the spec bit for bit (with it, LLVM computed q * (peak / 127)
+    as (q * peak) / 127)."""
+    N, K = x.shape
+    blocks = -(-K // Q8)
+    out = np.empty_like(x)
+    for i in numba.prange(N * blocks):
+        n, j = i // blocks, i % blocks
+        d, inv = _round_block(x, n, j, K)
+        for k in range(Q8 * j, min(Q8 * j + Q8, K)):
+            out[n, k] = np.rint(x[n, k] * inv) * d
     return out
 
 
@@ -158,12 +215,16 @@ def matmul_rows(x, w, b=None):                             # [..., K] x [M, K] r
     if x2.shape[0] <= DECODE_ROWS:
         if isinstance(w, quant.Int4Tiles):
             y = gemv_int4(x2, w.packed, w.scale, b, M)
+        elif isinstance(w, quant.Int8):
+            y = gemv_q8(x2, w.q, w.scale, b)
         else:
-            y = gemv(x2, w, None, b) if isinstance(w, np.ndarray) else gemv(x2, *stored(w), b)
+            y = gemv(x2, w if isinstance(w, np.ndarray) else w.bits, b)
     elif isinstance(w, quant.Int4Tiles):
         y = np.empty((x2.shape[0], M), dtype=np.float32)
         bands(lambda tiles: _gemm_band_int4(x2, w, b, y, tiles), w.packed.shape[0], inline_upto=1)
     else:
+        if isinstance(w, quant.Int8):
+            x2 = round_to_q8_rows(x2)
         y = np.empty((x2.shape[0], M), dtype=np.float32)
         bands(lambda cols: _gemm_band(x2, w, b, y, cols), M, inline_upto=1)
     return y.reshape(*x.shape[:-1], M)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .cache import Packed, PackedLayer
 from .inputs import check_ids
-from .quant import dequantize
+from .quant import activations, dequantize
 
 
 def layer_norm(x, weight, bias, eps):                      # [..., C], [C], [C] -> [..., C]
@@ -32,7 +32,7 @@ def softmax(x):                                            # [..., S] -> [..., S
 
 
 def linear(x, weight, bias):                               # [..., in], [in, out], [out] -> [..., out]
-    return x @ dequantize(weight) + bias                   # bf16/int8 weights: back to float32 first (npgpt.quant)
+    return activations(x, weight) @ dequantize(weight) + bias   # low-precision weights: float32 first (npgpt.quant)
 
 
 def causal_mask(T, S, lengths=None):                       # -> [T, S], or [B, 1, T, S] for rows of their own lengths [B]
@@ -60,7 +60,7 @@ def attention(q, k, v, mask=None, lengths=None):           # [B, H, T, D], [B, H
 
 
 def lm_head(x, weight):                                    # [..., C], [V, C] -> [..., V]
-    return x @ dequantize(weight).T
+    return activations(x, weight) @ dequantize(weight).T
 
 
 def cross_entropy(logits, targets):                        # [..., V], [...] ids -> [...] nats

@@ -3,7 +3,9 @@
 bf16: the upper 16 bits of each float32 (rounded to nearest even), kept as uint16 bits.
 int8: symmetric per-output-channel: w ~= q * scale with q in [-127, 127] and one float32 scale per
 output channel, so a row of outputs loses at most scale/2 per weight. `scale` is shaped to
-broadcast over q: [1, out] for a Conv1D weight [in, out], [V, 1] for the LM head [V, C].
+broadcast over q: [1, out] for a Conv1D weight [in, out], [V, 1] for the LM head [V, C]. The inputs of
+an int8 matmul are rounded too, as llama.cpp's q8_0 does (round_to_q8): each block of 32 inputs to
+int8 levels of its own scale, so the kernels multiply int8 by int8 and add in integers.
 int4: block-wise symmetric, as llama.cpp's q4_0: each block of 32 consecutive inputs of an output
 channel has one float32 scale d = (its value of largest magnitude) / -8, and w ~= q * d with q in
 [-8, 7]. The spec keeps q unpacked (Int4, the weight's shape). Checkpoint files keep two per byte in
@@ -105,6 +107,28 @@ def pack4(q):                                              # int8 rows [out, in]
 def unpack4(packed, n_in):                                 # inverse of pack4 -> int8 rows [out, n_in]
     q = split_nibbles(packed.reshape(packed.shape[0], -1, 16)).view(np.int8) - np.int8(8)
     return q.reshape(packed.shape[0], -1)[:, :n_in]
+
+
+Q8_BLOCK = 32                                              # inputs per activation scale of an int8 matmul
+
+
+def round_to_q8(x):                                        # float32 [..., K] -> float32 [..., K] on int8 levels
+    """Each block of 32 consecutive values (the last may be shorter) becomes q * d with q = rint(x * 127 /
+    peak) in [-127, 127] and d = peak / 127, peak the block's largest magnitude: an error of at most d / 2
+    per value. A block of zeros stays zero."""
+    x = np.asarray(x, dtype=np.float32)
+    K = x.shape[-1]
+    blocks = np.zeros(x.shape[:-1] + (-(-K // Q8_BLOCK), Q8_BLOCK), np.float32)
+    blocks.reshape(x.shape[:-1] + (-1,))[..., :K] = x
+    peak = np.abs(blocks).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(peak > 0, np.float32(127.0) / peak, np.float32(0.0))
+    q = np.rint(blocks * inv)
+    return (q * (peak / np.float32(127.0))).reshape(x.shape[:-1] + (-1,))[..., :K]
+
+
+def activations(x, w):                                     # what a matmul with weight w multiplies: int8's inputs rounded
+    return round_to_q8(x) if isinstance(w, Int8) else x
 
 
 def dequantize(w):                                         # stored weight -> float32 array of its shape

@@ -138,11 +138,13 @@ def test_numba_cache_dir_falls_back_when_package_is_read_only(tmp_path, monkeypa
 def test_fused_decode_step_equals_the_spec_on_rows_of_different_lengths(tiny_params, fmt, B, monkeypatch):
     """kernels.decode.step against npgpt.model.forward: logits and the keys and values it writes, two
     steps running, rows holding 3, 5, 7, ... positions (each attends to its own). 1e-4: twelve kernels
-    in a row, each within TOL of its spec function (int4 GEMV sums x * (q + 8), then subtracts 8 * sum x)."""
+    in a row, each within TOL of its spec function (int4 GEMV sums x * (q + 8), then subtracts 8 * sum x).
+    int8: 1e-2, as in test_quant: an input rounded to the other int8 level moves by 1/127 of its block's peak."""
     from npgpt import quant
     from npgpt.kernels import decode
 
     params = quant.quantize(tiny_params, fmt)
+    tol = 1e-2 if fmt == "int8" else 1e-4
     ref, fused = npgpt.Model(params, TINY), npgpt.Model(params, TINY, backend="numba")
     prompts = [rng.integers(0, TINY.n_vocab, size=(1, 3 + 2 * b)) for b in range(B)]
     caches = [ref.new_cache(batch=B), fused.new_cache(batch=B)]
@@ -154,11 +156,11 @@ def test_fused_decode_step_equals_the_spec_on_rows_of_different_lengths(tiny_par
         ids = rng.integers(0, TINY.n_vocab, size=(B, 1))
         got, want = fused.forward(ids, cache=caches[1], last=True), ref.forward(ids, cache=caches[0], last=True)
         assert got.shape == want.shape == (B, 1, TINY.n_vocab)
-        assert max_rel_err(got, want) < 1e-4
+        assert max_rel_err(got, want) < tol
     assert np.array_equal(caches[0].lengths, caches[1].lengths)
     for i in range(TINY.n_layer):
         for a, b in ((caches[0].layer(i).k, caches[1].layer(i).k), (caches[0].layer(i).v, caches[1].layer(i).v)):
-            assert max_rel_err(b[:, :, : 3 + 2 * B + 2], a[:, :, : 3 + 2 * B + 2]) < 1e-4
+            assert max_rel_err(b[:, :, : 3 + 2 * B + 2], a[:, :, : 3 + 2 * B + 2]) < tol
 
 
 def test_fused_decode_step_serves_a_packed_step_of_busy_rows(tiny_params):
