@@ -11,7 +11,7 @@ from numba.extending import overload
 
 from .. import quant
 
-from .jit import DECODE_ROWS, bands, dot_q8, exact, f32_from_bits, high_nibble, inline, low_nibble, parallel, serial
+from .jit import DECODE_ROWS, bands, dot_q8, f32_from_bits, high_nibble, inline, low_nibble, parallel, serial, serial_exact
 
 
 def widen(w, m, k):                                        # stored weight element -> float32 (numba-only; see overload)
@@ -114,15 +114,33 @@ Q8 = quant.Q8_BLOCK
 
 
 @inline
-def _round_block(x, n, j, K):                              # (peak / 127, 127 / peak) of block j of x[n], as quant.round_to_q8
-    peak = np.float32(0.0)
-    for k in range(Q8 * j, min(Q8 * j + Q8, K)):
-        peak = max(peak, abs(x[n, k]))
-    return peak / np.float32(127.0), (np.float32(127.0) / peak if peak > 0 else np.float32(0.0))
+def _round_block(bits, n, j, K):                           # (peak / 127, 127 / peak) of block j of row n, as quant.round_to_q8
+    """bits: x viewed as uint32. Without the sign bit, larger floats have larger bit patterns, so the
+    peak is an integer max, which vectorizes without reassociating anything (a NaN is larger still)."""
+    k0 = Q8 * j
+    peak = np.uint32(0)
+    if k0 + Q8 <= K:                                       # a whole block: a constant trip count, one vector pass
+        for k in range(Q8):
+            peak = max(peak, bits[n, k0 + k] & np.uint32(0x7FFFFFFF))
+    else:
+        for k in range(k0, K):
+            peak = max(peak, bits[n, k] & np.uint32(0x7FFFFFFF))
+    p = f32_from_bits(peak)
+    return p / np.float32(127.0), (np.float32(127.0) / p if p > 0 else np.float32(0.0))
+
+
+ROUNDER = np.float32(1.5 * 2**23)                          # v + this - this is rint(v) for |v| < 2**22 (float32, ties to even)
+
+
+@inline
+def _rint(v):                                              # np.rint of a float32 within [-127, 127], in two adds
+    """numba calls a library function for np.rint on a scalar, which keeps the loop scalar. Only in
+    kernels compiled without reassociation (which would fold the adds away)."""
+    return (v + ROUNDER) - ROUNDER
 
 
 @parallel
-def gemv_q8(x, w, scale, b):                               # [N, K] x int8 rows [M, K] (scale [M], b [M] or None) -> [N, M]
+def gemv_q8(x, bits, w, scale, b):                         # [N, K] (and its uint32 view) x int8 rows [M, K] (scale [M], b [M] or None) -> [N, M]
     """x . (q * scale) with x rounded to int8 blocks of 32: each row's dot in integers, times the block
     scales, times the row's scale. A row meets all N inputs while it is in L1: one pass over the weights."""
     N, K = x.shape
@@ -133,7 +151,7 @@ def gemv_q8(x, w, scale, b):                               # [N, K] x int8 rows 
     sx = np.empty((N, blocks), dtype=np.float32)
     for n in range(N):
         for j in range(blocks):
-            sx[n, j], inv = _round_block(x, n, j, K)
+            sx[n, j], inv = _round_block(bits, n, j, K)
             for k in range(Q8 * j, Q8 * j + Q8):
                 v = np.rint(x[n, k] * inv) if k < K else np.float32(0.0)
                 xq[n, k] = np.int8(v)
@@ -151,18 +169,27 @@ def gemv_q8(x, w, scale, b):                               # [N, K] x int8 rows 
     return out
 
 
-@exact
-def round_to_q8_rows(x):                                   # [N, K] -> [N, K]: quant.round_to_q8, for prefill's sgemm
-    """Without reassociation, so it equals the spec bit for bit (with it, LLVM computed q * (peak / 127)
-    as (q * peak) / 127)."""
+@serial_exact
+def _round_to_q8_band(x, bits, out):                       # [N, K] (and its uint32 view) -> out [N, K]
     N, K = x.shape
-    blocks = -(-K // Q8)
+    for n in range(N):
+        for j in range(-(-K // Q8)):
+            d, inv = _round_block(bits, n, j, K)
+            k0 = Q8 * j
+            if k0 + Q8 <= K:
+                for k in range(Q8):
+                    out[n, k0 + k] = _rint(x[n, k0 + k] * inv) * d
+            else:
+                for k in range(k0, K):
+                    out[n, k] = _rint(x[n, k] * inv) * d
+
+
+def round_to_q8_rows(x):                                   # [N, K] -> [N, K]: quant.round_to_q8, for prefill's sgemm
+    """Bands of rows on the cores, as the other prefill kernels (not a numba parallel region between
+    sgemms: their threads spin against each other). Without reassociation, so it equals the spec bit
+    for bit (with it, LLVM computed q * (peak / 127) as (q * peak) / 127)."""
     out = np.empty_like(x)
-    for i in numba.prange(N * blocks):
-        n, j = i // blocks, i % blocks
-        d, inv = _round_block(x, n, j, K)
-        for k in range(Q8 * j, min(Q8 * j + Q8, K)):
-            out[n, k] = np.rint(x[n, k] * inv) * d
+    bands(lambda r: _round_to_q8_band(x[r], x[r].view(np.uint32), out[r]), x.shape[0])
     return out
 
 
@@ -216,7 +243,7 @@ def matmul_rows(x, w, b=None):                             # [..., K] x [M, K] r
         if isinstance(w, quant.Int4Tiles):
             y = gemv_int4(x2, w.packed, w.scale, b, M)
         elif isinstance(w, quant.Int8):
-            y = gemv_q8(x2, w.q, w.scale, b)
+            y = gemv_q8(x2, x2.view(np.uint32), w.q, w.scale, b)
         else:
             y = gemv(x2, w if isinstance(w, np.ndarray) else w.bits, b)
     elif isinstance(w, quant.Int4Tiles):
