@@ -31,13 +31,13 @@ def rows(w):                                               # Conv1D weight [in, 
     if isinstance(w, quant.Int8):
         return quant.Int8(matmul.transpose(w.q), np.ascontiguousarray(w.scale.ravel()))
     if isinstance(w, quant.Int4):                          # blocks run along the input axis 0
-        return matmul.int4_tiles(w.q.T, w.scale.T)
+        return matmul.int4_rows(w.q.T, w.scale.T)
     return matmul.transpose(w)
 
 
-def head_rows(w):                                          # LM head [V, C]: already rows; int8 scale [V, 1] -> [V]; int4 tiles
+def head_rows(w):                                          # LM head [V, C]: already rows; int8 scale [V, 1] -> [V]; int4 packed
     if isinstance(w, quant.Int4):
-        return matmul.int4_tiles(w.q, w.scale)
+        return matmul.int4_rows(w.q, w.scale)
     return quant.Int8(w.q, np.ascontiguousarray(w.scale.ravel())) if isinstance(w, quant.Int8) else w
 
 
@@ -75,9 +75,8 @@ def unrows(w):                                             # inverse of rows: [o
         return quant.BF16(matmul.transpose(w.bits))
     if isinstance(w, quant.Int8):
         return quant.Int8(matmul.transpose(w.q), w.scale.reshape(1, -1))
-    if isinstance(w, quant.Int4Tiles):
-        q, scale = matmul.int4_rows(w)
-        return quant.Int4(np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T), 0)
+    if isinstance(w, quant.Int4Rows):
+        return quant.Int4(np.ascontiguousarray(quant.unpack4(w.packed, w.n_in).T), np.ascontiguousarray(w.scale.T), 0)
     return matmul.transpose(w)
 
 
@@ -90,8 +89,8 @@ def unprepare(params):
     head = params["lm_head"]["weight"]
     if isinstance(head, quant.Int8):
         head = quant.Int8(head.q, head.scale.reshape(-1, 1))
-    elif isinstance(head, quant.Int4Tiles):
-        head = quant.Int4(*matmul.int4_rows(head), 1)
+    elif isinstance(head, quant.Int4Rows):
+        head = quant.Int4(np.ascontiguousarray(quant.unpack4(head.packed, head.n_in)), head.scale, 1)
     return {**params, "h": blocks, "lm_head": {"weight": head}}
 
 

@@ -105,31 +105,54 @@ def _row(builder, context, typ, value, i, elem):          # pointer to row i of 
 UNROLL = 4                                                 # blocks in flight: one FMA chain each (a single chain waits on its FMA's latency)
 
 
-def _sum_blocks(builder, blocks, block):                   # sum over j < blocks of block(j) -> (<8 x i32> sums, float scale)
-    """sum_j scale_j * (the 8 lanes of sums_j), in UNROLL float32 accumulators of 8 lanes, added at the end."""
+def _sum_blocks(builder, blocks, block, outputs=1):        # -> `outputs` floats: sum over j < blocks of block(j)
+    """block(j) gives, per output, (<8 x i32> sums, float32 scale); each output is sum_j scale_j * (the 8
+    lanes of sums_j), kept in float32 accumulators of 8 lanes (UNROLL of them for one output, so several
+    FMAs are in flight) and added up at the end."""
     f32 = _vector(0, 8)
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(UNROLL)]
+    per = UNROLL if outputs == 1 else 1
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(per)] for _ in range(outputs)]
 
-    def add(acc, j):
-        sums, scale = block(j)
-        splat = builder.insert_element(ir.Constant(f32, ir.Undefined), scale, ir.Constant(ir.IntType(32), 0))
-        splat = builder.shuffle_vector(splat, ir.Constant(f32, ir.Undefined), ir.Constant(_vector(32, 8), [0] * 8))
-        builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(sums, f32), splat)), acc)
+    def add(u, j):
+        for acc, (sums, scale) in zip(accs, block(j)):
+            splat = builder.insert_element(ir.Constant(f32, ir.Undefined), scale, ir.Constant(ir.IntType(32), 0))
+            splat = builder.shuffle_vector(splat, ir.Constant(f32, ir.Undefined), ir.Constant(_vector(32, 8), [0] * 8))
+            builder.store(builder.fadd(builder.load(acc[u]), builder.fmul(builder.sitofp(sums, f32), splat)), acc[u])
 
-    step = ir.Constant(blocks.type, UNROLL)
+    step = ir.Constant(blocks.type, per)
     whole = builder.mul(builder.udiv(blocks, step), step)
     with cgutils.for_range(builder, builder.udiv(blocks, step)) as loop:
-        for u, acc in enumerate(accs):
-            add(acc, builder.add(builder.mul(loop.index, step), ir.Constant(blocks.type, u)))
+        for u in range(per):
+            add(u, builder.add(builder.mul(loop.index, step), ir.Constant(blocks.type, u)))
     with cgutils.for_range(builder, blocks, start=whole) as loop:
-        add(accs[0], loop.index)
-    v = builder.load(accs[0])
-    for acc in accs[1:]:
-        v = builder.fadd(v, builder.load(acc))
-    total = builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
-    for i in range(1, 8):
-        total = builder.fadd(total, builder.extract_element(v, ir.Constant(ir.IntType(32), i)))
-    return total
+        add(0, loop.index)
+    totals = []
+    for acc in accs:
+        v = builder.load(acc[0])
+        for a in acc[1:]:
+            v = builder.fadd(v, builder.load(a))
+        total = builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+        for i in range(1, 8):
+            total = builder.fadd(total, builder.extract_element(v, ir.Constant(ir.IntType(32), i)))
+        totals.append(total)
+    return totals
+
+
+def _avx2(context, generic):                               # emit AVX2 intrinsics? (what the compiling CPU has, unless `generic`)
+    return not generic and "+avx2" in getattr(context.codegen(), "_tm_features", "").split(",")
+
+
+def _x86(builder, name, ret, *args):                       # a call to an LLVM x86 intrinsic
+    return builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name), args)
+
+
+def _lanes8(builder, p):                                   # <32 x i32> -> <8 x i32>, each lane a sum of four
+    part = lambda i: builder.shuffle_vector(p, p, ir.Constant(_vector(32, 8), list(range(8 * i, 8 * i + 8))))
+    return builder.add(builder.add(part(0), part(1)), builder.add(part(2), part(3)))
+
+
+def _pairs_to_int32(builder, pairs):                       # vpmaddwd against ones: <16 x i16> -> <8 x i32>, pairs added
+    return _x86(builder, "llvm.x86.avx2.pmadd.wd", _vector(32, 8), pairs, ir.Constant(_vector(16, 16), [1] * 16))
 
 
 def _int8_dot(builder, context, generic, w, q, a):         # <32 x i8> weights, inputs, |inputs| -> <8 x i32> sums of products
@@ -137,19 +160,21 @@ def _int8_dot(builder, context, generic, w, q, a):         # <32 x i8> weights, 
     multiplies the inputs' magnitudes (unsigned) by them and adds pairs (|q| <= 127: no pair saturates
     16 bits), vpmaddwd adds pairs again into 8 int32 lanes. Without AVX2 (or `generic`), the same sums
     in plain vector IR that LLVM lowers to what the CPU has."""
-    if not generic and "+avx2" in getattr(context.codegen(), "_tm_features", "").split(","):
-        fn = lambda name, ret, *v: builder.call(cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ret, [x.type for x in v]), name), v)
-        pairs = fn("llvm.x86.avx2.pmadd.ub.sw", _vector(16, 16), a, fn("llvm.x86.avx2.psign.b", w.type, w, q))
-        return fn("llvm.x86.avx2.pmadd.wd", _vector(32, 8), pairs, ir.Constant(_vector(16, 16), [1] * 16))
-    p = builder.mul(builder.sext(w, _vector(32, 32)), builder.sext(q, _vector(32, 32)))
-    part = lambda i: builder.shuffle_vector(p, p, ir.Constant(_vector(32, 8), list(range(8 * i, 8 * i + 8))))
-    return builder.add(builder.add(part(0), part(1)), builder.add(part(2), part(3)))
+    if _avx2(context, generic):
+        signed = _x86(builder, "llvm.x86.avx2.psign.b", w.type, w, q)
+        return _pairs_to_int32(builder, _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vector(16, 16), a, signed))
+    return _lanes8(builder, builder.mul(builder.sext(w, _vector(32, 32)), builder.sext(q, _vector(32, 32))))
 
 
-def _inputs_ok(xq, xa, sx):
-    return all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" and a.dtype == d
-               for a, d in zip((xq, xa, sx), (types.int8, types.uint8, types.float32)))
+def _nibble_dot(builder, context, generic, u, q):          # <32 x i8> unsigned 0..15, signed inputs -> <8 x i32> sums of products
+    """vpmaddubsw takes the nibbles as its unsigned operand as they are (pairs stay within 2 * 15 * 127)."""
+    if _avx2(context, generic):
+        return _pairs_to_int32(builder, _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vector(16, 16), u, q))
+    return _lanes8(builder, builder.mul(builder.zext(u, _vector(32, 32)), builder.sext(q, _vector(32, 32))))
+
+
+def _c2d(a, dtype):                                         # a C-contiguous 2-D array of dtype (a numba type)?
+    return isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" and a.dtype == dtype
 
 
 def _block_loader(builder, base, size, at):                # <size x i8> at byte `at` of base
@@ -161,8 +186,7 @@ def _dot_q8(generic=False):
     def dot_q8(typingctx, w, m, xq, xa, sx, n, blocks):   # int8 rows w [M, K]; int8 xq, uint8 |xq|, float32 sx rows
         """sum over blocks j < `blocks` of sx[n, j] * (w[m, 32j:32j+32] . xq[n, 32j:32j+32]), the dots in
         integers (_int8_dot), each block's converted and scaled in 8 float32 lanes, summed at the end."""
-        if not (isinstance(w, types.Array) and w.ndim == 2 and w.layout == "C" and w.dtype == types.int8
-                and _inputs_ok(xq, xa, sx)):
+        if not (_c2d(w, types.int8) and _c2d(xq, types.int8) and _c2d(xa, types.uint8) and _c2d(sx, types.float32)):
             return None
         sig = types.float32(w, types.intp, xq, xa, sx, types.intp, types.intp)
 
@@ -176,43 +200,33 @@ def _dot_q8(generic=False):
                 at = builder.mul(j, ir.Constant(j.type, Q8_BLOCK))
                 sums = _int8_dot(builder, context, generic, _block_loader(builder, row, 32, at),
                                  _block_loader(builder, q, 32, at), _block_loader(builder, a, 32, at))
-                return sums, builder.load(builder.gep(s, [j]))
-            return _sum_blocks(builder, blocks, block)
+                return [(sums, builder.load(builder.gep(s, [j])))]
+            return _sum_blocks(builder, blocks, block)[0]
         return sig, codegen
     return dot_q8
 
 
-def _u4_dot(builder, context, generic, u, q):            # <32 x i8> unsigned 0..15, signed inputs -> <8 x i32> sums of products
-    """vpmaddubsw takes the unsigned operand as it is (pairs stay within 2 * 15 * 127), then vpmaddwd."""
-    if not generic and "+avx2" in getattr(context.codegen(), "_tm_features", "").split(","):
-        fn = lambda name, ret, *v: builder.call(cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ret, [x.type for x in v]), name), v)
-        pairs = fn("llvm.x86.avx2.pmadd.ub.sw", _vector(16, 16), u, q)
-        return fn("llvm.x86.avx2.pmadd.wd", _vector(32, 8), pairs, ir.Constant(_vector(16, 16), [1] * 16))
-    p = builder.mul(builder.zext(u, _vector(32, 32)), builder.sext(q, _vector(32, 32)))
-    part = lambda i: builder.shuffle_vector(p, p, ir.Constant(_vector(32, 8), list(range(8 * i, 8 * i + 8))))
-    return builder.add(builder.add(part(0), part(1)), builder.add(part(2), part(3)))
-
-
-def _dot_q4(generic=False):
+def _dot_q4(inputs=1, generic=False):
     @intrinsic
     def dot_q4(typingctx, w, d, m, xq, sx, n, blocks):    # q4_0 rows w [M, 16 * blocks] uint8, scales d [M, blocks]
-        """sum over blocks j < `blocks` of d[m, j] * sx[n, j] * ((q + 8)[m, 32j:32j+32] . xq[n, 32j:32j+32]):
-        the weights' 4-bit values as stored, offset by 8 (q4_0's order: byte i of a block holds q + 8 of
-        input i in its low nibble and of input 16 + i in its high one); the caller subtracts the offset's
-        share, 8 * d * sx * sum(xq), per block. 16 bytes become 32 with a mask and a shift, then the dot."""
-        if not (isinstance(w, types.Array) and w.ndim == 2 and w.layout == "C" and w.dtype == types.uint8
-                and isinstance(d, types.Array) and d.ndim == 2 and d.layout == "C" and d.dtype == types.float32
-                and all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" and a.dtype == t
-                        for a, t in ((xq, types.int8), (sx, types.float32)))):
+        """For each of `inputs` inputs n, n + 1, ...: sum over blocks j < `blocks` of d[m, j] * sx[n, j] *
+        ((q + 8)[m, 32j:32j+32] . xq[n, 32j:32j+32]), the weights' 4-bit values as stored, offset by 8
+        (q4_0's order: byte i of a block holds q + 8 of input i in its low nibble and of input 16 + i in
+        its high one); the caller subtracts the offset's share, 8 * d * sx * sum(xq), per block. 16 bytes
+        become 32 with a mask and a shift, once for all the inputs (_nibble_dot). One input: a float32;
+        several: a tuple."""
+        if not (_c2d(w, types.uint8) and _c2d(d, types.float32) and _c2d(xq, types.int8) and _c2d(sx, types.float32)):
             return None
-        sig = types.float32(w, d, types.intp, xq, sx, types.intp, types.intp)
+        ret = types.float32 if inputs == 1 else types.UniTuple(types.float32, inputs)
+        sig = ret(w, d, types.intp, xq, sx, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
             w, d, m, xq, sx, n, blocks = args
             t = signature.args
-            row, q = _row(builder, context, t[0], w, m, ir.IntType(8)), _row(builder, context, t[3], xq, n, ir.IntType(8))
-            s, dm = _row(builder, context, t[4], sx, n, ir.FloatType()), _row(builder, context, t[1], d, m, ir.FloatType())
+            row, dm = _row(builder, context, t[0], w, m, ir.IntType(8)), _row(builder, context, t[1], d, m, ir.FloatType())
+            rows = [builder.add(n, ir.Constant(n.type, i)) for i in range(inputs)]
+            qs = [_row(builder, context, t[3], xq, r, ir.IntType(8)) for r in rows]
+            ss = [_row(builder, context, t[4], sx, r, ir.FloatType()) for r in rows]
             b16 = _vector(8, 16)
 
             def block(j):
@@ -220,15 +234,18 @@ def _dot_q4(generic=False):
                 low = builder.and_(packed, ir.Constant(b16, [15] * 16))
                 high = builder.lshr(packed, ir.Constant(b16, [4] * 16))
                 u = builder.shuffle_vector(low, high, ir.Constant(_vector(32, 32), list(range(32))))
-                sums = _u4_dot(builder, context, generic, u, _block_loader(builder, q, 32, builder.mul(j, ir.Constant(j.type, Q8_BLOCK))))
-                return sums, builder.fmul(builder.load(builder.gep(dm, [j])), builder.load(builder.gep(s, [j])))
-            return _sum_blocks(builder, blocks, block)
+                at, dj = builder.mul(j, ir.Constant(j.type, Q8_BLOCK)), builder.load(builder.gep(dm, [j]))
+                return [(_nibble_dot(builder, context, generic, u, _block_loader(builder, q, 32, at)),
+                         builder.fmul(dj, builder.load(builder.gep(s, [j]))))
+                        for q, s in zip(qs, ss)]
+            totals = _sum_blocks(builder, blocks, block, inputs)
+            return totals[0] if inputs == 1 else context.make_tuple(builder, signature.return_type, totals)
         return sig, codegen
     return dot_q4
 
 
 dot_q8, dot_q8_generic = _dot_q8(), _dot_q8(generic=True)
-dot_q4, dot_q4_generic = _dot_q4(), _dot_q4(generic=True)
+dot_q4, dot_q4x4, dot_q4_generic = _dot_q4(), _dot_q4(4), _dot_q4(generic=True)
 
 
 _BLAS = ThreadpoolController()

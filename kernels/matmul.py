@@ -11,7 +11,7 @@ from numba.extending import overload
 
 from .. import quant
 
-from .jit import DECODE_ROWS, bands, dot_q8, f32_from_bits, high_nibble, inline, low_nibble, parallel, serial, serial_exact
+from .jit import DECODE_ROWS, bands, dot_q4, dot_q4x4, dot_q8, f32_from_bits, high_nibble, inline, low_nibble, parallel, serial, serial_exact
 
 
 def widen(w, m, k):                                        # stored weight element -> float32 (numba-only; see overload)
@@ -139,6 +139,33 @@ def _rint(v):                                              # np.rint of a float3
     return (v + ROUNDER) - ROUNDER
 
 
+@inline
+def _round_inputs(x, bits, xq, xa, sx, xsum):             # x [N, K] -> int8 levels, their magnitudes, block scales and sums
+    """As quant.round_to_q8; blocks past K are zeros (so whole-block dots over padding add nothing)."""
+    N, K = x.shape
+    for n in range(N):
+        for j in range(sx.shape[1]):
+            sx[n, j], inv = _round_block(bits, n, j, K)
+            xsum[n, j] = np.float32(0.0)
+            for k in range(Q8 * j, Q8 * j + Q8):
+                v = np.rint(x[n, k] * inv) if k < K else np.float32(0.0)
+                xq[n, k] = np.int8(v)
+                xa[n, k] = np.uint8(abs(v))
+                xsum[n, j] += v
+
+
+@inline
+def _rounded_inputs(x, bits):                              # -> (xq, xa, sx, xsum) for N inputs, padded to whole blocks
+    N, K = x.shape
+    blocks = -(-K // Q8)
+    xq = np.empty((N, blocks * Q8), dtype=np.int8)         # the inputs' int8 levels
+    xa = np.empty((N, blocks * Q8), dtype=np.uint8)        # and their magnitudes (vpmaddubsw's unsigned operand)
+    sx = np.empty((N, blocks), dtype=np.float32)
+    xsum = np.empty((N, blocks), dtype=np.float32)         # sum of each block's levels
+    _round_inputs(x, bits, xq, xa, sx, xsum)
+    return xq, xa, sx, xsum
+
+
 @parallel
 def gemv_q8(x, bits, w, scale, b):                         # [N, K] (and its uint32 view) x int8 rows [M, K] (scale [M], b [M] or None) -> [N, M]
     """x . (q * scale) with x rounded to int8 blocks of 32: each row's dot in integers, times the block
@@ -146,16 +173,7 @@ def gemv_q8(x, bits, w, scale, b):                         # [N, K] (and its uin
     N, K = x.shape
     M = w.shape[0]
     blocks, whole = -(-K // Q8), K // Q8
-    xq = np.empty((N, blocks * Q8), dtype=np.int8)         # the inputs' int8 levels, padded with zeros to whole blocks
-    xa = np.empty((N, blocks * Q8), dtype=np.uint8)        # and their magnitudes (vpmaddubsw's unsigned operand)
-    sx = np.empty((N, blocks), dtype=np.float32)
-    for n in range(N):
-        for j in range(blocks):
-            sx[n, j], inv = _round_block(bits, n, j, K)
-            for k in range(Q8 * j, Q8 * j + Q8):
-                v = np.rint(x[n, k] * inv) if k < K else np.float32(0.0)
-                xq[n, k] = np.int8(v)
-                xa[n, k] = np.uint8(abs(v))
+    xq, xa, sx, _ = _rounded_inputs(x, bits)
     out = np.empty((N, M), dtype=np.float32)
     for m in numba.prange(M):
         for n in range(N):
@@ -166,6 +184,38 @@ def gemv_q8(x, bits, w, scale, b):                         # [N, K] (and its uin
                     t += np.int32(w[m, k]) * np.int32(xq[n, k])
                 s += np.float32(t) * sx[n, whole]
             out[n, m] = s * scale[m] + (b[m] if b is not None else np.float32(0.0))
+    return out
+
+
+@parallel
+def gemv_q4(x, bits, packed, scale, b):                    # [N, K] (and its uint32 view) x quant.Int4Rows (packed, scale) (+ b [M]) -> [N, M]
+    """x rounded to int8 blocks of 32, against q4_0 rows: per block, the integer dot of the stored
+    nibbles (q + 8) with the inputs' levels, times the weight's and the input's block scales; then the
+    offset's share, 8 * sum over blocks of d * sx * (sum of the block's levels), comes off once per row.
+    Four inputs at a time share each block's unpacking. Inputs are padded with zeros to whole blocks
+    (and rows' padding nibbles are q = 0), so partial blocks need nothing of their own."""
+    N = x.shape[0]
+    M, blocks = scale.shape
+    xq, _, sx, xsum = _rounded_inputs(x, bits)
+    offset = np.empty((N, blocks), dtype=np.float32)       # 8 * sx * sum of levels, per input block
+    for n in range(N):
+        for j in range(blocks):
+            offset[n, j] = np.float32(8.0) * sx[n, j] * xsum[n, j]
+    out = np.empty((N, M), dtype=np.float32)
+    for m in numba.prange(M):
+        bias = b[m] if b is not None else np.float32(0.0)
+        n = 0
+        while n + 4 <= N:
+            s0, s1, s2, s3 = dot_q4x4(packed, scale, m, xq, sx, n, blocks)
+            out[n, m], out[n + 1, m], out[n + 2, m], out[n + 3, m] = s0, s1, s2, s3
+            n += 4
+        for i in range(n, N):
+            out[i, m] = dot_q4(packed, scale, m, xq, sx, i, blocks)
+        for i in range(N):
+            c = np.float32(0.0)
+            for j in range(blocks):
+                c += scale[m, j] * offset[i, j]
+            out[i, m] += bias - c
     return out
 
 
@@ -236,21 +286,18 @@ def stored(w):                                             # quant.BF16 / quant.
 
 
 def matmul_rows(x, w, b=None):                             # [..., K] x [M, K] rows (+ [M]) -> [..., M]
-    """w: float32 rows, quant.BF16 / quant.Int8 rows (scale [M]) or quant.Int4Tiles, read as they are stored."""
+    """w: float32 rows, quant.BF16 / quant.Int8 rows (scale [M]) or quant.Int4Rows, read as they are stored."""
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     M = w.shape[0]
     if x2.shape[0] <= DECODE_ROWS:
-        if isinstance(w, quant.Int4Tiles):
-            y = gemv_int4(x2, w.packed, w.scale, b, M)
+        if isinstance(w, quant.Int4Rows):
+            y = gemv_q4(x2, x2.view(np.uint32), w.packed, w.scale, b)
         elif isinstance(w, quant.Int8):
             y = gemv_q8(x2, x2.view(np.uint32), w.q, w.scale, b)
         else:
             y = gemv(x2, w if isinstance(w, np.ndarray) else w.bits, b)
-    elif isinstance(w, quant.Int4Tiles):
-        y = np.empty((x2.shape[0], M), dtype=np.float32)
-        bands(lambda tiles: _gemm_band_int4(x2, w, b, y, tiles), w.packed.shape[0], inline_upto=1)
     else:
-        if isinstance(w, quant.Int8):
+        if isinstance(w, (quant.Int8, quant.Int4Rows)):
             x2 = round_to_q8_rows(x2)
         y = np.empty((x2.shape[0], M), dtype=np.float32)
         bands(lambda cols: _gemm_band(x2, w, b, y, cols), M, inline_upto=1)
@@ -267,136 +314,38 @@ def _gemm_band(x, w, b, y, cols):                          # y[:, cols] = x [N, 
         for t0 in range(cols.start, cols.stop, PREFILL_TILE):
             t1 = min(t0 + PREFILL_TILE, cols.stop)
             part = tile[: t1 - t0]
-            values, scale = stored(w)
-            widen_tile(values[t0:t1], None if scale is None else scale[t0:t1], part)
+            if isinstance(w, quant.Int4Rows):
+                widen_int4(w.packed[t0:t1], w.scale[t0:t1], part)
+            else:
+                values, scale = stored(w)
+                widen_tile(values[t0:t1], None if scale is None else scale[t0:t1], part)
             np.matmul(x, part.T, out=y[:, t0:t1])
     if b is not None:
         y[:, cols] += b[cols]
 
 
-# int4 (quant.Int4Tiles). Rows of one tile lie side by side in memory, so the GEMV's inner loop runs
-# across 32 rows (one byte each, two nibbles) for one input, and each block's scale multiplies a
-# vector of per-row sums: no horizontal sum per block. A q4_0 row layout (inputs side by side) needs
-# one per block of 32, and numba's loops did not vectorize it (measured ~10x slower than int8's GEMV).
-INT4_ROWS = 64                                             # output rows per tile: 32 bytes per input
-INT4_HALF = INT4_ROWS // 2
-
-
-def int4_tiles(q, scale):                                  # int8 rows [M, K] in [-8, 7], float32 scale [M, blocks] -> quant.Int4Tiles
-    M, K = q.shape
-    blocks = scale.shape[1]
-    tiles = -(-M // INT4_ROWS)
-    u = quant.offset_nibbles(q, tiles * INT4_ROWS, blocks * quant.INT4_BLOCK)
-    u = u.reshape(tiles, INT4_ROWS, -1).transpose(0, 2, 1)                     # [tiles, inputs, 64 rows]
-    s = np.zeros((tiles * INT4_ROWS, blocks), np.float32)
-    s[:M] = scale
-    return quant.Int4Tiles(np.ascontiguousarray(quant.pair_nibbles(u)),
-                           np.ascontiguousarray(s.reshape(tiles, INT4_ROWS, blocks).transpose(0, 2, 1)), M, K)
-
-
-def int4_rows(w):                                          # quant.Int4Tiles -> (q int8 rows [M, K], scale [M, blocks])
-    u = quant.split_nibbles(w.packed)                                         # [tiles, inputs, 64 rows]
-    q = u.transpose(0, 2, 1).reshape(-1, u.shape[1])[: w.n_out, : w.n_in].view(np.int8) - np.int8(8)
-    scale = w.scale.transpose(0, 2, 1).reshape(-1, w.scale.shape[1])[: w.n_out]
-    return np.ascontiguousarray(q), np.ascontiguousarray(scale)
-
-
-@inline
-def _int4_block_sums(xp, n, packed, t, k0, lo, hi):        # lo[i], hi[i] = sum over the block at k0 of x[k] * nibble
-    """Four inputs per pass, summed as a tree: the row sums live in memory between passes, and a chain
-    of 32 dependent adds (one pass per input) measured 1.5x slower."""
-    for k in range(k0, k0 + quant.INT4_BLOCK, 4):
-        x0, x1, x2, x3 = xp[n, k], xp[n, k + 1], xp[n, k + 2], xp[n, k + 3]
-        for i in range(INT4_HALF):
-            p0, p1, p2, p3 = packed[t, k, i], packed[t, k + 1, i], packed[t, k + 2, i], packed[t, k + 3, i]
-            a = (x0 * low_nibble(p0) + x1 * low_nibble(p1)) + (x2 * low_nibble(p2) + x3 * low_nibble(p3))
-            c = (x0 * high_nibble(p0) + x1 * high_nibble(p1)) + (x2 * high_nibble(p2) + x3 * high_nibble(p3))
-            if k == k0:
-                lo[i] = a
-                hi[i] = c
-            else:
-                lo[i] += a
-                hi[i] += c
-
-
-@inline
-def _int4_dequantize_block(packed, scale, t, j, wl, wh):   # block j of tile t -> wl, wh [32 inputs, 32 rows] float32
-    for kk in range(quant.INT4_BLOCK):
-        k = quant.INT4_BLOCK * j + kk
-        for i in range(INT4_HALF):                         # one array stored per loop: two blocked vectorization
-            wl[kk, i] = (low_nibble(packed[t, k, i]) - np.float32(8.0)) * scale[t, j, i]
-        for i in range(INT4_HALF):
-            wh[kk, i] = (high_nibble(packed[t, k, i]) - np.float32(8.0)) * scale[t, j, INT4_HALF + i]
-
-
-@parallel
-def gemv_int4(x, packed, scale, b, M):                     # [N, K] x quant.Int4Tiles (packed, scale; M rows) (+ b [M]) -> [N, M]
-    """One input: per block, the row sums of x[k] * (q + 8), then y += scale * (sum - 8 * sum(x over
-    the block)): a nibble is converted, multiplied and added, nothing more. Several inputs: each block is
-    dequantized once into an L1 scratch (8 KiB) that every input then reads."""
-    N, K = x.shape
-    tiles, Kp, _ = packed.shape
-    blocks = Kp // quant.INT4_BLOCK
-    out = np.empty((N, M), dtype=np.float32)
-    xp = np.empty((N, Kp), dtype=np.float32)               # inputs padded to whole blocks (padding meets q = 0)
-    x8 = np.empty((N, blocks), dtype=np.float32)           # 8 * each block's sum of inputs
-    for n in range(N):                                     # loops, not np.zeros: in a parallel kernel that is a
-        for j in range(blocks):                            # parallel region of its own (~3 us to start, each)
-            x8[n, j] = np.float32(0.0)
-        for k in range(Kp):
-            xp[n, k] = x[n, k] if k < K else np.float32(0.0)
-            x8[n, k // quant.INT4_BLOCK] += np.float32(8.0) * xp[n, k]
-    for t in numba.prange(tiles):
-        yl = np.zeros((N, INT4_HALF), dtype=np.float32)    # rows 64t + i and 64t + 32 + i
-        yh = np.zeros((N, INT4_HALF), dtype=np.float32)
-        if N == 1:
-            lo = np.empty(INT4_HALF, dtype=np.float32)
-            hi = np.empty(INT4_HALF, dtype=np.float32)
-            for j in range(blocks):
-                _int4_block_sums(xp, 0, packed, t, quant.INT4_BLOCK * j, lo, hi)
-                for i in range(INT4_HALF):
-                    yl[0, i] += scale[t, j, i] * (lo[i] - x8[0, j])
-                    yh[0, i] += scale[t, j, INT4_HALF + i] * (hi[i] - x8[0, j])
-        else:
-            wl = np.empty((quant.INT4_BLOCK, INT4_HALF), dtype=np.float32)
-            wh = np.empty((quant.INT4_BLOCK, INT4_HALF), dtype=np.float32)
-            for j in range(blocks):
-                _int4_dequantize_block(packed, scale, t, j, wl, wh)
-                for n in range(N):
-                    for kk in range(0, quant.INT4_BLOCK, 4):
-                        k = quant.INT4_BLOCK * j + kk
-                        x0, x1, x2, x3 = xp[n, k], xp[n, k + 1], xp[n, k + 2], xp[n, k + 3]
-                        for i in range(INT4_HALF):
-                            yl[n, i] += (x0 * wl[kk, i] + x1 * wl[kk + 1, i]) + (x2 * wl[kk + 2, i] + x3 * wl[kk + 3, i])
-                            yh[n, i] += (x0 * wh[kk, i] + x1 * wh[kk + 1, i]) + (x2 * wh[kk + 2, i] + x3 * wh[kk + 3, i])
-        for i in range(INT4_ROWS):
-            m = INT4_ROWS * t + i
-            if m < M:
-                for n in range(N):
-                    out[n, m] = (yl[n, i] if i < INT4_HALF else yh[n, i - INT4_HALF]) + (b[m] if b is not None else np.float32(0.0))
-    return out
+# int4 (quant.Int4Rows): q4_0's rows as the file has them. Prefill widens 256 rows at a time for sgemm.
+def int4_rows(q, scale):                                   # int8 rows [M, K] in [-8, 7], float32 scale [M, blocks] -> quant.Int4Rows
+    return quant.Int4Rows(quant.pack4(q), np.ascontiguousarray(scale, dtype=np.float32), q.shape[1])
 
 
 @serial
-def widen_int4(packed, scale, t0, t1, out):                # tiles t0..t1 -> out float32 [32 * blocks, 64 * (t1 - t0)]: columns are rows
-    for t in range(t0, t1):
-        c = INT4_ROWS * (t - t0)
-        for j in range(packed.shape[1] // quant.INT4_BLOCK):
-            k = quant.INT4_BLOCK * j
-            _int4_dequantize_block(packed, scale, t, j, out[k : k + quant.INT4_BLOCK, c : c + INT4_HALF],
-                                   out[k : k + quant.INT4_BLOCK, c + INT4_HALF : c + INT4_ROWS])
-
-
-def _gemm_band_int4(x, w, b, y, tiles):                    # y[:, rows of tiles] = x [N, K] . W^T (+ b), PREFILL_TILE rows at a time
-    step = PREFILL_TILE // INT4_ROWS
-    scratch = np.empty((w.packed.shape[1], PREFILL_TILE), dtype=np.float32)   # [inputs padded to blocks, rows]: W^T for sgemm
-    for t0 in range(tiles.start, tiles.stop, step):
-        t1 = min(t0 + step, tiles.stop)
-        r0, r1 = INT4_ROWS * t0, min(INT4_ROWS * t1, w.n_out)
-        widen_int4(w.packed, w.scale, t0, t1, scratch)
-        np.matmul(x, scratch[: x.shape[1], : r1 - r0], out=y[:, r0:r1])
-        if b is not None:
-            y[:, r0:r1] += b[r0:r1]
+def widen_int4(packed, scale, out):                        # q4_0 rows [m, 16 * blocks], scale [m, blocks] -> out float32 [m, K]
+    K = out.shape[1]
+    for m in range(packed.shape[0]):
+        for j in range(scale.shape[1]):
+            d, k0 = scale[m, j], Q8 * j
+            if k0 + Q8 <= K:                               # a whole block: two straight passes of 16
+                for i in range(Q8 // 2):
+                    out[m, k0 + i] = (low_nibble(packed[m, 16 * j + i]) - np.float32(8.0)) * d
+                for i in range(Q8 // 2):
+                    out[m, k0 + 16 + i] = (high_nibble(packed[m, 16 * j + i]) - np.float32(8.0)) * d
+            else:
+                for i in range(Q8 // 2):
+                    if k0 + i < K:
+                        out[m, k0 + i] = (low_nibble(packed[m, 16 * j + i]) - np.float32(8.0)) * d
+                    if k0 + 16 + i < K:
+                        out[m, k0 + 16 + i] = (high_nibble(packed[m, 16 * j + i]) - np.float32(8.0)) * d
 
 
 def linear(x, weight_t, bias):                             # [..., in], [out, in], [out] -> [..., out]; W transposed once at load

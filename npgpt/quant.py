@@ -4,14 +4,14 @@ bf16: the upper 16 bits of each float32 (rounded to nearest even), kept as uint1
 int8: symmetric per-output-channel: w ~= q * scale with q in [-127, 127] and one float32 scale per
 output channel, so a row of outputs loses at most scale/2 per weight. `scale` is shaped to
 broadcast over q: [1, out] for a Conv1D weight [in, out], [V, 1] for the LM head [V, C]. The inputs of
-an int8 matmul are rounded too, as llama.cpp's q8_0 does (round_to_q8): each block of 32 inputs to
-int8 levels of its own scale, so the kernels multiply int8 by int8 and add in integers.
+an int8 (and int4) matmul are rounded too, as llama.cpp's q8_0 does (round_to_q8): each block of 32
+inputs to int8 levels of its own scale, so the kernels multiply integers by integers.
 int4: block-wise symmetric, as llama.cpp's q4_0: each block of 32 consecutive inputs of an output
 channel has one float32 scale d = (its value of largest magnitude) / -8, and w ~= q * d with q in
 [-8, 7]. The spec keeps q unpacked (Int4, the weight's shape). Checkpoint files keep two per byte in
 q4_0's order (pack4: rows [out, in]; in each block of 32, byte i holds q + 8 of input i in its low
-nibble and of input 16 + i in its high one). The kernels keep them two per byte too, interleaved
-across rows for their GEMV (Int4Tiles, built by npgpt.kernels.matmul.int4_tiles).
+nibble and of input 16 + i in its high one), and so do the kernels (Int4Rows). An int4 matmul rounds
+its inputs as int8's does (round_to_q8), as llama.cpp's q4_0 meets q8_0 inputs.
 Embeddings, LayerNorm and biases stay float32; only matmul weights change format.
 """
 
@@ -62,19 +62,16 @@ class Int4(NamedTuple):
     nbytes = _Q_NBYTES
 
 
-class Int4Tiles(NamedTuple):
-    """Int4 as the kernels keep it: tiles of 64 output rows. For tile t and input k, packed[t, k, i]
-    holds q + 8 of row 64t + i in its low nibble and of row 64t + 32 + i in its high one, so one input
-    meets 64 rows in 32 consecutive bytes; scale[t, j, r] is row 64t + r's scale for block j. Rows past
-    the last and inputs past the last block are padded with q = 0 and scale 0."""
-    packed: np.ndarray                                     # uint8 [tiles, 32 * blocks, 32]
-    scale: np.ndarray                                      # float32 [tiles, blocks, 64]
-    n_out: int
+class Int4Rows(NamedTuple):
+    """Int4 as the kernels (and checkpoint files) keep it: rows of outputs [out, in], two 4-bit values a
+    byte in q4_0's order (pack4), and one scale per block of 32 inputs of a row."""
+    packed: np.ndarray                                     # uint8 [out, 16 * blocks]
+    scale: np.ndarray                                      # float32 [out, blocks]
     n_in: int
 
     @property
     def shape(self):
-        return (self.n_out, self.n_in)
+        return (self.packed.shape[0], self.n_in)
 
     @property
     def nbytes(self):
@@ -127,8 +124,8 @@ def round_to_q8(x):                                        # float32 [..., K] ->
     return (q * (peak / np.float32(127.0))).reshape(x.shape[:-1] + (-1,))[..., :K]
 
 
-def activations(x, w):                                     # what a matmul with weight w multiplies: int8's inputs rounded
-    return round_to_q8(x) if isinstance(w, Int8) else x
+def activations(x, w):                                     # what a matmul with weight w multiplies: int8/int4's inputs rounded
+    return round_to_q8(x) if isinstance(w, (Int8, Int4)) else x
 
 
 def dequantize(w):                                         # stored weight -> float32 array of its shape
@@ -168,7 +165,7 @@ def to_int4(w, axis):                                      # float32 -> Int4, bl
 
 
 def format_of(w):
-    if isinstance(w, (Int4, Int4Tiles)):
+    if isinstance(w, (Int4, Int4Rows)):
         return "int4"
     return "bf16" if isinstance(w, BF16) else "int8" if isinstance(w, Int8) else "fp32"
 

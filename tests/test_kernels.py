@@ -139,12 +139,12 @@ def test_fused_decode_step_equals_the_spec_on_rows_of_different_lengths(tiny_par
     """kernels.decode.step against npgpt.model.forward: logits and the keys and values it writes, two
     steps running, rows holding 3, 5, 7, ... positions (each attends to its own). 1e-4: twelve kernels
     in a row, each within TOL of its spec function (int4 GEMV sums x * (q + 8), then subtracts 8 * sum x).
-    int8: 1e-2, as in test_quant: an input rounded to the other int8 level moves by 1/127 of its block's peak."""
+    int8/int4: 1e-2, as in test_quant: an input rounded to the other int8 level moves by 1/127 of its block's peak."""
     from npgpt import quant
     from npgpt.kernels import decode
 
     params = quant.quantize(tiny_params, fmt)
-    tol = 1e-2 if fmt == "int8" else 1e-4
+    tol = 1e-2 if fmt in ("int8", "int4") else 1e-4
     ref, fused = npgpt.Model(params, TINY), npgpt.Model(params, TINY, backend="numba")
     prompts = [rng.integers(0, TINY.n_vocab, size=(1, 3 + 2 * b)) for b in range(B)]
     caches = [ref.new_cache(batch=B), fused.new_cache(batch=B)]

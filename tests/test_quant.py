@@ -40,28 +40,24 @@ def test_int8_is_symmetric_per_output_channel(axis, shape):
 def test_prefill_widening_gives_exactly_the_reference_values(fmt, n_out, n_in):
     w = quant.quantize({"h": [], "lm_head": {"weight": rng.standard_normal((n_out, n_in), dtype=np.float32)}}, fmt)["lm_head"]["weight"]
     rows = kernels.head_rows(w)
+    out = np.empty(w.shape, np.float32)
     if fmt == "int4":
-        tiles = rows.packed.shape[0]
-        out = np.empty((rows.packed.shape[1], matmul.INT4_ROWS * tiles), np.float32)   # inputs padded to whole blocks
-        matmul.widen_int4(rows.packed, rows.scale, 0, tiles, out)
-        out = out[:n_in, :n_out].T
+        matmul.widen_int4(rows.packed, rows.scale, out)
     else:
-        out = np.empty(w.shape, np.float32)
         values, scale = matmul.stored(rows)
         matmul.widen_tile(values, scale, out)
     assert np.array_equal(out, quant.dequantize(w))
 
 
 @pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (1, 1)])
-def test_int4_tiles_keep_every_weight_and_scale(n_out, n_in):
+def test_int4_rows_keep_every_weight_and_scale(n_out, n_in):
     w = quant.to_int4(rng.standard_normal((n_out, n_in), dtype=np.float32), 1)
-    tiles = matmul.int4_tiles(w.q, w.scale)
-    assert tiles.packed.shape == (-(-n_out // 64), 32 * -(-n_in // 32), 32) and tiles.packed.dtype == np.uint8
-    r = 64 * (n_out // 64) if n_out > 64 else 0            # a row in the high nibbles: row 64t + 32 + i shares byte i
-    if n_out > r + 32:
-        assert tiles.packed[r // 64, 0, 0] >> 4 == w.q[r + 32, 0] + 8
-    q, scale = matmul.int4_rows(tiles)
-    assert np.array_equal(q, w.q) and np.array_equal(scale, w.scale)
+    rows = kernels.head_rows(w)
+    assert isinstance(rows, quant.Int4Rows) and rows.shape == (n_out, n_in)
+    assert rows.packed.shape == (n_out, 16 * -(-n_in // 32)) and rows.packed.dtype == np.uint8
+    assert np.array_equal(rows.packed, quant.pack4(w.q))   # the kernels read the checkpoint's own layout
+    back = kernels.unprepare({"h": [], "lm_head": {"weight": rows}})["lm_head"]["weight"]
+    assert np.array_equal(back.q, w.q) and np.array_equal(back.scale, w.scale)
 
 
 @pytest.mark.parametrize("shape", [(3, 64), (2, 5, 60), (1, 33), (4, 7)])   # whole blocks, partial last blocks, one short block
@@ -92,30 +88,51 @@ def test_prefill_rounds_int8_inputs_bit_for_bit_as_the_spec(shape):
     assert np.array_equal(matmul.round_to_q8_rows(x), quant.round_to_q8(x))
 
 
-@pytest.mark.parametrize("M, K", [(7, 32), (33, 96), (300, 768), (5, 3072)])
-def test_q8_dot_with_and_without_avx2_equals_the_exact_sum(M, K):
-    """jit.dot_q8 (AVX2 when the CPU has it) and dot_q8_generic (plain vector IR) against float64:
-    the block dots are exact integers, so only the float32 scaling and sum differ (~1e-7 relative)."""
+@pytest.mark.parametrize("M, K", [(7, 32), (33, 96), (300, 768), (5, 3072), (9, 64 + 32 * 3)])   # blocks % 4 != 0: the tail loop
+def test_integer_dots_with_and_without_avx2_equal_the_exact_sum(M, K):
+    """jit.dot_q8 / dot_q4 / dot_q4x4 (AVX2 when the CPU has it) and their plain-vector-IR twins against
+    float64: block dots are exact integers, so only the float32 scaling and sums differ (~1e-7 relative)."""
     import numba
     from npgpt.kernels import jit
 
-    def rows(dot):
+    def rows8(dot):
         @numba.njit
         def f(w, xq, xa, sx):
-            out = np.empty(w.shape[0], np.float32)
+            out = np.empty((1, w.shape[0]), np.float32)
             for m in range(w.shape[0]):
-                out[m] = dot(w, m, xq, xa, sx, 0, w.shape[1] // 32)
+                out[0, m] = dot(w, m, xq, xa, sx, 0, w.shape[1] // 32)
             return out
         return f
 
+    def rows4(dot, inputs):
+        @numba.njit
+        def f(packed, d, xq, sx):
+            out = np.empty((4, packed.shape[0]), np.float32)
+            for m in range(packed.shape[0]):
+                for n in range(0, 4, inputs):
+                    out[n : n + inputs, m] = dot(packed, d, m, xq, sx, n, d.shape[1])
+            return out
+        return f
+
+    blocks = K // 32
+    sx = rng.uniform(0.001, 1.0, size=(4, blocks)).astype(np.float32)
+    xq = rng.integers(-127, 128, size=(4, K)).astype(np.int8)
     w = rng.integers(-127, 128, size=(M, K)).astype(np.int8)
-    xq = rng.integers(-127, 128, size=(1, K)).astype(np.int8)
-    xa = np.abs(xq.astype(np.int16)).astype(np.uint8)
-    sx = rng.uniform(0.001, 1.0, size=(1, K // 32)).astype(np.float32)
-    exact = (w.astype(np.float64) * xq[0]).reshape(M, -1, 32).sum(-1) @ sx[0].astype(np.float64)
-    scale = np.abs(w.astype(np.float64) * xq[0]).reshape(M, -1, 32).sum(-1) @ sx[0]       # sum of magnitudes
+    prods = (w[None].astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1)          # [inputs, rows, blocks]
+    magnitude = np.abs(w[None].astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1)
+    exact, scale = (prods * sx[:, None]).sum(-1), (magnitude * sx[:, None]).sum(-1)
+    xa = np.abs(xq[:1].astype(np.int16)).astype(np.uint8)
     for dot in (jit.dot_q8, jit.dot_q8_generic):
-        assert np.all(np.abs(rows(dot)(w, xq, xa, sx) - exact) <= 1e-6 * scale)
+        assert np.all(np.abs(rows8(dot)(w, xq[:1].copy(), xa, sx[:1].copy()) - exact[:1]) <= 1e-6 * scale[:1])
+
+    q4 = rng.integers(-8, 8, size=(M, K)).astype(np.int8)
+    d = rng.uniform(0.001, 1.0, size=(M, blocks)).astype(np.float32)
+    u = (q4 + 8).astype(np.float64)                        # the dots are of the stored nibbles, q + 8
+    prods = (u[None] * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]
+    magnitude = np.abs(u[None] * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]
+    exact, scale = (prods * sx[:, None]).sum(-1), (magnitude * sx[:, None]).sum(-1)
+    for dot, inputs in ((jit.dot_q4, 1), (jit.dot_q4x4, 4), (jit.dot_q4_generic, 1)):
+        assert np.all(np.abs(rows4(dot, inputs)(quant.pack4(q4), d, xq, sx) - exact) <= 1e-6 * scale)
 
 
 @pytest.mark.parametrize("n_in", [64, 60, 33])            # whole int4 blocks, a partial last block, an odd input count
@@ -155,12 +172,12 @@ def test_lm_head_on_quantized_weights(fmt, shape):
     assert max_rel_err(matmul.lm_head(x, kernels.head_rows(w)), spec.lm_head(x, w)) < 1e-5
 
 
-@pytest.mark.parametrize("fmt, tol, min_cosine", [("bf16", 1e-4, 0.9999), ("int8", 1e-2, 0.999), ("int4", 1e-4, 0.97)])
+@pytest.mark.parametrize("fmt, tol, min_cosine", [("bf16", 1e-4, 0.9999), ("int8", 1e-2, 0.999), ("int4", 1e-2, 0.97)])
 def test_quantized_model_numba_matches_numpy_and_stays_close_to_fp32(tiny_params, fmt, tol, min_cosine):
-    """tol: 1e-4 as for fp32 (kernels within 1e-5 each, chained). int8 rounds every matmul's inputs to
+    """tol: 1e-4 as for fp32 (kernels within 1e-5 each, chained). int8/int4 round every matmul's inputs to
     int8 levels: where the two paths' ~1e-6 differences straddle a rounding midpoint, that input moves
     by a whole level (1/127 of its block's peak), and later layers carry it on: ~2e-3 measured, 1e-2
-    allowed. Each int8 kernel alone equals the spec within 1e-5 (test_linear_on_quantized_weights)."""
+    allowed. Each kernel alone equals the spec within 1e-5 (test_linear_on_quantized_weights)."""
     params = quant.quantize(tiny_params, fmt)
     ref = npgpt.Model(params, TINY).forward(IDS)
     assert max_rel_err(npgpt.Model(params, TINY, backend="numba").forward(IDS), ref) < tol
@@ -181,9 +198,8 @@ def test_numba_int4_model_holds_packed_nibbles_and_saves_back_the_same_values(ti
     model = npgpt.Model(params, TINY, backend="numba")
     for name, w in weights.flatten(model.params).items():
         if name.endswith("weight_t") or name == "lm_head.weight":
-            assert isinstance(w, quant.Int4Tiles) and w.packed.dtype == np.uint8, name
-            blocks, tiles = -(-w.shape[1] // 32), -(-w.shape[0] // 64)
-            assert w.nbytes == tiles * 64 * blocks * (16 + 4), name   # 16 bytes of nibbles + a float32 scale per 32 inputs
+            assert isinstance(w, quant.Int4Rows) and w.packed.dtype == np.uint8, name
+            assert w.nbytes == w.shape[0] * -(-w.shape[1] // 32) * (16 + 4), name   # 16 bytes of nibbles + a float32 scale per 32 inputs
     model.save(tmp_path)                                   # unpacked again from the kernels' layout, then packed into the file
     back = npgpt.load(tmp_path)
     for name, w in weights.flatten(params).items():
