@@ -76,7 +76,8 @@ def unrows(w):                                             # inverse of rows: [o
     if isinstance(w, quant.Int8):
         return quant.Int8(matmul.transpose(w.q), w.scale.reshape(1, -1))
     if isinstance(w, quant.Int4Rows):
-        return quant.Int4(np.ascontiguousarray(quant.unpack4(w.packed, w.n_in).T), np.ascontiguousarray(w.scale.T), 0)
+        q, scale = matmul.int4_unrows(w)
+        return quant.Int4(np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T), 0)
     return matmul.transpose(w)
 
 
@@ -90,7 +91,7 @@ def unprepare(params):
     if isinstance(head, quant.Int8):
         head = quant.Int8(head.q, head.scale.reshape(-1, 1))
     elif isinstance(head, quant.Int4Rows):
-        head = quant.Int4(np.ascontiguousarray(quant.unpack4(head.packed, head.n_in)), head.scale, 1)
+        head = quant.Int4(*matmul.int4_unrows(head), 1)
     return {**params, "h": blocks, "lm_head": {"weight": head}}
 
 

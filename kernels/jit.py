@@ -102,29 +102,35 @@ def _row(builder, context, typ, value, i, elem):          # pointer to row i of 
     return builder.bitcast(at, elem.as_pointer())
 
 
-UNROLL = 4                                                 # blocks in flight: one FMA chain each (a single chain waits on its FMA's latency)
+UNROLL = 4                                                 # terms in flight: one FMA chain each (a single chain waits on its FMA's latency)
 
 
-def _sum_blocks(builder, blocks, block, outputs=1):        # -> `outputs` floats: sum over j < blocks of block(j)
-    """block(j) gives, per output, (<8 x i32> sums, float32 scale); each output is sum_j scale_j * (the 8
-    lanes of sums_j), kept in float32 accumulators of 8 lanes (UNROLL of them for one output, so several
-    FMAs are in flight) and added up at the end."""
+def _splat(builder, value):                                # float32 -> <8 x float> (a load's value: one broadcast load)
+    f32 = _vector(0, 8)
+    v = builder.insert_element(ir.Constant(f32, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(f32, ir.Undefined), ir.Constant(_vector(32, 8), [0] * 8))
+
+
+def _sum_blocks(builder, count, terms, outputs=1, unroll=UNROLL):   # -> `outputs` floats: sum over j < count of terms(j)
+    """terms(j) gives, per output, a list of (<8 x i32> sums, <8 x float> scale); each output is the sum of
+    scale * sums over all of them, in float32 accumulators of 8 lanes (UNROLL of them for one output, so
+    several FMAs are in flight; `unroll` steps j a loop iteration) added up at the end."""
     f32 = _vector(0, 8)
     per = UNROLL if outputs == 1 else 1
     accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(per)] for _ in range(outputs)]
 
     def add(u, j):
-        for acc, (sums, scale) in zip(accs, block(j)):
-            splat = builder.insert_element(ir.Constant(f32, ir.Undefined), scale, ir.Constant(ir.IntType(32), 0))
-            splat = builder.shuffle_vector(splat, ir.Constant(f32, ir.Undefined), ir.Constant(_vector(32, 8), [0] * 8))
-            builder.store(builder.fadd(builder.load(acc[u]), builder.fmul(builder.sitofp(sums, f32), splat)), acc[u])
+        for acc, output in zip(accs, terms(j)):
+            for t, (sums, scale) in enumerate(output):
+                a = acc[(u * len(output) + t) % per]
+                builder.store(builder.fadd(builder.load(a), builder.fmul(builder.sitofp(sums, f32), scale)), a)
 
-    step = ir.Constant(blocks.type, per)
-    whole = builder.mul(builder.udiv(blocks, step), step)
-    with cgutils.for_range(builder, builder.udiv(blocks, step)) as loop:
-        for u in range(per):
-            add(u, builder.add(builder.mul(loop.index, step), ir.Constant(blocks.type, u)))
-    with cgutils.for_range(builder, blocks, start=whole) as loop:
+    step = ir.Constant(count.type, unroll)
+    whole = builder.mul(builder.udiv(count, step), step)
+    with cgutils.for_range(builder, builder.udiv(count, step)) as loop:
+        for u in range(unroll):
+            add(u, builder.add(builder.mul(loop.index, step), ir.Constant(count.type, u)))
+    with cgutils.for_range(builder, count, start=whole) as loop:
         add(0, loop.index)
     totals = []
     for acc in accs:
@@ -138,8 +144,11 @@ def _sum_blocks(builder, blocks, block, outputs=1):        # -> `outputs` floats
     return totals
 
 
-def _avx2(context, generic):                               # emit AVX2 intrinsics? (what the compiling CPU has, unless `generic`)
-    return not generic and "+avx2" in getattr(context.codegen(), "_tm_features", "").split(",")
+ISAS = ("native", "avx2", "generic")                       # what the integer dots may use: all the CPU has, AVX2 at most, plain IR
+
+
+def _avx2(context, isa):                                   # emit AVX2 intrinsics? (if the compiling CPU has them)
+    return isa != "generic" and "+avx2" in getattr(context.codegen(), "_tm_features", "").split(",")
 
 
 def _x86(builder, name, ret, *args):                       # a call to an LLVM x86 intrinsic
@@ -151,25 +160,36 @@ def _lanes8(builder, p):                                   # <32 x i32> -> <8 x 
     return builder.add(builder.add(part(0), part(1)), builder.add(part(2), part(3)))
 
 
-def _pairs_to_int32(builder, pairs):                       # vpmaddwd against ones: <16 x i16> -> <8 x i32>, pairs added
-    return _x86(builder, "llvm.x86.avx2.pmadd.wd", _vector(32, 8), pairs, ir.Constant(_vector(16, 16), [1] * 16))
+def _vnni(context, isa):                                   # AVX512-VNNI on 256-bit registers: vpdpbusd does both steps in one
+    features = getattr(context.codegen(), "_tm_features", "").split(",")
+    return isa == "native" and "+avx512vnni" in features and "+avx512vl" in features
 
 
-def _int8_dot(builder, context, generic, w, q, a):         # <32 x i8> weights, inputs, |inputs| -> <8 x i32> sums of products
+def _u8s8_dot(builder, context, isa, u, s):            # <32 x i8> unsigned, <32 x i8> signed -> <8 x i32> sums of 4 products
+    """vpdpbusd where the CPU has it (no 16-bit step at all); else vpmaddubsw (pairs, 16 bits) then
+    vpmaddwd against ones (pairs again, 32 bits): callers keep each pair of products within 16 bits."""
+    i32 = _vector(32, 8)
+    if _vnni(context, isa):
+        return _x86(builder, "llvm.x86.avx512.vpdpbusd.256", i32, ir.Constant(i32, [0] * 8),
+                    builder.bitcast(u, i32), builder.bitcast(s, i32))
+    pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vector(16, 16), u, s)
+    return _x86(builder, "llvm.x86.avx2.pmadd.wd", i32, pairs, ir.Constant(_vector(16, 16), [1] * 16))
+
+
+def _int8_dot(builder, context, isa, w, q, a):         # <32 x i8> weights, inputs, |inputs| -> <8 x i32> sums of products
     """With AVX2, as llama.cpp's q8_0 dot: vpsignb moves the inputs' signs onto the weights, vpmaddubsw
     multiplies the inputs' magnitudes (unsigned) by them and adds pairs (|q| <= 127: no pair saturates
-    16 bits), vpmaddwd adds pairs again into 8 int32 lanes. Without AVX2 (or `generic`), the same sums
+    16 bits), vpmaddwd adds pairs again into 8 int32 lanes. Without AVX2 (or isa "generic"), the same sums
     in plain vector IR that LLVM lowers to what the CPU has."""
-    if _avx2(context, generic):
-        signed = _x86(builder, "llvm.x86.avx2.psign.b", w.type, w, q)
-        return _pairs_to_int32(builder, _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vector(16, 16), a, signed))
+    if _avx2(context, isa):
+        return _u8s8_dot(builder, context, isa, a, _x86(builder, "llvm.x86.avx2.psign.b", w.type, w, q))
     return _lanes8(builder, builder.mul(builder.sext(w, _vector(32, 32)), builder.sext(q, _vector(32, 32))))
 
 
-def _nibble_dot(builder, context, generic, u, q):          # <32 x i8> unsigned 0..15, signed inputs -> <8 x i32> sums of products
+def _nibble_dot(builder, context, isa, u, q):          # <32 x i8> unsigned 0..15, signed inputs -> <8 x i32> sums of products
     """vpmaddubsw takes the nibbles as its unsigned operand as they are (pairs stay within 2 * 15 * 127)."""
-    if _avx2(context, generic):
-        return _pairs_to_int32(builder, _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vector(16, 16), u, q))
+    if _avx2(context, isa):
+        return _u8s8_dot(builder, context, isa, u, q)
     return _lanes8(builder, builder.mul(builder.zext(u, _vector(32, 32)), builder.sext(q, _vector(32, 32))))
 
 
@@ -181,7 +201,7 @@ def _block_loader(builder, base, size, at):                # <size x i8> at byte
     return builder.load(builder.bitcast(builder.gep(base, [at]), _vector(8, size).as_pointer()), align=1)
 
 
-def _dot_q8(generic=False):
+def _dot_q8(isa="native"):
     @intrinsic
     def dot_q8(typingctx, w, m, xq, xa, sx, n, blocks):   # int8 rows w [M, K]; int8 xq, uint8 |xq|, float32 sx rows
         """sum over blocks j < `blocks` of sx[n, j] * (w[m, 32j:32j+32] . xq[n, 32j:32j+32]), the dots in
@@ -198,23 +218,23 @@ def _dot_q8(generic=False):
 
             def block(j):
                 at = builder.mul(j, ir.Constant(j.type, Q8_BLOCK))
-                sums = _int8_dot(builder, context, generic, _block_loader(builder, row, 32, at),
+                sums = _int8_dot(builder, context, isa, _block_loader(builder, row, 32, at),
                                  _block_loader(builder, q, 32, at), _block_loader(builder, a, 32, at))
-                return [(sums, builder.load(builder.gep(s, [j])))]
+                return [[(sums, _splat(builder, builder.load(builder.gep(s, [j]))))]]
             return _sum_blocks(builder, blocks, block)[0]
         return sig, codegen
     return dot_q8
 
 
-def _dot_q4(inputs=1, generic=False):
+def _dot_q4(inputs=1, isa="native"):
     @intrinsic
-    def dot_q4(typingctx, w, d, m, xq, sx, n, blocks):    # q4_0 rows w [M, 16 * blocks] uint8, scales d [M, blocks]
+    def dot_q4(typingctx, w, d, m, xq, sx, n, blocks):    # int4 rows w [M, 16 * blocks] uint8 (blocks even), scales d [M, blocks]
         """For each of `inputs` inputs n, n + 1, ...: sum over blocks j < `blocks` of d[m, j] * sx[n, j] *
-        ((q + 8)[m, 32j:32j+32] . xq[n, 32j:32j+32]), the weights' 4-bit values as stored, offset by 8
-        (q4_0's order: byte i of a block holds q + 8 of input i in its low nibble and of input 16 + i in
-        its high one); the caller subtracts the offset's share, 8 * d * sx * sum(xq), per block. 16 bytes
-        become 32 with a mask and a shift, once for all the inputs (_nibble_dot). One input: a float32;
-        several: a tuple."""
+        ((q + 8)[m, 32j:32j+32] . xq[n, 32j:32j+32]), the weights' 4-bit values as stored, offset by 8;
+        the caller subtracts the offset's share, 8 * d * sx * sum(xq), per block. Blocks come in pairs:
+        byte i of pair p holds q + 8 of input i of block 2p in its low nibble and of block 2p + 1 in its
+        high one (matmul.int4_rows), so 32 bytes give 64 nibbles with a mask and a mask-and-shift, once
+        for all the inputs (_nibble_dot). One input: a float32; several: a tuple."""
         if not (_c2d(w, types.uint8) and _c2d(d, types.float32) and _c2d(xq, types.int8) and _c2d(sx, types.float32)):
             return None
         ret = types.float32 if inputs == 1 else types.UniTuple(types.float32, inputs)
@@ -227,25 +247,32 @@ def _dot_q4(inputs=1, generic=False):
             rows = [builder.add(n, ir.Constant(n.type, i)) for i in range(inputs)]
             qs = [_row(builder, context, t[3], xq, r, ir.IntType(8)) for r in rows]
             ss = [_row(builder, context, t[4], sx, r, ir.FloatType()) for r in rows]
-            b16 = _vector(8, 16)
+            b32 = _vector(8, 32)
 
-            def block(j):
-                packed = _block_loader(builder, row, 16, builder.mul(j, ir.Constant(j.type, Q8_BLOCK // 2)))
-                low = builder.and_(packed, ir.Constant(b16, [15] * 16))
-                high = builder.lshr(packed, ir.Constant(b16, [4] * 16))
-                u = builder.shuffle_vector(low, high, ir.Constant(_vector(32, 32), list(range(32))))
-                at, dj = builder.mul(j, ir.Constant(j.type, Q8_BLOCK)), builder.load(builder.gep(dm, [j]))
-                return [(_nibble_dot(builder, context, generic, u, _block_loader(builder, q, 32, at)),
-                         builder.fmul(dj, builder.load(builder.gep(s, [j]))))
-                        for q, s in zip(qs, ss)]
-            totals = _sum_blocks(builder, blocks, block, inputs)
+            def pair(p):
+                packed = _block_loader(builder, row, 32, builder.mul(p, ir.Constant(p.type, Q8_BLOCK)))
+                nibbles = (builder.and_(packed, ir.Constant(b32, [15] * 32)), builder.lshr(packed, ir.Constant(b32, [4] * 32)))
+                j0 = builder.mul(p, ir.Constant(p.type, 2))
+                two = lambda base: builder.load(builder.bitcast(builder.gep(base, [j0]), _vector(0, 2).as_pointer()), align=4)
+                d2 = two(dm)                               # both blocks' scales in one vector: one multiply for the two
+                out = []
+                for q, s in zip(qs, ss):
+                    scales = builder.fmul(d2, two(s))
+                    out.append([(_nibble_dot(builder, context, isa, u, _block_loader(builder, q, 32, builder.mul(
+                        builder.add(j0, ir.Constant(p.type, half)), ir.Constant(p.type, Q8_BLOCK)))),
+                        builder.shuffle_vector(scales, scales, ir.Constant(_vector(32, 8), [half] * 8)))
+                        for half, u in enumerate(nibbles)])
+                return out
+            pairs = builder.udiv(blocks, ir.Constant(blocks.type, 2))
+            totals = _sum_blocks(builder, pairs, pair, inputs, unroll=UNROLL // 2 if inputs == 1 else 1)
             return totals[0] if inputs == 1 else context.make_tuple(builder, signature.return_type, totals)
         return sig, codegen
     return dot_q4
 
 
-dot_q8, dot_q8_generic = _dot_q8(), _dot_q8(generic=True)
-dot_q4, dot_q4x4, dot_q4_generic = _dot_q4(), _dot_q4(4), _dot_q4(generic=True)
+dot_q8, dot_q4, dot_q4x4 = _dot_q8(), _dot_q4(), _dot_q4(4)
+dot_q8_isa = {isa: _dot_q8(isa=isa) for isa in ISAS}      # for tests: each instruction path on this CPU
+dot_q4_isa = {isa: _dot_q4(isa=isa) for isa in ISAS}
 
 
 _BLAS = ThreadpoolController()

@@ -155,9 +155,8 @@ def _round_inputs(x, bits, xq, xa, sx, xsum):             # x [N, K] -> int8 lev
 
 
 @inline
-def _rounded_inputs(x, bits):                              # -> (xq, xa, sx, xsum) for N inputs, padded to whole blocks
-    N, K = x.shape
-    blocks = -(-K // Q8)
+def _rounded_inputs(x, bits, blocks):                      # -> (xq, xa, sx, xsum) for N inputs, padded to `blocks` blocks
+    N = x.shape[0]
     xq = np.empty((N, blocks * Q8), dtype=np.int8)         # the inputs' int8 levels
     xa = np.empty((N, blocks * Q8), dtype=np.uint8)        # and their magnitudes (vpmaddubsw's unsigned operand)
     sx = np.empty((N, blocks), dtype=np.float32)
@@ -173,7 +172,7 @@ def gemv_q8(x, bits, w, scale, b):                         # [N, K] (and its uin
     N, K = x.shape
     M = w.shape[0]
     blocks, whole = -(-K // Q8), K // Q8
-    xq, xa, sx, _ = _rounded_inputs(x, bits)
+    xq, xa, sx, _ = _rounded_inputs(x, bits, blocks)
     out = np.empty((N, M), dtype=np.float32)
     for m in numba.prange(M):
         for n in range(N):
@@ -196,7 +195,7 @@ def gemv_q4(x, bits, packed, scale, b):                    # [N, K] (and its uin
     (and rows' padding nibbles are q = 0), so partial blocks need nothing of their own."""
     N = x.shape[0]
     M, blocks = scale.shape
-    xq, _, sx, xsum = _rounded_inputs(x, bits)
+    xq, _, sx, xsum = _rounded_inputs(x, bits, blocks)
     offset = np.empty((N, blocks), dtype=np.float32)       # 8 * sx * sum of levels, per input block
     for n in range(N):
         for j in range(blocks):
@@ -324,28 +323,42 @@ def _gemm_band(x, w, b, y, cols):                          # y[:, cols] = x [N, 
         y[:, cols] += b[cols]
 
 
-# int4 (quant.Int4Rows): q4_0's rows as the file has them. Prefill widens 256 rows at a time for sgemm.
+# int4 (quant.Int4Rows): rows whose blocks come in pairs, so one 32-byte load holds two blocks. Prefill
+# widens 256 rows at a time for sgemm.
 def int4_rows(q, scale):                                   # int8 rows [M, K] in [-8, 7], float32 scale [M, blocks] -> quant.Int4Rows
-    return quant.Int4Rows(quant.pack4(q), np.ascontiguousarray(scale, dtype=np.float32), q.shape[1])
+    """Byte i of pair p holds q + 8 of input i of block 2p (low nibble) and of block 2p + 1 (high). An odd
+    last block is paired with one of q = 0 and scale 0; a partial block is padded with q = 0."""
+    M, K = q.shape
+    pairs = -(-K // (2 * Q8))
+    u = quant.offset_nibbles(q, M, pairs * 2 * Q8).reshape(M, pairs, 2 * Q8)
+    s = np.zeros((M, 2 * pairs), np.float32)
+    s[:, : scale.shape[1]] = scale
+    return quant.Int4Rows(np.ascontiguousarray(quant.pair_nibbles(u).reshape(M, pairs * Q8)), s, K)
+
+
+def int4_unrows(w):                                        # quant.Int4Rows -> (q int8 rows [M, K], scale [M, blocks])
+    q = quant.split_nibbles(w.packed.reshape(w.packed.shape[0], -1, Q8)).reshape(w.packed.shape[0], -1)
+    return (np.ascontiguousarray(q[:, : w.n_in].view(np.int8) - np.int8(8)),
+            np.ascontiguousarray(w.scale[:, : -(-w.n_in // Q8)]))
 
 
 @serial
-def widen_int4(packed, scale, out):                        # q4_0 rows [m, 16 * blocks], scale [m, blocks] -> out float32 [m, K]
+def widen_int4(packed, scale, out):                        # int4 rows [m, 16 * blocks], scale [m, blocks] -> out float32 [m, K]
     K = out.shape[1]
     for m in range(packed.shape[0]):
-        for j in range(scale.shape[1]):
-            d, k0 = scale[m, j], Q8 * j
-            if k0 + Q8 <= K:                               # a whole block: two straight passes of 16
-                for i in range(Q8 // 2):
-                    out[m, k0 + i] = (low_nibble(packed[m, 16 * j + i]) - np.float32(8.0)) * d
-                for i in range(Q8 // 2):
-                    out[m, k0 + 16 + i] = (high_nibble(packed[m, 16 * j + i]) - np.float32(8.0)) * d
+        for p in range(scale.shape[1] // 2):
+            d0, d1, k0 = scale[m, 2 * p], scale[m, 2 * p + 1], 2 * Q8 * p
+            if k0 + 2 * Q8 <= K:                           # a whole pair: two straight passes of 32
+                for i in range(Q8):
+                    out[m, k0 + i] = (low_nibble(packed[m, Q8 * p + i]) - np.float32(8.0)) * d0
+                for i in range(Q8):
+                    out[m, k0 + Q8 + i] = (high_nibble(packed[m, Q8 * p + i]) - np.float32(8.0)) * d1
             else:
-                for i in range(Q8 // 2):
+                for i in range(Q8):
                     if k0 + i < K:
-                        out[m, k0 + i] = (low_nibble(packed[m, 16 * j + i]) - np.float32(8.0)) * d
-                    if k0 + 16 + i < K:
-                        out[m, k0 + 16 + i] = (high_nibble(packed[m, 16 * j + i]) - np.float32(8.0)) * d
+                        out[m, k0 + i] = (low_nibble(packed[m, Q8 * p + i]) - np.float32(8.0)) * d0
+                    if k0 + Q8 + i < K:
+                        out[m, k0 + Q8 + i] = (high_nibble(packed[m, Q8 * p + i]) - np.float32(8.0)) * d1
 
 
 def linear(x, weight_t, bias):                             # [..., in], [out, in], [out] -> [..., out]; W transposed once at load

@@ -10,8 +10,8 @@ int4: block-wise symmetric, as llama.cpp's q4_0: each block of 32 consecutive in
 channel has one float32 scale d = (its value of largest magnitude) / -8, and w ~= q * d with q in
 [-8, 7]. The spec keeps q unpacked (Int4, the weight's shape). Checkpoint files keep two per byte in
 q4_0's order (pack4: rows [out, in]; in each block of 32, byte i holds q + 8 of input i in its low
-nibble and of input 16 + i in its high one), and so do the kernels (Int4Rows). An int4 matmul rounds
-its inputs as int8's does (round_to_q8), as llama.cpp's q4_0 meets q8_0 inputs.
+nibble and of input 16 + i in its high one); the kernels pair blocks instead (Int4Rows). An int4
+matmul rounds its inputs as int8's does (round_to_q8), as llama.cpp's q4_0 meets q8_0 inputs.
 Embeddings, LayerNorm and biases stay float32; only matmul weights change format.
 """
 
@@ -63,10 +63,11 @@ class Int4(NamedTuple):
 
 
 class Int4Rows(NamedTuple):
-    """Int4 as the kernels (and checkpoint files) keep it: rows of outputs [out, in], two 4-bit values a
-    byte in q4_0's order (pack4), and one scale per block of 32 inputs of a row."""
-    packed: np.ndarray                                     # uint8 [out, 16 * blocks]
-    scale: np.ndarray                                      # float32 [out, blocks]
+    """Int4 as the kernels keep it: rows of outputs [out, in], two 4-bit values a byte, blocks in pairs
+    (byte i of pair p: q + 8 of input i of block 2p in the low nibble, of block 2p + 1 in the high one;
+    built by npgpt.kernels.matmul.int4_rows), and one scale per block of 32 inputs of a row."""
+    packed: np.ndarray                                     # uint8 [out, 16 * blocks], blocks even
+    scale: np.ndarray                                      # float32 [out, blocks] (a padding block's is 0)
     n_in: int
 
     @property

@@ -49,13 +49,15 @@ def test_prefill_widening_gives_exactly_the_reference_values(fmt, n_out, n_in):
     assert np.array_equal(out, quant.dequantize(w))
 
 
-@pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (1, 1)])
+@pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (1, 1), (3, 128)])   # pairs of blocks: padded, odd, whole
 def test_int4_rows_keep_every_weight_and_scale(n_out, n_in):
     w = quant.to_int4(rng.standard_normal((n_out, n_in), dtype=np.float32), 1)
     rows = kernels.head_rows(w)
+    pairs = -(-n_in // 64)
     assert isinstance(rows, quant.Int4Rows) and rows.shape == (n_out, n_in)
-    assert rows.packed.shape == (n_out, 16 * -(-n_in // 32)) and rows.packed.dtype == np.uint8
-    assert np.array_equal(rows.packed, quant.pack4(w.q))   # the kernels read the checkpoint's own layout
+    assert rows.packed.shape == (n_out, 32 * pairs) and rows.packed.dtype == np.uint8 and rows.scale.shape == (n_out, 2 * pairs)
+    assert rows.packed[0, 0] == (int(w.q[0, 0]) + 8) | ((int(w.q[0, 32]) + 8 if n_in > 32 else 8) << 4)   # blocks 0 and 1 share a byte
+    assert np.all(rows.scale[:, w.scale.shape[1]:] == 0)   # an odd last block's partner: q = 0, scale 0
     back = kernels.unprepare({"h": [], "lm_head": {"weight": rows}})["lm_head"]["weight"]
     assert np.array_equal(back.q, w.q) and np.array_equal(back.scale, w.scale)
 
@@ -88,10 +90,11 @@ def test_prefill_rounds_int8_inputs_bit_for_bit_as_the_spec(shape):
     assert np.array_equal(matmul.round_to_q8_rows(x), quant.round_to_q8(x))
 
 
-@pytest.mark.parametrize("M, K", [(7, 32), (33, 96), (300, 768), (5, 3072), (9, 64 + 32 * 3)])   # blocks % 4 != 0: the tail loop
+@pytest.mark.parametrize("M, K", [(7, 64), (33, 128), (300, 768), (5, 3072), (9, 64 * 3)])   # pairs % 2 != 0: the tail loop
 def test_integer_dots_with_and_without_avx2_equal_the_exact_sum(M, K):
-    """jit.dot_q8 / dot_q4 / dot_q4x4 (AVX2 when the CPU has it) and their plain-vector-IR twins against
-    float64: block dots are exact integers, so only the float32 scaling and sums differ (~1e-7 relative)."""
+    """jit.dot_q8 / dot_q4 / dot_q4x4 (AVX512-VNNI or AVX2 when the CPU has them), and each on every
+    instruction path this CPU can run (VNNI, AVX2 alone, plain vector IR), against float64: block dots
+    are exact integers, so only the float32 scaling and sums differ (~1e-7 relative)."""
     import numba
     from npgpt.kernels import jit
 
@@ -122,7 +125,7 @@ def test_integer_dots_with_and_without_avx2_equal_the_exact_sum(M, K):
     magnitude = np.abs(w[None].astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1)
     exact, scale = (prods * sx[:, None]).sum(-1), (magnitude * sx[:, None]).sum(-1)
     xa = np.abs(xq[:1].astype(np.int16)).astype(np.uint8)
-    for dot in (jit.dot_q8, jit.dot_q8_generic):
+    for dot in (jit.dot_q8, *jit.dot_q8_isa.values()):
         assert np.all(np.abs(rows8(dot)(w, xq[:1].copy(), xa, sx[:1].copy()) - exact[:1]) <= 1e-6 * scale[:1])
 
     q4 = rng.integers(-8, 8, size=(M, K)).astype(np.int8)
@@ -131,8 +134,10 @@ def test_integer_dots_with_and_without_avx2_equal_the_exact_sum(M, K):
     prods = (u[None] * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]
     magnitude = np.abs(u[None] * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]
     exact, scale = (prods * sx[:, None]).sum(-1), (magnitude * sx[:, None]).sum(-1)
-    for dot, inputs in ((jit.dot_q4, 1), (jit.dot_q4x4, 4), (jit.dot_q4_generic, 1)):
-        assert np.all(np.abs(rows4(dot, inputs)(quant.pack4(q4), d, xq, sx) - exact) <= 1e-6 * scale)
+    packed = matmul.int4_rows(q4, d)
+    assert packed.scale.shape == d.shape                   # K is whole pairs of blocks here
+    for dot, inputs in ((jit.dot_q4, 1), (jit.dot_q4x4, 4), *((dot, 1) for dot in jit.dot_q4_isa.values())):
+        assert np.all(np.abs(rows4(dot, inputs)(packed.packed, d, xq, sx) - exact) <= 1e-6 * scale)
 
 
 @pytest.mark.parametrize("n_in", [64, 60, 33])            # whole int4 blocks, a partial last block, an odd input count
@@ -199,7 +204,7 @@ def test_numba_int4_model_holds_packed_nibbles_and_saves_back_the_same_values(ti
     for name, w in weights.flatten(model.params).items():
         if name.endswith("weight_t") or name == "lm_head.weight":
             assert isinstance(w, quant.Int4Rows) and w.packed.dtype == np.uint8, name
-            assert w.nbytes == w.shape[0] * -(-w.shape[1] // 32) * (16 + 4), name   # 16 bytes of nibbles + a float32 scale per 32 inputs
+            assert w.nbytes == w.shape[0] * 2 * -(-w.shape[1] // 64) * (16 + 4), name   # 16 bytes of nibbles + a float32 scale per 32 inputs
     model.save(tmp_path)                                   # unpacked again from the kernels' layout, then packed into the file
     back = npgpt.load(tmp_path)
     for name, w in weights.flatten(params).items():
