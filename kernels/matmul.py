@@ -1,6 +1,6 @@
 """Matrix products. Weights are rows of outputs, W [out, in] (the loader transposes HF's Conv1D once,
 see kernels.prepare): decode streams the rows once on every core, four rows against four inputs at a
-time when a batch has four or more (int8: a row against each input in integers, int4: 64-row tiles);
+time when a batch has four or more (int8 and int4: a row against each input, in integers);
 prefill gives each core a band of output columns and a single-threaded sgemm on the same array
 transposed."""
 
@@ -188,10 +188,10 @@ def gemv_q8(x, bits, w, scale, b):                         # [N, K] (and its uin
 
 @parallel
 def gemv_q4(x, bits, packed, scale, b):                    # [N, K] (and its uint32 view) x quant.Int4Rows (packed, scale) (+ b [M]) -> [N, M]
-    """x rounded to int8 blocks of 32, against q4_0 rows: per block, the integer dot of the stored
+    """x rounded to int8 blocks of 32, against int4 rows (int4_rows): per block, the integer dot of the stored
     nibbles (q + 8) with the inputs' levels, times the weight's and the input's block scales; then the
     offset's share, 8 * sum over blocks of d * sx * (sum of the block's levels), comes off once per row.
-    Four inputs at a time share each block's unpacking. Inputs are padded with zeros to whole blocks
+    Four inputs at a time share each pair's unpacking. Inputs are padded with zeros to whole blocks
     (and rows' padding nibbles are q = 0), so partial blocks need nothing of their own."""
     N = x.shape[0]
     M, blocks = scale.shape

@@ -36,7 +36,7 @@ def test_int8_is_symmetric_per_output_channel(axis, shape):
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
-@pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (64, 33)])   # partial tiles and blocks, whole ones
+@pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (64, 33)])   # partial pairs of blocks and partial blocks, whole ones
 def test_prefill_widening_gives_exactly_the_reference_values(fmt, n_out, n_in):
     w = quant.quantize({"h": [], "lm_head": {"weight": rng.standard_normal((n_out, n_in), dtype=np.float32)}}, fmt)["lm_head"]["weight"]
     rows = kernels.head_rows(w)
@@ -160,7 +160,7 @@ def test_int4_is_blockwise_symmetric_and_packs_two_per_byte(n_in):
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 13, 16, 17, 300])         # GEMV up to 16 rows (4x4 tiles from 4), tiled sgemm above
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 13, 16, 17, 300])         # GEMV up to 16 rows (fp32/bf16: 4x4 tiles from 4; int4: 4 inputs per unpacking), tiled sgemm above
 @pytest.mark.parametrize("n_in, n_out", [(60, 180), (180, 60), (768, 301), (61, 37)])
 def test_linear_on_quantized_weights(fmt, rows, n_in, n_out):
     x, b = rng.standard_normal((rows, n_in), dtype=np.float32), rng.standard_normal(n_out, dtype=np.float32)
@@ -287,7 +287,7 @@ def test_loading_int4_leaves_only_the_packed_weights_resident(tmp_path):
     before = rss_mb()
     model = npgpt.load(tmp_path, backend="numba")
     packed = sum(w.nbytes for name, w in weights.flatten(model.params).items() if name.endswith("weight_t") or name == "lm_head.weight")
-    assert rss_mb() - before < packed / 2**20 + 8          # measured: the tiles + 0.05 MiB; without handing back: + 20 MiB
+    assert rss_mb() - before < packed / 2**20 + 8          # measured: the packed rows + 0.05 MiB; without handing back: + 20 MiB
 
 
 def _rewrite(path, change=lambda tensors: None, metadata=None):   # a checkpoint's tensors, changed, written back
