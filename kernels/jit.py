@@ -24,6 +24,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from threadpoolctl import ThreadpoolController
 
+from ..quant import Q8_BLOCK                                # inputs per scale of the rounded inputs (and per int4 scale)
+
 # reassoc + contract let LLVM vectorize float32 reductions and use FMA. Not fastmath=True: that also
 # assumes no inf/nan, and the causal mask and softmax rely on -inf. error_model="numpy": a float
 # division by zero gives inf/nan instead of raising, so a loop that divides has no exception branch
@@ -89,7 +91,6 @@ def _nibble(high):
 low_nibble, high_nibble = _nibble(False), _nibble(True)
 
 
-Q8_BLOCK = 32                                              # inputs per activation scale (int8 weights), as q8_0
 
 
 def _vector(bits, n):

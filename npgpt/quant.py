@@ -107,7 +107,7 @@ def unpack4(packed, n_in):                                 # inverse of pack4 ->
     return q.reshape(packed.shape[0], -1)[:, :n_in]
 
 
-Q8_BLOCK = 32                                              # inputs per activation scale of an int8 matmul
+Q8_BLOCK = INT4_BLOCK                                      # inputs per scale of an int8/int4 matmul's rounded inputs, as q8_0
 
 
 def round_to_q8(x):                                        # float32 [..., K] -> float32 [..., K] on int8 levels
