@@ -11,9 +11,10 @@ from .. import quant
 from .. import optim as optim_spec
 from ..backward import SPEC
 from ..model import REFERENCE
+from ..model import forward as spec_forward
 
 from . import activation, attention, matmul, memory, norm, optim, softmax
-from . import decode
+from . import decode, prefill
 from .jit import blas_per_band as runtime
 from .jit import serialized
 
@@ -23,6 +24,20 @@ BACKWARD = SPEC._replace(layer_norm=norm.layer_norm_backward, linear=matmul.line
                          attention=attention.attention_backward, lm_head=matmul.lm_head_backward,
                          cross_entropy=softmax.cross_entropy_backward)
 OPTIM = optim_spec.SPEC._replace(adamw_update=optim.adamw_update, sum_of_squares=optim.sum_of_squares)
+
+
+def forward(params, ids, cfg, ops, cache=None, last=False):   # npgpt.model.forward, with a decode step or a prefill fused
+    """The numba backend's forward pass: a decode step (kernels.decode) or a prefill of rows sharing one
+    length (kernels.prefill) runs fused; anything else (ragged rows, decode-sized prompts) runs the spec
+    with the kernels' op table."""
+    if decode.is_step(ids, cache):
+        return decode.step(params, ids, cfg, cache)
+    if prefill.fits(ids, cache):
+        return prefill.forward(params, ids, cfg, cache, last)
+    return spec_forward(params, ids, cfg, ops=ops, cache=cache, last=last)
+
+
+forward_packed = decode.forward_packed
 
 
 def rows(w):                                               # Conv1D weight [in, out] in any format -> rows [out, in]
@@ -95,4 +110,4 @@ def unprepare(params):
     return {**params, "h": blocks, "lm_head": {"weight": head}}
 
 
-__all__ = ["KERNELS", "unprepare", "BACKWARD", "OPTIM", "prepare_again", "prepare", "runtime", "serialized", "activation", "attention", "decode", "matmul", "memory", "norm", "optim", "softmax"]
+__all__ = ["KERNELS", "forward", "forward_packed", "unprepare", "BACKWARD", "OPTIM", "prepare_again", "prepare", "runtime", "serialized", "activation", "attention", "decode", "prefill", "matmul", "memory", "norm", "optim", "softmax"]

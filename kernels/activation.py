@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from .jit import bands, serial
+from .jit import bands, inline, serial
 
 SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
 # tanh as a rational function (the 13/6 minimax form Eigen uses for float32): max error 4e-7 against
@@ -23,12 +23,28 @@ def tanh(u):                                               # float32 -> float32
     return p / (B0 + u2 * (B2 + u2 * (B4 + u2 * B6)))
 
 
+@inline
+def _gelu(v):                                              # float32 -> float32, as npgpt.model.gelu
+    return np.float32(0.5) * v * (np.float32(1.0) + tanh(SQRT_2_OVER_PI * (v + np.float32(0.044715) * v * v * v)))
+
+
 @serial
 def gelu_rows(x, out):                                     # [N, F] -> out [N, F]
     for i in range(x.shape[0]):
         for j in range(x.shape[1]):
-            v = x[i, j]
-            out[i, j] = np.float32(0.5) * v * (np.float32(1.0) + tanh(SQRT_2_OVER_PI * (v + np.float32(0.044715) * v * v * v)))
+            out[i, j] = _gelu(x[i, j])
+
+
+@serial
+def bias_gelu(y, b, c0, c1):                               # y[:, c0:c1] = gelu(y[:, c0:c1] + b[c0:c1]), in place
+    """The MLP's first half after its product (kernels.prefill): one pass over the band, on the thread
+    that just wrote it. The band is sliced here: indices from range(c0, c1) may be negative as far as
+    numba knows, and its wraparound check kept the loop scalar (7x slower)."""
+    bias = b[c0:c1]
+    for i in range(y.shape[0]):
+        row = y[i, c0:c1]
+        for j in range(row.shape[0]):
+            row[j] = _gelu(row[j] + bias[j])
 
 
 def gelu(x):                                               # [..., F] -> [..., F]

@@ -12,7 +12,6 @@ import math
 import numba
 import numpy as np
 
-from ..model import forward as spec_forward
 from ..model import forward_packed as spec_forward_packed
 from ..inputs import check_ids
 
@@ -67,12 +66,6 @@ def step(params, ids, cfg, cache):                         # [B, 1] ids, KVCache
     cache.advance(1)
     layer_norm_rows(x, params["ln_f"]["weight"], params["ln_f"]["bias"], eps, h)
     return matmul_rows(h, params["lm_head"]["weight"])[:, None]
-
-
-def forward(params, ids, cfg, ops, cache=None, last=False):   # npgpt.model.forward, a decode step fused
-    if is_step(ids, cache):
-        return step(params, ids, cfg, cache)
-    return spec_forward(params, ids, cfg, ops=ops, cache=cache, last=last)
 
 
 def forward_packed(params, cache, groups, cfg, ops):       # npgpt.model.forward_packed; one group of steps fused

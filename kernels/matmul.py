@@ -296,16 +296,47 @@ def matmul_rows(x, w, b=None):                             # [..., K] x [M, K] r
         else:
             y = gemv(x2, w if isinstance(w, np.ndarray) else w.bits, b)
     else:
-        if isinstance(w, (quant.Int8, quant.Int4Rows)):
-            x2 = round_to_q8_rows(x2)
         y = np.empty((x2.shape[0], M), dtype=np.float32)
-        bands(lambda cols: _gemm_band(x2, w, b, y, cols), M, inline_upto=1)
+        matmul_into(x2, w, y, None if b is None else (lambda cols: add_bias(y, b, cols.start, cols.stop)))
     return y.reshape(*x.shape[:-1], M)
 
 
-def _gemm_band(x, w, b, y, cols):                          # y[:, cols] = x [N, K] . w[cols]^T (+ b[cols])
-    """Each core takes a band of the weight's rows: it reads only its share of W, and x is small.
-    Low-precision rows are widened one tile at a time, so no float32 copy of W ever exists."""
+def matmul_into(x, w, out, then=None):                     # out [N, M] = x [N, K] . w rows [M, K]^T; then(cols) after each band
+    """Prefill's product: each core takes a band of the weight's rows (it reads only its share of W; x is
+    small) and, on the same thread while the band is still in cache, runs `then` on its columns (a bias,
+    bias + GELU, a residual add: kernels.prefill). int8/int4 rows meet int8-rounded inputs, as the spec."""
+    if isinstance(w, (quant.Int8, quant.Int4Rows)):
+        x = round_to_q8_rows(x)
+
+    def band(cols):
+        _gemm_band(x, w, out, cols)
+        if then is not None:
+            then(cols)
+    bands(band, w.shape[0], inline_upto=1)
+
+
+@serial
+def add_bias(y, b, c0, c1):                                # y[:, c0:c1] += b[c0:c1]
+    """Sliced here, not indexed over range(c0, c1): numba cannot tell those indices are >= 0, and its
+    negative-index wraparound keeps such a loop scalar (bias + GELU measured 7x slower that way)."""
+    bias = b[c0:c1]
+    for n in range(y.shape[0]):
+        row = y[n, c0:c1]
+        for c in range(row.shape[0]):
+            row[c] += bias[c]
+
+
+@serial
+def add_residual(x, y, b, c0, c1):                         # x[:, c0:c1] += y[:, c0:c1] + b[c0:c1]: a block's output joins the stream
+    bias = b[c0:c1]                                        # sliced, as add_bias
+    for n in range(x.shape[0]):
+        row, out = y[n, c0:c1], x[n, c0:c1]
+        for c in range(row.shape[0]):
+            out[c] += row[c] + bias[c]
+
+
+def _gemm_band(x, w, y, cols):                             # y[:, cols] = x [N, K] . w[cols]^T
+    """Low-precision rows are widened one tile at a time, so no float32 copy of W ever exists."""
     if isinstance(w, np.ndarray):
         np.matmul(x, w[cols].T, out=y[:, cols])
     else:
@@ -319,8 +350,6 @@ def _gemm_band(x, w, b, y, cols):                          # y[:, cols] = x [N, 
                 values, scale = stored(w)
                 widen_tile(values[t0:t1], None if scale is None else scale[t0:t1], part)
             np.matmul(x, part.T, out=y[:, t0:t1])
-    if b is not None:
-        y[:, cols] += b[cols]
 
 
 # int4 (quant.Int4Rows): rows whose blocks come in pairs, so one 32-byte load holds two blocks. Prefill

@@ -49,7 +49,7 @@ def resolve_backend(name):
         return REFERENCE, lambda params: params, contextlib.nullcontext, forward, forward_packed
     if name == "numba":
         from . import kernels                              # imported on demand: numba start-up is not free
-        return kernels.KERNELS, kernels.prepare, kernels.runtime, kernels.decode.forward, kernels.decode.forward_packed
+        return kernels.KERNELS, kernels.prepare, kernels.runtime, kernels.forward, kernels.forward_packed
     raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -151,7 +151,7 @@ def test_fused_decode_step_equals_the_spec_on_rows_of_different_lengths(tiny_par
     for m, cache in zip((ref, fused), caches):
         for b, ids in enumerate(prompts):
             m.forward(ids, cache=cache.rows(b, b + 1))
-    monkeypatch.setattr(decode, "spec_forward", None)      # the numba model must take the fused path
+    monkeypatch.setattr(kernels, "spec_forward", None)     # the numba model must take the fused path
     for _ in range(2):
         ids = rng.integers(0, TINY.n_vocab, size=(B, 1))
         got, want = fused.forward(ids, cache=caches[1], last=True), ref.forward(ids, cache=caches[0], last=True)
@@ -176,3 +176,68 @@ def test_fused_decode_step_serves_a_packed_step_of_busy_rows(tiny_params):
     want = spec.forward_packed(fused.params, caches[1], [(1, ids)], TINY, ops=kernels.KERNELS)
     assert decode.is_step(ids, caches[0]) and max_rel_err(got, want) < 1e-4
     assert caches[0].lengths.tolist() == caches[1].lengths.tolist() == [2, 4, 5, 0]
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("B, past, T", [(1, 0, 17), (1, 9, 37), (3, 5, 23), (2, 0, 64)])
+def test_fused_prefill_equals_the_spec(tiny_params, fmt, B, past, T, monkeypatch):
+    """kernels.prefill against npgpt.model.forward: T new tokens (more than decode-sized; query blocks
+    shrunk to 16, so several run and the last is partial) on B rows that already hold `past` positions
+    (or none, and then also with no cache at all). Logits of every position and of the last, and the keys
+    and values written. Tolerances as the fused decode step's: 1e-4 fp32/bf16 (a dozen kernels in a row,
+    each within TOL of its spec function), 1e-2 int8/int4 (an input rounded to the neighbouring int8 level)."""
+    from npgpt import quant
+    from npgpt.kernels import prefill
+
+    monkeypatch.setattr(prefill, "QUERY_BLOCK", 16)
+    params = quant.quantize(tiny_params, fmt)
+    tol = 1e-2 if fmt in ("int8", "int4") else 1e-4
+    ref, fused = npgpt.Model(params, TINY), npgpt.Model(params, TINY, backend="numba")
+    ids = rng.integers(0, TINY.n_vocab, size=(B, past + T))
+    monkeypatch.setattr(kernels, "spec_forward", None)     # the numba model must take the fused path
+    if past == 0:                                          # no cache: every position's logits
+        got, want = fused.forward(ids), ref.forward(ids)
+        assert got.shape == want.shape == (B, T, TINY.n_vocab) and max_rel_err(got, want) < tol
+    caches = [ref.new_cache(batch=B), fused.new_cache(batch=B)]
+    if past:
+        for m, cache in zip((ref, fused), caches):
+            spec.forward(m.params, ids[:, :past], TINY, ops=m.ops, cache=cache)   # the same past in both caches
+    assert prefill.fits(ids[:, past:], caches[1])
+    got, want = fused.forward(ids[:, past:], caches[1], last=True), ref.forward(ids[:, past:], caches[0], last=True)
+    assert got.shape == want.shape == (B, 1, TINY.n_vocab) and max_rel_err(got, want) < tol
+    assert caches[0].lengths.tolist() == caches[1].lengths.tolist() == [past + T] * B
+    for i in range(TINY.n_layer):
+        for a, b in ((caches[0].layer(i).k, caches[1].layer(i).k), (caches[0].layer(i).v, caches[1].layer(i).v)):
+            assert max_rel_err(b[:, :, : past + T], a[:, :, : past + T]) < tol
+
+
+def test_fused_prefill_takes_one_sequence_and_leaves_ragged_rows_to_the_spec(tiny_params):
+    from npgpt.kernels import prefill
+
+    ref, fused = npgpt.Model(tiny_params, TINY), npgpt.Model(tiny_params, TINY, backend="numba")
+    ids = rng.integers(0, TINY.n_vocab, size=40)           # [T]: logits [T, V], as the spec
+    assert prefill.fits(ids, None)
+    got, want = fused.forward(ids), ref.forward(ids)
+    assert got.shape == want.shape == (40, TINY.n_vocab) and max_rel_err(got, want) < 1e-4
+    cache = fused.new_cache(batch=2)
+    fused.forward(ids[None, :3], cache=cache.rows(0, 1))
+    assert not prefill.fits(np.zeros((2, 20), np.int64), cache)   # rows of lengths 3 and 0: the spec's path
+    assert not prefill.fits(np.zeros((1, 16), np.int64), None)   # decode-sized
+
+
+@pytest.mark.parametrize("c0, c1", [(0, 97), (5, 61), (33, 34)])
+def test_prefill_epilogues_equal_the_spec_on_a_band_of_columns(c0, c1):
+    """The kernels prefill runs on a band of columns right after its product: bias, bias + GELU,
+    residual add. Columns outside the band are untouched."""
+    y, x, b = randn(7, 97, scale=3.0), randn(7, 97), randn(97)
+    band = slice(c0, c1)
+    got = y.copy()
+    matmul.add_bias(got, b, c0, c1)
+    assert np.array_equal(got[:, band], y[:, band] + b[band]) and np.array_equal(np.delete(got, band, 1), np.delete(y, band, 1))
+    got = y.copy()
+    activation.bias_gelu(got, b, c0, c1)
+    assert max_rel_err(got[:, band], spec.gelu(y[:, band] + b[band])) < TOL
+    assert np.array_equal(np.delete(got, band, 1), np.delete(y, band, 1))
+    got = x.copy()
+    matmul.add_residual(got, y, b, c0, c1)
+    assert np.array_equal(got[:, band], x[:, band] + (y[:, band] + b[band])) and np.array_equal(np.delete(got, band, 1), np.delete(x, band, 1))

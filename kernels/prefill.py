@@ -1,0 +1,97 @@
+"""A prefill pass (many new tokens per row, into a KV cache or none) with the spec's glue fused away.
+
+npgpt.model.forward for T new tokens on B rows that share one length (or no cache): the same
+operations, but
+- each product's bias, bias + GELU, or residual add runs on the thread that computed its band of
+  columns, right after it: one pass over data still in cache, instead of a NumPy op or a band
+  dispatch of its own, and a new array, per step;
+- attention reads each head's queries, keys and values where the qkv product left them, writes the
+  keys and values into the cache, and writes its output where the projection reads it (no split or
+  merge of heads);
+- the activations live in buffers allocated once a pass and reused by every layer.
+Decode-sized work (kernels.decode.step) and ragged rows take their own paths. Tested against
+npgpt.model.forward (tests/test_kernels.py)."""
+
+import math
+
+import numpy as np
+
+from ..inputs import check_ids
+
+from .activation import bias_gelu
+from .attention import QUERY_BLOCK
+from .jit import DECODE_ROWS, bands
+from .matmul import add_bias, add_residual, matmul_into, matmul_rows
+from .norm import layer_norm_rows
+from .softmax import causal_softmax_rows
+
+
+def fits(ids, cache):                                      # a prefill this pass takes: more than decode-sized, rows of one length
+    if not isinstance(ids, np.ndarray) or ids.ndim not in (1, 2) or ids.size <= DECODE_ROWS:
+        return False
+    return cache is None or (cache.batch > 0 and bool((cache.lengths == cache.lengths[0]).all()))
+
+
+def _layer_norm(x, ln, eps, out):                          # [N, C] -> out [N, C], bands of rows
+    bands(lambda r: layer_norm_rows(x[r], ln["weight"], ln["bias"], eps, out[r]), x.shape[0])
+
+
+def _attend(qkv, kv, past, B, T, H, scale, out):           # qkv [B*T, 3C] -> out [B*T, C]; keys and values into kv (or None)
+    """Head by head (bands of the B*H heads over the cores), queries in blocks of QUERY_BLOCK: each block's
+    scores against only the keys it can see (causal), softmax in place, times the values."""
+    C = out.shape[1]
+    D = C // H
+
+    def band(heads):
+        scores = np.empty(QUERY_BLOCK * (past + T), dtype=np.float32)   # one block's scores, reused
+        for i in range(heads.start, heads.stop):
+            b, h = divmod(i, H)
+            rows = qkv[b * T : (b + 1) * T]
+            q, k, v = rows[:, h * D : h * D + D], rows[:, C + h * D : C + h * D + D], rows[:, 2 * C + h * D : 2 * C + h * D + D]
+            if kv is not None:
+                kv.k[b, h, past : past + T], kv.v[b, h, past : past + T] = k, v
+                k, v = kv.k[b, h, : past + T], kv.v[b, h, : past + T]
+            o = out[b * T : (b + 1) * T, h * D : h * D + D]
+            for t0 in range(0, T, QUERY_BLOCK):
+                t1 = min(t0 + QUERY_BLOCK, T)
+                seen = past + t1                           # keys visible to the block's last query
+                s = scores[: (t1 - t0) * seen].reshape(t1 - t0, seen)
+                np.matmul(q[t0:t1], k[:seen].T, out=s)
+                causal_softmax_rows(s[None], scale)
+                np.matmul(s, v[:seen], out=o[t0:t1])
+    bands(band, B * H, inline_upto=1)
+
+
+def forward(params, ids, cfg, cache=None, last=False):    # [T] or [B, T] ids -> logits, as npgpt.model.forward
+    if cache is not None:
+        cache.check(cfg)
+    past = 0 if cache is None else int(cache.lengths[0])
+    ids, one_sequence = check_ids(ids, cfg, past=past, batch=None if cache is None else cache.batch)   # [B, T]
+    B, T = ids.shape
+    N, C, H = B * T, cfg.n_embd, cfg.n_head
+    x = (params["wte"]["weight"][ids] + params["wpe"]["weight"][past + np.arange(T)]).reshape(N, C)   # [N, C], the stream
+    F = params["h"][0]["mlp"]["c_fc"]["bias"].shape[0]
+    h, a, y = (np.empty((N, C), np.float32) for _ in range(3))   # LayerNorm's output, attention's, a projection's
+    qkv, g = np.empty((N, 3 * C), np.float32), np.empty((N, F), np.float32)
+    scale = np.float32(1.0 / math.sqrt(cfg.head_dim))
+    for i, layer in enumerate(params["h"]):
+        attn, mlp = layer["attn"], layer["mlp"]
+        _layer_norm(x, layer["ln_1"], cfg.eps, h)
+        b1 = attn["c_attn"]["bias"]
+        matmul_into(h, attn["c_attn"]["weight_t"], qkv, lambda c: add_bias(qkv, b1, c.start, c.stop))
+        _attend(qkv, None if cache is None else cache.layer(i), past, B, T, H, scale, a)
+        b2 = attn["c_proj"]["bias"]
+        matmul_into(a, attn["c_proj"]["weight_t"], y, lambda c: add_residual(x, y, b2, c.start, c.stop))
+        _layer_norm(x, layer["ln_2"], cfg.eps, h)
+        b3 = mlp["c_fc"]["bias"]
+        matmul_into(h, mlp["c_fc"]["weight_t"], g, lambda c: bias_gelu(g, b3, c.start, c.stop))
+        b4 = mlp["c_proj"]["bias"]
+        matmul_into(g, mlp["c_proj"]["weight_t"], y, lambda c: add_residual(x, y, b4, c.start, c.stop))
+    if cache is not None:
+        cache.advance(T)
+    if last:
+        x = np.ascontiguousarray(x.reshape(B, T, C)[:, -1])   # [B, C]
+    out = np.empty_like(x)
+    _layer_norm(x, params["ln_f"], cfg.eps, out)
+    logits = matmul_rows(out, params["lm_head"]["weight"]).reshape(B, 1 if last else T, -1)
+    return logits[0] if one_sequence else logits
