@@ -277,7 +277,7 @@ def transpose(a):                                          # [R, C] -> [C, R], c
     return out
 
 
-PREFILL_TILE = 256                                         # low-precision rows widened at a time for sgemm (768 KiB at K=768)
+PREFILL_TILE_BYTES = 6 << 20                               # low-precision rows widened at a time for sgemm: up to 6 MiB of float32
 
 
 def stored(w):                                             # quant.BF16 / quant.Int8 rows -> (values, scale or None)
@@ -336,13 +336,15 @@ def add_residual(x, y, b, c0, c1):                         # x[:, c0:c1] += y[:,
 
 
 def _gemm_band(x, w, y, cols):                             # y[:, cols] = x [N, K] . w[cols]^T
-    """Low-precision rows are widened one tile at a time, so no float32 copy of W ever exists."""
+    """Low-precision rows are widened one tile (up to 6 MiB) at a time, so no float32 copy of W exists;
+    tiles are large because each sgemm call packs all of x again (256-row tiles cost bf16 ~10% at batch 4)."""
     if isinstance(w, np.ndarray):
         np.matmul(x, w[cols].T, out=y[:, cols])
     else:
-        tile = np.empty((min(PREFILL_TILE, cols.stop - cols.start), x.shape[1]), dtype=np.float32)
-        for t0 in range(cols.start, cols.stop, PREFILL_TILE):
-            t1 = min(t0 + PREFILL_TILE, cols.stop)
+        step = max(1, PREFILL_TILE_BYTES // (4 * x.shape[1]))   # each sgemm packs all of x again: few, large tiles
+        tile = np.empty((min(step, cols.stop - cols.start), x.shape[1]), dtype=np.float32)
+        for t0 in range(cols.start, cols.stop, step):
+            t1 = min(t0 + step, cols.stop)
             part = tile[: t1 - t0]
             if isinstance(w, quant.Int4Rows):
                 widen_int4(w.packed[t0:t1], w.scale[t0:t1], part)
@@ -353,7 +355,7 @@ def _gemm_band(x, w, y, cols):                             # y[:, cols] = x [N, 
 
 
 # int4 (quant.Int4Rows): rows whose blocks come in pairs, so one 32-byte load holds two blocks. Prefill
-# widens 256 rows at a time for sgemm.
+# widens up to 6 MiB of rows at a time for sgemm.
 def int4_rows(q, scale):                                   # int8 rows [M, K] in [-8, 7], float32 scale [M, blocks] -> quant.Int4Rows
     """Byte i of pair p holds q + 8 of input i of block 2p (low nibble) and of block 2p + 1 (high). An odd
     last block is paired with one of q = 0 and scale 0; a partial block is padded with q = 0."""

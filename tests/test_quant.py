@@ -170,6 +170,17 @@ def test_linear_on_quantized_weights(fmt, rows, n_in, n_out):
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_prefill_widens_low_precision_rows_tile_by_tile(fmt, monkeypatch):
+    """Tiles of 50 rows (the default holds a band's rows in one 6 MiB tile): several per band and a
+    partial last one, each widened into the same buffer before its sgemm."""
+    monkeypatch.setattr(matmul, "PREFILL_TILE_BYTES", 4 * 180 * 50)
+    x, b = rng.standard_normal((40, 180), dtype=np.float32), rng.standard_normal(301, dtype=np.float32)
+    w = quant.convert(rng.standard_normal((180, 301), dtype=np.float32) * np.float32(0.1), fmt, 1)
+    got = matmul.linear(x, **kernels.transpose_linear({"weight": w, "bias": b}))
+    assert max_rel_err(got, spec.linear(x, w, b)) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("shape", [(1, 60), (2, 3, 60), (1, 40, 60)])
 def test_lm_head_on_quantized_weights(fmt, shape):
     x = rng.standard_normal(shape, dtype=np.float32)
