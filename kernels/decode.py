@@ -2,9 +2,10 @@
 
 npgpt.model.block, for rows of one new token each: the same operations, but the NumPy glue between
 them (split and merge heads, the cache append, the residual views, the op wrappers) ran as ~30 small
-steps per layer, ~2 ms of each token. Here a layer is seven kernel calls on [B, C] arrays: LayerNorm,
+steps per layer, ~2 ms of each token. Here a layer is six kernel calls on [B, C] arrays: LayerNorm,
 the qkv GEMV, one attention kernel that writes each row's key and value into the cache and attends
-over that row's positions, the projection, LayerNorm, the MLP GEMVs with GELU between them.
+over that row's positions, the projection, LayerNorm, the MLP's two GEMVs (the first applies GELU to
+what it computes, on the thread that computed it).
 Tested against npgpt.model.forward on the same cache (tests/test_kernels.py)."""
 
 import math
@@ -15,7 +16,6 @@ import numpy as np
 from ..model import forward_packed as spec_forward_packed
 from ..inputs import check_ids
 
-from .activation import gelu_rows
 from .attention import attend_row
 from .jit import DECODE_ROWS, parallel
 from .matmul import matmul_rows
@@ -51,7 +51,6 @@ def step(params, ids, cfg, cache):                         # [B, 1] ids, KVCache
     lengths = np.ascontiguousarray(cache.lengths)
     x = params["wte"]["weight"][ids[:, 0]] + params["wpe"]["weight"][lengths]      # [B, C]
     h, a = np.empty_like(x), np.empty_like(x)
-    g = np.empty((x.shape[0], params["h"][0]["mlp"]["c_fc"]["bias"].shape[0]), dtype=np.float32)   # GELU's output [B, 4C]
     scale = np.float32(1.0 / math.sqrt(cfg.head_dim))
     eps = cfg.eps
     for i, layer in enumerate(params["h"]):
@@ -60,8 +59,7 @@ def step(params, ids, cfg, cache):                         # [B, 1] ids, KVCache
         attend_step(matmul_rows(h, attn["c_attn"]["weight_t"], attn["c_attn"]["bias"]), kv.k, kv.v, lengths, scale, a)
         x += matmul_rows(a, attn["c_proj"]["weight_t"], attn["c_proj"]["bias"])
         layer_norm_rows(x, layer["ln_2"]["weight"], layer["ln_2"]["bias"], eps, h)
-        f = matmul_rows(h, mlp["c_fc"]["weight_t"], mlp["c_fc"]["bias"])            # [B, 4C]
-        gelu_rows(f, g)                                    # not in place: with out aliasing x the loop runs scalar (8x slower)
+        g = matmul_rows(h, mlp["c_fc"]["weight_t"], mlp["c_fc"]["bias"], gelu=True)   # [B, 4C], GELU in the GEMV
         x += matmul_rows(g, mlp["c_proj"]["weight_t"], mlp["c_proj"]["bias"])
     cache.advance(1)
     layer_norm_rows(x, params["ln_f"]["weight"], params["ln_f"]["bias"], eps, h)

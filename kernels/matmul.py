@@ -11,6 +11,7 @@ from numba.extending import overload
 
 from .. import quant
 
+from .activation import _gelu, bias_gelu
 from .jit import DECODE_ROWS, bands, dot_q4, dot_q4x4, dot_q8, f32_from_bits, high_nibble, inline, low_nibble, parallel, serial, serial_exact
 
 
@@ -70,17 +71,19 @@ def _dot_4x4(x, n, w, m, out):                             # out[n:n+4, m:m+4] =
 
 
 @inline
-def _bias(out, b, m):                                      # out[:, m] += b[m] (b may be None)
-    if b is not None:
-        for n in range(out.shape[0]):
-            out[n, m] += b[m]
+def _bias(out, b, m, gelu):                                # out[:, m] += b[m] (b may be None), then GELU if asked
+    """GELU here, on the thread that computed column m: the MLP's first GEMV hands its successor
+    activated values, with no kernel call (or pass over [B, 4C] on one core) of its own."""
+    for n in range(out.shape[0]):
+        v = out[n, m] + b[m] if b is not None else out[n, m]
+        out[n, m] = _gelu(v) if gelu else v
 
 
 TILE_FROM = 4                                              # from this many inputs, weight rows go four at a time
 
 
 @parallel
-def gemv(x, w, b):                                         # [N, K] x [M, K] rows (b [M] or None) -> [N, M]
+def gemv(x, w, b, gelu):                                   # [N, K] x [M, K] rows (b [M] or None) -> [N, M] (GELU applied if gelu)
     """w: float32 or bf16 bits, widened in registers: no float32 copy of a row exists. One pass over the
     weights serves all N inputs. The helpers are inlined: a call inside a prange loop costs
     reference-count updates on the arrays it is passed, atomic writes to a cache line every core shares
@@ -92,7 +95,7 @@ def gemv(x, w, b):                                         # [N, K] x [M, K] row
         for m in numba.prange(M):
             for n in range(N):
                 out[n, m] = _dot(x, n, w, m)
-            _bias(out, b, m)
+            _bias(out, b, m, gelu)
     else:                                                  # four rows per task
         for t in numba.prange((M + 3) // 4):
             m0, m1 = 4 * t, min(4 * t + 4, M)
@@ -104,7 +107,7 @@ def gemv(x, w, b):                                         # [N, K] x [M, K] row
             for m in range(m0, m1):                        # what tiles do not cover: the last N % 4 inputs, M % 4 rows
                 for i in range(n, N):
                     out[i, m] = _dot(x, i, w, m)
-                _bias(out, b, m)
+                _bias(out, b, m, gelu)
     return out
 
 
@@ -166,7 +169,7 @@ def _rounded_inputs(x, bits, blocks):                      # -> (xq, xa, sx, xsu
 
 
 @parallel
-def gemv_q8(x, bits, w, scale, b):                         # [N, K] (and its uint32 view) x int8 rows [M, K] (scale [M], b [M] or None) -> [N, M]
+def gemv_q8(x, bits, w, scale, b, gelu):                   # [N, K] (and its uint32 view) x int8 rows [M, K] (scale [M], b [M] or None) -> [N, M]
     """x . (q * scale) with x rounded to int8 blocks of 32: each row's dot in integers, times the block
     scales, times the row's scale. A row meets all N inputs while it is in L1: one pass over the weights."""
     N, K = x.shape
@@ -182,12 +185,13 @@ def gemv_q8(x, bits, w, scale, b):                         # [N, K] (and its uin
                 for k in range(Q8 * whole, K):
                     t += np.int32(w[m, k]) * np.int32(xq[n, k])
                 s += np.float32(t) * sx[n, whole]
-            out[n, m] = s * scale[m] + (b[m] if b is not None else np.float32(0.0))
+            v = s * scale[m] + (b[m] if b is not None else np.float32(0.0))
+            out[n, m] = _gelu(v) if gelu else v
     return out
 
 
 @parallel
-def gemv_q4(x, bits, packed, scale, b):                    # [N, K] (and its uint32 view) x quant.Int4Rows (packed, scale) (+ b [M]) -> [N, M]
+def gemv_q4(x, bits, packed, scale, b, gelu):              # [N, K] (and its uint32 view) x quant.Int4Rows (packed, scale) (+ b [M]) -> [N, M]
     """x rounded to int8 blocks of 32, against int4 rows (int4_rows): per block, the integer dot of the stored
     nibbles (q + 8) with the inputs' levels, times the weight's and the input's block scales; then the
     offset's share, 8 * sum over blocks of d * sx * (sum of the block's levels), comes off once per row.
@@ -214,7 +218,8 @@ def gemv_q4(x, bits, packed, scale, b):                    # [N, K] (and its uin
             c = np.float32(0.0)
             for j in range(blocks):
                 c += scale[m, j] * offset[i, j]
-            out[i, m] += bias - c
+            v = out[i, m] + (bias - c)
+            out[i, m] = _gelu(v) if gelu else v
     return out
 
 
@@ -284,20 +289,25 @@ def stored(w):                                             # quant.BF16 / quant.
     return (w.bits, None) if isinstance(w, quant.BF16) else (w.q, w.scale)
 
 
-def matmul_rows(x, w, b=None):                             # [..., K] x [M, K] rows (+ [M]) -> [..., M]
-    """w: float32 rows, quant.BF16 / quant.Int8 rows (scale [M]) or quant.Int4Rows, read as they are stored."""
+def matmul_rows(x, w, b=None, gelu=False):                 # [..., K] x [M, K] rows (+ [M]) -> [..., M], GELU'd if gelu
+    """w: float32 rows, quant.BF16 / quant.Int8 rows (scale [M]) or quant.Int4Rows, read as they are stored.
+    gelu: gelu(x . w^T + b) in the same kernel (kernels.decode's MLP)."""
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     M = w.shape[0]
     if x2.shape[0] <= DECODE_ROWS:
         if isinstance(w, quant.Int4Rows):
-            y = gemv_q4(x2, x2.view(np.uint32), w.packed, w.scale, b)
+            y = gemv_q4(x2, x2.view(np.uint32), w.packed, w.scale, b, gelu)
         elif isinstance(w, quant.Int8):
-            y = gemv_q8(x2, x2.view(np.uint32), w.q, w.scale, b)
+            y = gemv_q8(x2, x2.view(np.uint32), w.q, w.scale, b, gelu)
         else:
-            y = gemv(x2, w if isinstance(w, np.ndarray) else w.bits, b)
+            y = gemv(x2, w if isinstance(w, np.ndarray) else w.bits, b, gelu)
     else:
         y = np.empty((x2.shape[0], M), dtype=np.float32)
-        matmul_into(x2, w, y, None if b is None else (lambda cols: add_bias(y, b, cols.start, cols.stop)))
+        if gelu:
+            bias = np.zeros(M, np.float32) if b is None else b
+            matmul_into(x2, w, y, lambda cols: bias_gelu(y, bias, cols.start, cols.stop))
+        else:
+            matmul_into(x2, w, y, None if b is None else (lambda cols: add_bias(y, b, cols.start, cols.stop)))
     return y.reshape(*x.shape[:-1], M)
 
 

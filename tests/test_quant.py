@@ -169,6 +169,18 @@ def test_linear_on_quantized_weights(fmt, rows, n_in, n_out):
     assert max_rel_err(got, spec.linear(x, w, b)) < 1e-5                # same quantized weights, fp32 arithmetic
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 40])          # each GEMV path (one row per task, 4x4 tiles, the rest), and bands
+def test_linear_with_gelu_equals_the_spec(fmt, rows):
+    """matmul_rows(..., gelu=True), the decode step's MLP: GELU applied in the GEMV (or on each band), as
+    spec.gelu(spec.linear(...)); TOL as each kernel's own (the products within 1e-5, GELU within TOL)."""
+    x, b = rng.standard_normal((rows, 180), dtype=np.float32), rng.standard_normal(301, dtype=np.float32)
+    w = quant.convert(rng.standard_normal((180, 301), dtype=np.float32) * np.float32(0.2), fmt, 1)
+    layer = kernels.transpose_linear({"weight": w, "bias": b})
+    assert max_rel_err(matmul.matmul_rows(x, layer["weight_t"], b, gelu=True), spec.gelu(spec.linear(x, w, b))) < 1e-5
+    assert max_rel_err(matmul.matmul_rows(x, layer["weight_t"], None, gelu=True), spec.gelu(spec.linear(x, w, np.zeros(301, np.float32)))) < 1e-5
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_prefill_widens_low_precision_rows_tile_by_tile(fmt, monkeypatch):
     """Tiles of 50 rows (the default holds a band's rows in one 6 MiB tile): several per band and a
