@@ -282,7 +282,10 @@ def transpose(a):                                          # [R, C] -> [C, R], c
     return out
 
 
-PREFILL_TILE_BYTES = 6 << 20                               # low-precision rows widened at a time for sgemm: up to 6 MiB of float32
+# low-precision rows widened at a time for sgemm: twice as many as x has rows (each sgemm call packs all of x
+# again: at 2048 rows of x, 256-row tiles cost bf16 ~8%), at least 256 (a small tile stays in L2: at 128 rows
+# of x, 2048-row tiles cost ~4%), at most 6 MiB of float32. Interleaved in one process, medians of 7.
+PREFILL_TILE_ROWS, PREFILL_TILE_BYTES = 256, 6 << 20
 
 
 def stored(w):                                             # quant.BF16 / quant.Int8 rows -> (values, scale or None)
@@ -346,12 +349,11 @@ def add_residual(x, y, b, c0, c1):                         # x[:, c0:c1] += y[:,
 
 
 def _gemm_band(x, w, y, cols):                             # y[:, cols] = x [N, K] . w[cols]^T
-    """Low-precision rows are widened one tile (up to 6 MiB) at a time, so no float32 copy of W exists;
-    tiles are large because each sgemm call packs all of x again (256-row tiles cost bf16 ~10% at batch 4)."""
+    """Low-precision rows are widened one tile at a time (PREFILL_TILE_ROWS), so no float32 copy of W exists."""
     if isinstance(w, np.ndarray):
         np.matmul(x, w[cols].T, out=y[:, cols])
     else:
-        step = max(1, PREFILL_TILE_BYTES // (4 * x.shape[1]))   # each sgemm packs all of x again: few, large tiles
+        step = max(1, min(PREFILL_TILE_BYTES // (4 * x.shape[1]), max(PREFILL_TILE_ROWS, 2 * x.shape[0])))
         tile = np.empty((min(step, cols.stop - cols.start), x.shape[1]), dtype=np.float32)
         for t0 in range(cols.start, cols.stop, step):
             t1 = min(t0 + step, cols.stop)
@@ -365,7 +367,7 @@ def _gemm_band(x, w, y, cols):                             # y[:, cols] = x [N, 
 
 
 # int4 (quant.Int4Rows): rows whose blocks come in pairs, so one 32-byte load holds two blocks. Prefill
-# widens up to 6 MiB of rows at a time for sgemm.
+# widens tiles of rows for sgemm (PREFILL_TILE_ROWS).
 def int4_rows(q, scale):                                   # int8 rows [M, K] in [-8, 7], float32 scale [M, blocks] -> quant.Int4Rows
     """Byte i of pair p holds q + 8 of input i of block 2p (low nibble) and of block 2p + 1 (high). An odd
     last block is paired with one of q = 0 and scale 0; a partial block is padded with q = 0."""

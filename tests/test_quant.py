@@ -183,8 +183,9 @@ def test_linear_with_gelu_equals_the_spec(fmt, rows):
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_prefill_widens_low_precision_rows_tile_by_tile(fmt, monkeypatch):
-    """Tiles of 50 rows (the default holds a band's rows in one 6 MiB tile): several per band and a
-    partial last one, each widened into the same buffer before its sgemm."""
+    """Tiles of 50 rows (by default a tile holds at least 256): several per band and a partial last
+    one, each widened into the same buffer before its sgemm."""
+    monkeypatch.setattr(matmul, "PREFILL_TILE_ROWS", 50)
     monkeypatch.setattr(matmul, "PREFILL_TILE_BYTES", 4 * 180 * 50)
     x, b = rng.standard_normal((40, 180), dtype=np.float32), rng.standard_normal(301, dtype=np.float32)
     w = quant.convert(rng.standard_normal((180, 301), dtype=np.float32) * np.float32(0.1), fmt, 1)
