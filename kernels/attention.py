@@ -72,12 +72,12 @@ def attention(q, k, v, mask=None, lengths=None):           # [B, H, T, D], [B, H
     m3 = None if mask is None else mask.reshape(B * H, T, -1)
     out = np.empty((B * H, T, D), dtype=np.float32)
     scale = np.float32(1.0 / math.sqrt(D))
-    bands(lambda heads: _prefill_band(q3[heads], k3[heads], v3[heads], scale, out[heads], None if m3 is None else m3[heads]),
+    bands(lambda heads: prefill_heads(q3[heads], k3[heads], v3[heads], scale, out[heads], None if m3 is None else m3[heads]),
           B * H, inline_upto=1)
     return out.reshape(B, H, T, D)
 
 
-def _prefill_band(q, k, v, scale, out, mask=None):         # [n, T, D], [n, S, D] x2 -> out [n, T, D]
+def prefill_heads(q, k, v, scale, out, mask=None):         # [n, T, D], [n, S, D] x2 -> out [n, T, D]
     """Per head, per block of queries: only the keys a block can see, so the masked upper triangle of
     q.k^T is mostly never computed (T=512: 62% of the products)."""
     T, S = q.shape[1], k.shape[1]

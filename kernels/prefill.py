@@ -19,11 +19,10 @@ import numpy as np
 from ..inputs import check_ids
 
 from .activation import bias_gelu
-from .attention import QUERY_BLOCK
+from .attention import prefill_heads
 from .jit import DECODE_ROWS, bands
 from .matmul import add_bias, add_residual, matmul_into, matmul_rows
 from .norm import layer_norm_rows
-from .softmax import causal_softmax_rows
 
 
 def fits(ids, cache):                                      # a prefill this pass takes: more than decode-sized, rows of one length
@@ -37,13 +36,13 @@ def _layer_norm(x, ln, eps, out):                          # [N, C] -> out [N, C
 
 
 def _attend(qkv, kv, past, B, T, H, scale, out):           # qkv [B*T, 3C] -> out [B*T, C]; keys and values into kv (or None)
-    """Head by head (bands of the B*H heads over the cores), queries in blocks of QUERY_BLOCK: each block's
-    scores against only the keys it can see (causal), softmax in place, times the values."""
+    """Head by head (bands of the B*H heads over the cores), each as attention's prefill does it (query
+    blocks against only the keys they can see), on views of qkv, the cache and out: nothing is copied
+    but each head's new keys and values into the cache."""
     C = out.shape[1]
     D = C // H
 
     def band(heads):
-        scores = np.empty(QUERY_BLOCK * (past + T), dtype=np.float32)   # one block's scores, reused
         for i in range(heads.start, heads.stop):
             b, h = divmod(i, H)
             rows = qkv[b * T : (b + 1) * T]
@@ -51,14 +50,7 @@ def _attend(qkv, kv, past, B, T, H, scale, out):           # qkv [B*T, 3C] -> ou
             if kv is not None:
                 kv.k[b, h, past : past + T], kv.v[b, h, past : past + T] = k, v
                 k, v = kv.k[b, h, : past + T], kv.v[b, h, : past + T]
-            o = out[b * T : (b + 1) * T, h * D : h * D + D]
-            for t0 in range(0, T, QUERY_BLOCK):
-                t1 = min(t0 + QUERY_BLOCK, T)
-                seen = past + t1                           # keys visible to the block's last query
-                s = scores[: (t1 - t0) * seen].reshape(t1 - t0, seen)
-                np.matmul(q[t0:t1], k[:seen].T, out=s)
-                causal_softmax_rows(s[None], scale)
-                np.matmul(s, v[:seen], out=o[t0:t1])
+            prefill_heads(q[None], k[None], v[None], scale, out[b * T : (b + 1) * T, h * D : h * D + D][None])
     bands(band, B * H, inline_upto=1)
 
 

@@ -189,7 +189,7 @@ def test_fused_prefill_equals_the_spec(tiny_params, fmt, B, past, T, monkeypatch
     from npgpt import quant
     from npgpt.kernels import prefill
 
-    monkeypatch.setattr(prefill, "QUERY_BLOCK", 16)
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
     params = quant.quantize(tiny_params, fmt)
     tol = 1e-2 if fmt in ("int8", "int4") else 1e-4
     ref, fused = npgpt.Model(params, TINY), npgpt.Model(params, TINY, backend="numba")
