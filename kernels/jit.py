@@ -73,6 +73,17 @@ def f32_from_bits(typingctx, bits):                        # uint32 -> float32 w
     return sig, codegen
 
 
+@intrinsic
+def rint(typingctx, v):                                    # float32 -> float32 rounded to nearest, ties to even
+    """llvm.rint, which LLVM vectorizes (vroundps); numba's np.rint on a scalar calls a library function
+    and keeps the loop scalar (int8 input rounding measured ~10x slower that way)."""
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.call(builder.module.declare_intrinsic("llvm.rint", [ir.FloatType()]), args)
+    return sig, codegen
+
+
 def _nibble(high):
     @intrinsic
     def nibble(typingctx, byte):                           # uint8 -> float32 of its low (high) 4 bits
@@ -156,8 +167,11 @@ def _x86(builder, name, ret, *args):                       # a call to an LLVM x
     return builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name), args)
 
 
-def _lanes8(builder, p):                                   # <32 x i32> -> <8 x i32>, each lane a sum of four
-    part = lambda i: builder.shuffle_vector(p, p, ir.Constant(_vector(32, 8), list(range(8 * i, 8 * i + 8))))
+def _lanes8(builder, p, quads=False):                      # <32 x i32> -> <8 x i32>, each lane a sum of four
+    """Lane l: p[l] + p[8 + l] + p[16 + l] + p[24 + l], or with quads the four consecutive p[4l .. 4l + 3],
+    as vpdpbusd sums them (where each lane's sum is a result of its own: jit.dot_q4)."""
+    order = (lambda i: [4 * l + i for l in range(8)]) if quads else (lambda i: list(range(8 * i, 8 * i + 8)))
+    part = lambda i: builder.shuffle_vector(p, p, ir.Constant(_vector(32, 8), order(i)))
     return builder.add(builder.add(part(0), part(1)), builder.add(part(2), part(3)))
 
 
@@ -188,10 +202,11 @@ def _int8_dot(builder, context, isa, w, q, a):         # <32 x i8> weights, inpu
 
 
 def _nibble_dot(builder, context, isa, u, q):          # <32 x i8> unsigned 0..15, signed inputs -> <8 x i32> sums of products
-    """vpmaddubsw takes the nibbles as its unsigned operand as they are (pairs stay within 2 * 15 * 127)."""
+    """vpmaddubsw takes the nibbles as its unsigned operand as they are (pairs stay within 2 * 15 * 127).
+    Lane l sums the products of bytes 4l .. 4l + 3 on every path."""
     if _avx2(context, isa):
         return _u8s8_dot(builder, context, isa, u, q)
-    return _lanes8(builder, builder.mul(builder.zext(u, _vector(32, 32)), builder.sext(q, _vector(32, 32))))
+    return _lanes8(builder, builder.mul(builder.zext(u, _vector(32, 32)), builder.sext(q, _vector(32, 32))), quads=True)
 
 
 def _c2d(a, dtype):                                         # a C-contiguous 2-D array of dtype (a numba type)?
@@ -227,46 +242,84 @@ def _dot_q8(isa="native"):
     return dot_q8
 
 
+def _u8s8_acc(builder, context, isa, acc, u, s):         # acc <8 x i32> + sums of 4 products of <32 x i8> unsigned u, signed s
+    """One vpdpbusd with AVX512-VNNI (it adds into acc); else _u8s8_dot's two steps and an add (AVX2), or
+    the same sums in plain vector IR."""
+    if _vnni(context, isa):
+        i32 = _vector(32, 8)
+        return _x86(builder, "llvm.x86.avx512.vpdpbusd.256", i32, acc, builder.bitcast(u, i32), builder.bitcast(s, i32))
+    return builder.add(acc, _nibble_dot(builder, context, isa, u, s))
+
+
+Q4_GROUP = 8                                               # int4 rows interleaved in groups of this many: one int32 lane each
+
+
 def _dot_q4(inputs=1, isa="native"):
     @intrinsic
-    def dot_q4(typingctx, w, d, m, xq, sx, n, blocks):    # int4 rows w [M, 16 * blocks] uint8 (blocks even), scales d [M, blocks]
-        """For each of `inputs` inputs n, n + 1, ...: sum over blocks j < `blocks` of d[m, j] * sx[n, j] *
-        ((q + 8)[m, 32j:32j+32] . xq[n, 32j:32j+32]), the weights' 4-bit values as stored, offset by 8;
-        the caller subtracts the offset's share, 8 * d * sx * sum(xq), per block. Blocks come in pairs:
-        byte i of pair p holds q + 8 of input i of block 2p in its low nibble and of block 2p + 1 in its
-        high one (matmul.int4_rows), so 32 bytes give 64 nibbles with a mask and a mask-and-shift, once
-        for all the inputs (_nibble_dot). One input: a float32; several: a tuple."""
-        if not (_c2d(w, types.uint8) and _c2d(d, types.float32) and _c2d(xq, types.int8) and _c2d(sx, types.float32)):
+    def dot_q4(typingctx, w, d, g, xq, xoff, sx, n, blocks):
+        """Group g of 8 int4 rows (quant.Int4Rows: w [G, 128 * blocks] uint8, d [G, 8 * blocks] float32)
+        against inputs n .. n + inputs - 1 (int8 levels xq [N, 32 * blocks], 8 * each block's sum of levels
+        xoff [N, blocks] int32, block scales sx [N, blocks]). For each input and row r of the group: sum
+        over blocks j of d[r, j] * sx[j] * ((q + 8)[r, block j] . xq[block j] - xoff[j]), i.e. q . xq.
+
+        The layout puts row r's 4 consecutive weights in int32 lane r: 32 bytes hold 4 weights of each of
+        the 8 rows in their low nibbles and the next 4 in the high ones. Four inputs broadcast to every
+        lane meet them in one vpdpbusd (sums of 4 products per lane), so a block's 32 products for all 8
+        rows are 8 of them, and its integer sums land one per lane: the block's float work (convert,
+        scale, add) is done once for 8 rows, with no horizontal sum at all. Returns 8 * inputs floats,
+        input by input."""
+        if not (_c2d(w, types.uint8) and _c2d(d, types.float32) and _c2d(xq, types.int8)
+                and _c2d(xoff, types.int32) and _c2d(sx, types.float32)):
             return None
-        ret = types.float32 if inputs == 1 else types.UniTuple(types.float32, inputs)
-        sig = ret(w, d, types.intp, xq, sx, types.intp, types.intp)
+        sig = types.UniTuple(types.float32, Q4_GROUP * inputs)(w, d, types.intp, xq, xoff, sx, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
-            w, d, m, xq, sx, n, blocks = args
+            w, d, g, xq, xoff, sx, n, blocks = args
             t = signature.args
-            row, dm = _row(builder, context, t[0], w, m, ir.IntType(8)), _row(builder, context, t[1], d, m, ir.FloatType())
+            i32, b32, f32 = _vector(32, 8), _vector(8, 32), _vector(0, 8)
+            row, dg = _row(builder, context, t[0], w, g, ir.IntType(8)), _row(builder, context, t[1], d, g, ir.FloatType())
             rows = [builder.add(n, ir.Constant(n.type, i)) for i in range(inputs)]
             qs = [_row(builder, context, t[3], xq, r, ir.IntType(8)) for r in rows]
-            ss = [_row(builder, context, t[4], sx, r, ir.FloatType()) for r in rows]
-            b32 = _vector(8, 32)
+            offs = [_row(builder, context, t[4], xoff, r, ir.IntType(32)) for r in rows]
+            ss = [_row(builder, context, t[5], sx, r, ir.FloatType()) for r in rows]
+            const = lambda v: ir.Constant(blocks.type, v)
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(2)] for _ in range(inputs)]
 
-            def pair(p):
-                packed = _block_loader(builder, row, 32, builder.mul(p, ir.Constant(p.type, Q8_BLOCK)))
-                nibbles = (builder.and_(packed, ir.Constant(b32, [15] * 32)), builder.lshr(packed, ir.Constant(b32, [4] * 32)))
-                j0 = builder.mul(p, ir.Constant(p.type, 2))
-                two = lambda base: builder.load(builder.bitcast(builder.gep(base, [j0]), _vector(0, 2).as_pointer()), align=4)
-                d2 = two(dm)                               # both blocks' scales in one vector: one multiply for the two
-                out = []
-                for q, s in zip(qs, ss):
-                    scales = builder.fmul(d2, two(s))
-                    out.append([(_nibble_dot(builder, context, isa, u, _block_loader(builder, q, 32, builder.mul(
-                        builder.add(j0, ir.Constant(p.type, half)), ir.Constant(p.type, Q8_BLOCK)))),
-                        builder.shuffle_vector(scales, scales, ir.Constant(_vector(32, 8), [half] * 8)))
-                        for half, u in enumerate(nibbles)])
-                return out
-            pairs = builder.udiv(blocks, ir.Constant(blocks.type, 2))
-            totals = _sum_blocks(builder, pairs, pair, inputs, unroll=UNROLL // 2 if inputs == 1 else 1)
-            return totals[0] if inputs == 1 else context.make_tuple(builder, signature.return_type, totals)
+            def splat_i32(ptr):                            # an int32 at ptr in all 8 lanes (one broadcast load)
+                v = builder.insert_element(ir.Constant(i32, ir.Undefined), builder.load(ptr, align=1), ir.Constant(ir.IntType(32), 0))
+                return builder.shuffle_vector(v, ir.Constant(i32, ir.Undefined), ir.Constant(i32, [0] * 8))
+
+            def block(j, parity):
+                base = builder.mul(j, const(128))
+                packed = [_block_loader(builder, row, 32, builder.add(base, const(32 * i))) for i in range(4)]
+                low = [builder.and_(p, ir.Constant(b32, [15] * 32)) for p in packed]
+                high = [builder.lshr(p, ir.Constant(b32, [4] * 32)) for p in packed]
+                scale = builder.load(builder.bitcast(builder.gep(dg, [builder.mul(j, const(8))]), f32.as_pointer()), align=4)
+                for q, off, s, acc in zip(qs, offs, ss, accs):
+                    at = builder.mul(j, const(32))
+                    quad = lambda k: builder.bitcast(splat_i32(builder.bitcast(builder.gep(q, [builder.add(at, const(k))]),
+                                                                               ir.IntType(32).as_pointer())), b32)
+                    sums = []
+                    for half, nibbles in ((0, low), (4, high)):    # two independent chains of 4
+                        chain = ir.Constant(i32, [0] * 8)
+                        for i in range(4):
+                            chain = _u8s8_acc(builder, context, isa, chain, nibbles[i], quad(8 * i + half))
+                        sums.append(chain)
+                    total = builder.sub(builder.add(sums[0], sums[1]), splat_i32(builder.gep(off, [j])))
+                    a = acc[parity]
+                    sj = _splat(builder, builder.load(builder.gep(s, [j])))
+                    builder.store(builder.fadd(builder.load(a), builder.fmul(builder.sitofp(total, f32), builder.fmul(scale, sj))), a)
+
+            with cgutils.for_range(builder, builder.udiv(blocks, const(2))) as loop:   # two blocks a step: two accumulators
+                block(builder.mul(loop.index, const(2)), 0)
+                block(builder.add(builder.mul(loop.index, const(2)), const(1)), 1)
+            with cgutils.for_range(builder, blocks, start=builder.mul(builder.udiv(blocks, const(2)), const(2))) as loop:
+                block(loop.index, 0)
+            totals = []
+            for acc in accs:
+                v = builder.fadd(builder.load(acc[0]), builder.load(acc[1]))
+                totals += [builder.extract_element(v, ir.Constant(ir.IntType(32), r)) for r in range(Q4_GROUP)]
+            return context.make_tuple(builder, signature.return_type, totals)
         return sig, codegen
     return dot_q4
 

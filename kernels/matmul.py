@@ -12,7 +12,7 @@ from numba.extending import overload
 from .. import quant
 
 from .activation import _gelu, bias_gelu
-from .jit import DECODE_ROWS, bands, dot_q4, dot_q4x4, dot_q8, f32_from_bits, high_nibble, inline, low_nibble, parallel, serial, serial_exact
+from .jit import DECODE_ROWS, Q4_GROUP, bands, dot_q4, dot_q4x4, dot_q8, f32_from_bits, high_nibble, inline, low_nibble, parallel, rint, serial, serial_exact
 
 
 def widen(w, m, k):                                        # stored weight element -> float32 (numba-only; see overload)
@@ -144,17 +144,28 @@ def _rint(v):                                              # np.rint of a float3
 
 @inline
 def _round_inputs(x, bits, xq, xa, sx, xsum):             # x [N, K] -> int8 levels, their magnitudes, block scales and sums
-    """As quant.round_to_q8; blocks past K are zeros (so whole-block dots over padding add nothing)."""
+    """As quant.round_to_q8; blocks past K are zeros (so whole-block dots over padding add nothing).
+    Whole blocks run on row slices with a local sum: a constant trip count and no stores that may alias
+    the inputs, so the loop vectorizes."""
     N, K = x.shape
     for n in range(N):
         for j in range(sx.shape[1]):
             sx[n, j], inv = _round_block(bits, n, j, K)
-            xsum[n, j] = np.float32(0.0)
-            for k in range(Q8 * j, Q8 * j + Q8):
-                v = np.rint(x[n, k] * inv) if k < K else np.float32(0.0)
-                xq[n, k] = np.int8(v)
-                xa[n, k] = np.uint8(abs(v))
-                xsum[n, j] += v
+            k0 = Q8 * j
+            q, a = xq[n, k0 : k0 + Q8], xa[n, k0 : k0 + Q8]
+            total = np.float32(0.0)
+            if k0 + Q8 <= K:
+                v = x[n, k0 : k0 + Q8]
+                for k in range(Q8):
+                    r = rint(v[k] * inv)
+                    q[k], a[k] = np.int8(r), np.uint8(abs(r))
+                    total += r
+            else:
+                for k in range(Q8):
+                    r = rint(x[n, k0 + k] * inv) if k0 + k < K else np.float32(0.0)
+                    q[k], a[k] = np.int8(r), np.uint8(abs(r))
+                    total += r
+            xsum[n, j] = total
 
 
 @inline
@@ -191,35 +202,34 @@ def gemv_q8(x, bits, w, scale, b, gelu):                   # [N, K] (and its uin
 
 
 @parallel
-def gemv_q4(x, bits, packed, scale, b, gelu):              # [N, K] (and its uint32 view) x quant.Int4Rows (packed, scale) (+ b [M]) -> [N, M]
-    """x rounded to int8 blocks of 32, against int4 rows (int4_rows): per block, the integer dot of the stored
-    nibbles (q + 8) with the inputs' levels, times the weight's and the input's block scales; then the
-    offset's share, 8 * sum over blocks of d * sx * (sum of the block's levels), comes off once per row.
-    Four inputs at a time share each pair's unpacking. Inputs are padded with zeros to whole blocks
-    (and rows' padding nibbles are q = 0), so partial blocks need nothing of their own."""
+def gemv_q4(x, bits, packed, scale, M, b, gelu):           # [N, K] (and its uint32 view) x quant.Int4Rows (packed, scale, M rows) (+ b [M]) -> [N, M]
+    """x rounded to int8 blocks of 32, against int4 rows in groups of 8 (int4_rows): one task per group,
+    its 8 rows' block sums in the lanes of one vector (jit.dot_q4), four inputs at a time sharing each
+    block's unpacking. Inputs are padded with zeros to whole blocks (and rows' padding nibbles are q = 0),
+    so partial blocks need nothing of their own."""
     N = x.shape[0]
-    M, blocks = scale.shape
+    G, blocks = packed.shape[0], scale.shape[1] // Q4_GROUP
     xq, _, sx, xsum = _rounded_inputs(x, bits, blocks)
-    offset = np.empty((N, blocks), dtype=np.float32)       # 8 * sx * sum of levels, per input block
+    xoff = np.empty((N, blocks), dtype=np.int32)           # the stored nibbles are q + 8: 8 * the block's sum of levels comes off
     for n in range(N):
         for j in range(blocks):
-            offset[n, j] = np.float32(8.0) * sx[n, j] * xsum[n, j]
+            xoff[n, j] = np.int32(8) * np.int32(xsum[n, j])
     out = np.empty((N, M), dtype=np.float32)
-    for m in numba.prange(M):
-        bias = b[m] if b is not None else np.float32(0.0)
+    for g in numba.prange(G):
+        rows = min(Q4_GROUP, M - Q4_GROUP * g)
         n = 0
         while n + 4 <= N:
-            s0, s1, s2, s3 = dot_q4x4(packed, scale, m, xq, sx, n, blocks)
-            out[n, m], out[n + 1, m], out[n + 2, m], out[n + 3, m] = s0, s1, s2, s3
+            v = dot_q4x4(packed, scale, g, xq, xoff, sx, n, blocks)
+            for i in range(4):
+                for r in range(rows):
+                    out[n + i, Q4_GROUP * g + r] = v[Q4_GROUP * i + r]
             n += 4
         for i in range(n, N):
-            out[i, m] = dot_q4(packed, scale, m, xq, sx, i, blocks)
-        for i in range(N):
-            c = np.float32(0.0)
-            for j in range(blocks):
-                c += scale[m, j] * offset[i, j]
-            v = out[i, m] + (bias - c)
-            out[i, m] = _gelu(v) if gelu else v
+            v = dot_q4(packed, scale, g, xq, xoff, sx, i, blocks)
+            for r in range(rows):
+                out[i, Q4_GROUP * g + r] = v[r]
+        for r in range(rows):
+            _bias(out, b, Q4_GROUP * g + r, gelu)
     return out
 
 
@@ -299,7 +309,7 @@ def matmul_rows(x, w, b=None, gelu=False):                 # [..., K] x [M, K] r
     M = w.shape[0]
     if x2.shape[0] <= DECODE_ROWS:
         if isinstance(w, quant.Int4Rows):
-            y = gemv_q4(x2, x2.view(np.uint32), w.packed, w.scale, b, gelu)
+            y = gemv_q4(x2, x2.view(np.uint32), w.packed, w.scale, w.n_out, b, gelu)
         elif isinstance(w, quant.Int8):
             y = gemv_q8(x2, x2.view(np.uint32), w.q, w.scale, b, gelu)
         else:
@@ -359,49 +369,57 @@ def _gemm_band(x, w, y, cols):                             # y[:, cols] = x [N, 
             t1 = min(t0 + step, cols.stop)
             part = tile[: t1 - t0]
             if isinstance(w, quant.Int4Rows):
-                widen_int4(w.packed[t0:t1], w.scale[t0:t1], part)
+                widen_int4(w.packed, w.scale, t0, part)
             else:
                 values, scale = stored(w)
                 widen_tile(values[t0:t1], None if scale is None else scale[t0:t1], part)
             np.matmul(x, part.T, out=y[:, t0:t1])
 
 
-# int4 (quant.Int4Rows): rows whose blocks come in pairs, so one 32-byte load holds two blocks. Prefill
-# widens tiles of rows for sgemm (PREFILL_TILE_ROWS).
+# int4 (quant.Int4Rows): rows interleaved in groups of 8, so one 32-byte load holds 8 weights of each of 8
+# rows (see jit.dot_q4). Prefill widens tiles of rows for sgemm (PREFILL_TILE_ROWS).
 def int4_rows(q, scale):                                   # int8 rows [M, K] in [-8, 7], float32 scale [M, blocks] -> quant.Int4Rows
-    """Byte i of pair p holds q + 8 of input i of block 2p (low nibble) and of block 2p + 1 (high). An odd
-    last block is paired with one of q = 0 and scale 0; a partial block is padded with q = 0."""
+    """Rows past M (to a whole group) and inputs past K (to a whole block) are padding: q = 0, scale 0."""
     M, K = q.shape
-    pairs = -(-K // (2 * Q8))
-    u = quant.offset_nibbles(q, M, pairs * 2 * Q8).reshape(M, pairs, 2 * Q8)
-    s = np.zeros((M, 2 * pairs), np.float32)
-    s[:, : scale.shape[1]] = scale
-    return quant.Int4Rows(np.ascontiguousarray(quant.pair_nibbles(u).reshape(M, pairs * Q8)), s, K)
+    G, blocks = -(-M // Q4_GROUP), -(-K // Q8)
+    u = quant.offset_nibbles(q, G * Q4_GROUP, blocks * Q8).reshape(G, Q4_GROUP, blocks, 4, 2, 4)   # g, r, j, i, half, c
+    u = u.transpose(0, 2, 3, 1, 4, 5)                      # g, j, i, r, half, c: k = 32j + 8i + 4 half + c
+    packed = u[..., 0, :] | (u[..., 1, :] << 4)
+    s = np.zeros((G * Q4_GROUP, blocks), np.float32)
+    s[:M] = scale
+    s = s.reshape(G, Q4_GROUP, blocks).transpose(0, 2, 1)
+    return quant.Int4Rows(np.ascontiguousarray(packed).reshape(G, blocks * 128), np.ascontiguousarray(s).reshape(G, -1), M, K)
 
 
 def int4_unrows(w):                                        # quant.Int4Rows -> (q int8 rows [M, K], scale [M, blocks])
-    q = quant.split_nibbles(w.packed.reshape(w.packed.shape[0], -1, Q8)).reshape(w.packed.shape[0], -1)
-    return (np.ascontiguousarray(q[:, : w.n_in].view(np.int8) - np.int8(8)),
-            np.ascontiguousarray(w.scale[:, : -(-w.n_in // Q8)]))
+    G, blocks = w.packed.shape[0], w.scale.shape[1] // Q4_GROUP
+    p = w.packed.reshape(G, blocks, 4, Q4_GROUP, 4)
+    u = np.stack([p & 15, p >> 4], axis=4).transpose(0, 3, 1, 2, 4, 5).reshape(G * Q4_GROUP, blocks * Q8)
+    scale = w.scale.reshape(G, blocks, Q4_GROUP).transpose(0, 2, 1).reshape(G * Q4_GROUP, blocks)
+    return (np.ascontiguousarray(u[: w.n_out, : w.n_in].view(np.int8) - np.int8(8)),
+            np.ascontiguousarray(scale[: w.n_out, : -(-w.n_in // Q8)]))
 
 
 @serial
-def widen_int4(packed, scale, out):                        # int4 rows [m, 16 * blocks], scale [m, blocks] -> out float32 [m, K]
+def widen_int4(packed, scale, r0, out):                    # rows r0 .. r0 + m of quant.Int4Rows (packed, scale) -> out float32 [m, K]
     K = out.shape[1]
-    for m in range(packed.shape[0]):
-        for p in range(scale.shape[1] // 2):
-            d0, d1, k0 = scale[m, 2 * p], scale[m, 2 * p + 1], 2 * Q8 * p
-            if k0 + 2 * Q8 <= K:                           # a whole pair: two straight passes of 32
-                for i in range(Q8):
-                    out[m, k0 + i] = (low_nibble(packed[m, Q8 * p + i]) - np.float32(8.0)) * d0
-                for i in range(Q8):
-                    out[m, k0 + Q8 + i] = (high_nibble(packed[m, Q8 * p + i]) - np.float32(8.0)) * d1
-            else:
-                for i in range(Q8):
-                    if k0 + i < K:
-                        out[m, k0 + i] = (low_nibble(packed[m, Q8 * p + i]) - np.float32(8.0)) * d0
-                    if k0 + Q8 + i < K:
-                        out[m, k0 + Q8 + i] = (high_nibble(packed[m, Q8 * p + i]) - np.float32(8.0)) * d1
+    for m in range(out.shape[0]):
+        g, r = (r0 + m) // Q4_GROUP, (r0 + m) % Q4_GROUP
+        src, d, row = packed[g], scale[g], out[m]
+        for j in range(scale.shape[1] // Q4_GROUP):
+            dj, k0 = d[Q4_GROUP * j + r], Q8 * j
+            for i in range(4):
+                at, k = 128 * j + 32 * i + 4 * r, k0 + 8 * i
+                if k + 8 <= K:                             # whole runs: straight code
+                    for c in range(4):
+                        row[k + c] = (low_nibble(src[at + c]) - np.float32(8.0)) * dj
+                        row[k + 4 + c] = (high_nibble(src[at + c]) - np.float32(8.0)) * dj
+                else:
+                    for c in range(4):
+                        if k + c < K:
+                            row[k + c] = (low_nibble(src[at + c]) - np.float32(8.0)) * dj
+                        if k + 4 + c < K:
+                            row[k + 4 + c] = (high_nibble(src[at + c]) - np.float32(8.0)) * dj
 
 
 def linear(x, weight_t, bias):                             # [..., in], [out, in], [out] -> [..., out]; W transposed once at load

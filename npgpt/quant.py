@@ -10,7 +10,7 @@ int4: block-wise symmetric, as llama.cpp's q4_0: each block of 32 consecutive in
 channel has one float32 scale d = (its value of largest magnitude) / -8, and w ~= q * d with q in
 [-8, 7]. The spec keeps q unpacked (Int4, the weight's shape). Checkpoint files keep two per byte in
 q4_0's order (pack4: rows [out, in]; in each block of 32, byte i holds q + 8 of input i in its low
-nibble and of input 16 + i in its high one); the kernels pair blocks instead (Int4Rows). An int4
+nibble and of input 16 + i in its high one); the kernels interleave rows in groups of 8 instead (Int4Rows). An int4
 matmul rounds its inputs as int8's does (round_to_q8), as llama.cpp's q4_0 meets q8_0 inputs.
 Embeddings, LayerNorm and biases stay float32; only matmul weights change format.
 """
@@ -63,16 +63,19 @@ class Int4(NamedTuple):
 
 
 class Int4Rows(NamedTuple):
-    """Int4 as the kernels keep it: rows of outputs [out, in], two 4-bit values a byte, blocks in pairs
-    (byte i of pair p: q + 8 of input i of block 2p in the low nibble, of block 2p + 1 in the high one;
-    built by npgpt.kernels.matmul.int4_rows), and one scale per block of 32 inputs of a row."""
-    packed: np.ndarray                                     # uint8 [out, 16 * blocks], blocks even
-    scale: np.ndarray                                      # float32 [out, blocks] (a padding block's is 0)
+    """Int4 as the kernels keep it: rows of outputs [out, in] interleaved in groups of 8 (built by
+    npgpt.kernels.matmul.int4_rows). Group g holds rows 8g .. 8g + 7 (rows past `n_out` are padding,
+    q = 0 and scale 0); block j of the group is 128 bytes, 4 runs of 32: byte 4r + c of run i holds q + 8
+    of row 8g + r at input 32j + 8i + c in its low nibble and at input 32j + 8i + 4 + c in its high one.
+    The 8 rows' scales of block j are scale[g, 8j : 8j + 8]."""
+    packed: np.ndarray                                     # uint8 [groups, 128 * blocks]
+    scale: np.ndarray                                      # float32 [groups, 8 * blocks]
+    n_out: int
     n_in: int
 
     @property
     def shape(self):
-        return (self.packed.shape[0], self.n_in)
+        return (self.n_out, self.n_in)
 
     @property
     def nbytes(self):

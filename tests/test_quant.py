@@ -42,22 +42,28 @@ def test_prefill_widening_gives_exactly_the_reference_values(fmt, n_out, n_in):
     rows = kernels.head_rows(w)
     out = np.empty(w.shape, np.float32)
     if fmt == "int4":
-        matmul.widen_int4(rows.packed, rows.scale, out)
+        matmul.widen_int4(rows.packed, rows.scale, 0, out)
+        part = np.empty((n_out - 11, n_in), np.float32)    # a tile that starts and ends inside groups of 8 rows
+        matmul.widen_int4(rows.packed, rows.scale, 5, part[: n_out - 11])
+        assert np.array_equal(part, quant.dequantize(w)[5 : n_out - 6])
     else:
         values, scale = matmul.stored(rows)
         matmul.widen_tile(values, scale, out)
     assert np.array_equal(out, quant.dequantize(w))
 
 
-@pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (1, 1), (3, 128)])   # pairs of blocks: padded, odd, whole
+@pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (1, 1), (16, 128)])   # partial groups and blocks, whole ones
 def test_int4_rows_keep_every_weight_and_scale(n_out, n_in):
     w = quant.to_int4(rng.standard_normal((n_out, n_in), dtype=np.float32), 1)
     rows = kernels.head_rows(w)
-    pairs = -(-n_in // 64)
+    groups, blocks = -(-n_out // 8), -(-n_in // 32)
     assert isinstance(rows, quant.Int4Rows) and rows.shape == (n_out, n_in)
-    assert rows.packed.shape == (n_out, 32 * pairs) and rows.packed.dtype == np.uint8 and rows.scale.shape == (n_out, 2 * pairs)
-    assert rows.packed[0, 0] == (int(w.q[0, 0]) + 8) | ((int(w.q[0, 32]) + 8 if n_in > 32 else 8) << 4)   # blocks 0 and 1 share a byte
-    assert np.all(rows.scale[:, w.scale.shape[1]:] == 0)   # an odd last block's partner: q = 0, scale 0
+    assert rows.packed.shape == (groups, 128 * blocks) and rows.packed.dtype == np.uint8 and rows.scale.shape == (groups, 8 * blocks)
+    u = lambda r, k: int(w.q[r, k]) + 8 if r < n_out and k < n_in else 8   # stored nibble; padding is q = 0
+    r, j, i, c = min(n_out - 1, 6), blocks - 1, 2, 1       # byte 4r + c of run i of block j: inputs 32j + 8i + c and + 4
+    assert rows.packed[0, 128 * j + 32 * i + 4 * r + c] == u(r, 32 * j + 8 * i + c) | (u(r, 32 * j + 8 * i + 4 + c) << 4)
+    assert rows.scale[0, 8 * j + r] == w.scale[r, j]
+    assert np.all(rows.scale.reshape(groups, blocks, 8).transpose(0, 2, 1).reshape(-1, blocks)[n_out:] == 0)   # padding rows
     back = kernels.unprepare({"h": [], "lm_head": {"weight": rows}})["lm_head"]["weight"]
     assert np.array_equal(back.q, w.q) and np.array_equal(back.scale, w.scale)
 
@@ -90,7 +96,7 @@ def test_prefill_rounds_int8_inputs_bit_for_bit_as_the_spec(shape):
     assert np.array_equal(matmul.round_to_q8_rows(x), quant.round_to_q8(x))
 
 
-@pytest.mark.parametrize("M, K", [(7, 64), (33, 128), (300, 768), (5, 3072), (9, 64 * 3)])   # pairs % 2 != 0: the tail loop
+@pytest.mark.parametrize("M, K", [(7, 64), (33, 128), (300, 768), (5, 3072), (9, 32 * 3)])   # partial groups; an odd block count: the tail
 def test_integer_dots_with_and_without_avx2_equal_the_exact_sum(M, K):
     """jit.dot_q8 / dot_q4 / dot_q4x4 (AVX512-VNNI or AVX2 when the CPU has them), and each on every
     instruction path this CPU can run (VNNI, AVX2 alone, plain vector IR), against float64: block dots
@@ -109,12 +115,15 @@ def test_integer_dots_with_and_without_avx2_equal_the_exact_sum(M, K):
 
     def rows4(dot, inputs):
         @numba.njit
-        def f(packed, d, xq, sx):
-            out = np.empty((4, packed.shape[0]), np.float32)
-            for m in range(packed.shape[0]):
+        def f(packed, d, xq, xoff, sx, M):
+            out = np.empty((4, packed.shape[0] * 8), np.float32)
+            for g in range(packed.shape[0]):
                 for n in range(0, 4, inputs):
-                    out[n : n + inputs, m] = dot(packed, d, m, xq, sx, n, d.shape[1])
-            return out
+                    v = dot(packed, d, g, xq, xoff, sx, n, d.shape[1] // 8)
+                    for i in range(inputs):
+                        for r in range(8):
+                            out[n + i, 8 * g + r] = v[8 * i + r]
+            return out[:, :M]
         return f
 
     blocks = K // 32
@@ -130,14 +139,13 @@ def test_integer_dots_with_and_without_avx2_equal_the_exact_sum(M, K):
 
     q4 = rng.integers(-8, 8, size=(M, K)).astype(np.int8)
     d = rng.uniform(0.001, 1.0, size=(M, blocks)).astype(np.float32)
-    u = (q4 + 8).astype(np.float64)                        # the dots are of the stored nibbles, q + 8
-    prods = (u[None] * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]
-    magnitude = np.abs(u[None] * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]
-    exact, scale = (prods * sx[:, None]).sum(-1), (magnitude * sx[:, None]).sum(-1)
+    exact = (q4[None].astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]   # the offset of 8 comes off
+    magnitude = np.abs((q4[None] + 8).astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]
+    exact, scale = (exact * sx[:, None]).sum(-1), (magnitude * sx[:, None]).sum(-1)
     packed = matmul.int4_rows(q4, d)
-    assert packed.scale.shape == d.shape                   # K is whole pairs of blocks here
+    xoff = (8 * xq.astype(np.int32).reshape(4, blocks, 32).sum(-1)).astype(np.int32)
     for dot, inputs in ((jit.dot_q4, 1), (jit.dot_q4x4, 4), *((dot, 1) for dot in jit.dot_q4_isa.values())):
-        assert np.all(np.abs(rows4(dot, inputs)(packed.packed, d, xq, sx) - exact) <= 1e-6 * scale)
+        assert np.all(np.abs(rows4(dot, inputs)(packed.packed, packed.scale, xq, xoff, sx, M) - exact) <= 1e-6 * scale)
 
 
 @pytest.mark.parametrize("n_in", [64, 60, 33])            # whole int4 blocks, a partial last block, an odd input count
@@ -228,7 +236,7 @@ def test_numba_int4_model_holds_packed_nibbles_and_saves_back_the_same_values(ti
     for name, w in weights.flatten(model.params).items():
         if name.endswith("weight_t") or name == "lm_head.weight":
             assert isinstance(w, quant.Int4Rows) and w.packed.dtype == np.uint8, name
-            assert w.nbytes == w.shape[0] * 2 * -(-w.shape[1] // 64) * (16 + 4), name   # 16 bytes of nibbles + a float32 scale per 32 inputs
+            assert w.nbytes == 8 * -(-w.shape[0] // 8) * -(-w.shape[1] // 32) * (16 + 4), name   # 16 bytes of nibbles + a float32 scale per 32 inputs, rows in 8s
     model.save(tmp_path)                                   # unpacked again from the kernels' layout, then packed into the file
     back = npgpt.load(tmp_path)
     for name, w in weights.flatten(params).items():
