@@ -44,16 +44,16 @@ def rows(w):                                               # Conv1D weight [in, 
     if isinstance(w, quant.BF16):
         return quant.BF16(matmul.transpose(w.bits))
     if isinstance(w, quant.Int8):
-        return quant.Int8(matmul.transpose(w.q), np.ascontiguousarray(w.scale.ravel()))
+        return matmul.int8_rows(w.q.T, w.scale.ravel())
     if isinstance(w, quant.Int4):                          # blocks run along the input axis 0
         return matmul.int4_rows(w.q.T, w.scale.T)
     return matmul.transpose(w)
 
 
-def head_rows(w):                                          # LM head [V, C]: already rows; int8 scale [V, 1] -> [V]; int4 packed
+def head_rows(w):                                          # LM head [V, C]: already rows; int8 and int4 into groups of 8 rows
     if isinstance(w, quant.Int4):
         return matmul.int4_rows(w.q, w.scale)
-    return quant.Int8(w.q, np.ascontiguousarray(w.scale.ravel())) if isinstance(w, quant.Int8) else w
+    return matmul.int8_rows(w.q, w.scale.ravel()) if isinstance(w, quant.Int8) else w
 
 
 def transpose_linear(layer):                               # {"weight": [in, out], "bias"} -> {"weight_t": [out, in], "bias"}
@@ -88,8 +88,9 @@ def prepare_again(prepared, params, layers=None):
 def unrows(w):                                             # inverse of rows: [out, in] -> Conv1D [in, out]
     if isinstance(w, quant.BF16):
         return quant.BF16(matmul.transpose(w.bits))
-    if isinstance(w, quant.Int8):
-        return quant.Int8(matmul.transpose(w.q), w.scale.reshape(1, -1))
+    if isinstance(w, quant.Int8Rows):
+        q, scale = matmul.int8_unrows(w)
+        return quant.Int8(np.ascontiguousarray(q.T), scale.reshape(1, -1))
     if isinstance(w, quant.Int4Rows):
         q, scale = matmul.int4_unrows(w)
         return quant.Int4(np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T), 0)
@@ -103,8 +104,9 @@ def unprepare(params):
                                        for name, layer in block[group].items()} for group in ("attn", "mlp")}}
                   for block in params["h"]]
     head = params["lm_head"]["weight"]
-    if isinstance(head, quant.Int8):
-        head = quant.Int8(head.q, head.scale.reshape(-1, 1))
+    if isinstance(head, quant.Int8Rows):
+        q, scale = matmul.int8_unrows(head)
+        head = quant.Int8(q, scale.reshape(-1, 1))
     elif isinstance(head, quant.Int4Rows):
         head = quant.Int4(*matmul.int4_unrows(head), 1)
     return {**params, "h": blocks, "lm_head": {"weight": head}}

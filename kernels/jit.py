@@ -114,99 +114,69 @@ def _row(builder, context, typ, value, i, elem):          # pointer to row i of 
     return builder.bitcast(at, elem.as_pointer())
 
 
-UNROLL = 4                                                 # terms in flight: one FMA chain each (a single chain waits on its FMA's latency)
-
-
 def _splat(builder, value):                                # float32 -> <8 x float> (a load's value: one broadcast load)
     f32 = _vector(0, 8)
     v = builder.insert_element(ir.Constant(f32, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
     return builder.shuffle_vector(v, ir.Constant(f32, ir.Undefined), ir.Constant(_vector(32, 8), [0] * 8))
 
 
-def _sum_blocks(builder, count, terms, outputs=1, unroll=UNROLL):   # -> `outputs` floats: sum over j < count of terms(j)
-    """terms(j) gives, per output, a list of (<8 x i32> sums, <8 x float> scale); each output is the sum of
-    scale * sums over all of them, in float32 accumulators of 8 lanes (UNROLL of them for one output, so
-    several FMAs are in flight; `unroll` steps j a loop iteration) added up at the end."""
-    f32 = _vector(0, 8)
-    per = UNROLL if outputs == 1 else 1
-    accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(per)] for _ in range(outputs)]
-
-    def add(u, j):
-        for acc, output in zip(accs, terms(j)):
-            for t, (sums, scale) in enumerate(output):
-                a = acc[(u * len(output) + t) % per]
-                builder.store(builder.fadd(builder.load(a), builder.fmul(builder.sitofp(sums, f32), scale)), a)
-
-    step = ir.Constant(count.type, unroll)
-    whole = builder.mul(builder.udiv(count, step), step)
-    with cgutils.for_range(builder, builder.udiv(count, step)) as loop:
-        for u in range(unroll):
-            add(u, builder.add(builder.mul(loop.index, step), ir.Constant(count.type, u)))
-    with cgutils.for_range(builder, count, start=whole) as loop:
-        add(0, loop.index)
-    totals = []
-    for acc in accs:
-        v = builder.load(acc[0])
-        for a in acc[1:]:
-            v = builder.fadd(v, builder.load(a))
-        total = builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
-        for i in range(1, 8):
-            total = builder.fadd(total, builder.extract_element(v, ir.Constant(ir.IntType(32), i)))
-        totals.append(total)
-    return totals
+def _splat_i32(builder, ptr):                              # the int32 at ptr in all 8 lanes (one broadcast load)
+    i32 = _vector(32, 8)
+    v = builder.insert_element(ir.Constant(i32, ir.Undefined), builder.load(ptr, align=1), ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(i32, ir.Undefined), ir.Constant(i32, [0] * 8))
 
 
 ISAS = ("native", "avx2", "generic")                       # what the integer dots may use: all the CPU has, AVX2 at most, plain IR
 
 
+def _features(context):
+    return getattr(context.codegen(), "_tm_features", "").split(",")
+
+
 def _avx2(context, isa):                                   # emit AVX2 intrinsics? (if the compiling CPU has them)
-    return isa != "generic" and "+avx2" in getattr(context.codegen(), "_tm_features", "").split(",")
+    return isa != "generic" and "+avx2" in _features(context)
+
+
+def _vnni(context, isa):                                   # AVX512-VNNI on 256-bit registers: vpdpbusd does both steps in one
+    return isa == "native" and "+avx512vnni" in _features(context) and "+avx512vl" in _features(context)
 
 
 def _x86(builder, name, ret, *args):                       # a call to an LLVM x86 intrinsic
     return builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name), args)
 
 
-def _lanes8(builder, p, quads=False):                      # <32 x i32> -> <8 x i32>, each lane a sum of four
-    """Lane l: p[l] + p[8 + l] + p[16 + l] + p[24 + l], or with quads the four consecutive p[4l .. 4l + 3],
-    as vpdpbusd sums them (where each lane's sum is a result of its own: jit.dot_q4)."""
-    order = (lambda i: [4 * l + i for l in range(8)]) if quads else (lambda i: list(range(8 * i, 8 * i + 8)))
-    part = lambda i: builder.shuffle_vector(p, p, ir.Constant(_vector(32, 8), order(i)))
+def _quads(builder, p):                                    # <32 x i32> -> <8 x i32>: lane l sums p[4l .. 4l + 3], as vpdpbusd does
+    part = lambda i: builder.shuffle_vector(p, p, ir.Constant(_vector(32, 8), [4 * l + i for l in range(8)]))
     return builder.add(builder.add(part(0), part(1)), builder.add(part(2), part(3)))
 
 
-def _vnni(context, isa):                                   # AVX512-VNNI on 256-bit registers: vpdpbusd does both steps in one
-    features = getattr(context.codegen(), "_tm_features", "").split(",")
-    return isa == "native" and "+avx512vnni" in features and "+avx512vl" in features
-
-
-def _u8s8_dot(builder, context, isa, u, s):            # <32 x i8> unsigned, <32 x i8> signed -> <8 x i32> sums of 4 products
-    """vpdpbusd where the CPU has it (no 16-bit step at all); else vpmaddubsw (pairs, 16 bits) then
-    vpmaddwd against ones (pairs again, 32 bits): callers keep each pair of products within 16 bits."""
+def _u8s8_acc(builder, context, isa, acc, u, s):         # acc <8 x i32> + per lane l: sum of u[4l + c] * s[4l + c] over c < 4
+    """u: <32 x i8> unsigned, s: signed. One vpdpbusd with AVX512-VNNI (it adds into acc); with AVX2
+    alone vpmaddubsw (pairs, 16 bits: callers keep each pair within 16 bits) then vpmaddwd against ones
+    (pairs again, 32 bits) and an add; else the same sums in plain vector IR."""
     i32 = _vector(32, 8)
     if _vnni(context, isa):
-        return _x86(builder, "llvm.x86.avx512.vpdpbusd.256", i32, ir.Constant(i32, [0] * 8),
-                    builder.bitcast(u, i32), builder.bitcast(s, i32))
-    pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vector(16, 16), u, s)
-    return _x86(builder, "llvm.x86.avx2.pmadd.wd", i32, pairs, ir.Constant(_vector(16, 16), [1] * 16))
-
-
-def _int8_dot(builder, context, isa, w, q, a):         # <32 x i8> weights, inputs, |inputs| -> <8 x i32> sums of products
-    """With AVX2, as llama.cpp's q8_0 dot: vpsignb moves the inputs' signs onto the weights, vpmaddubsw
-    multiplies the inputs' magnitudes (unsigned) by them and adds pairs (|q| <= 127: no pair saturates
-    16 bits), vpmaddwd adds pairs again into 8 int32 lanes. Without AVX2 (or isa "generic"), the same sums
-    in plain vector IR that LLVM lowers to what the CPU has."""
+        return _x86(builder, "llvm.x86.avx512.vpdpbusd.256", i32, acc, builder.bitcast(u, i32), builder.bitcast(s, i32))
     if _avx2(context, isa):
-        return _u8s8_dot(builder, context, isa, a, _x86(builder, "llvm.x86.avx2.psign.b", w.type, w, q))
-    return _lanes8(builder, builder.mul(builder.sext(w, _vector(32, 32)), builder.sext(q, _vector(32, 32))))
+        pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vector(16, 16), u, s)
+        return builder.add(acc, _x86(builder, "llvm.x86.avx2.pmadd.wd", i32, pairs, ir.Constant(_vector(16, 16), [1] * 16)))
+    return builder.add(acc, _quads(builder, builder.mul(builder.zext(u, _vector(32, 32)), builder.sext(s, _vector(32, 32)))))
 
 
-def _nibble_dot(builder, context, isa, u, q):          # <32 x i8> unsigned 0..15, signed inputs -> <8 x i32> sums of products
-    """vpmaddubsw takes the nibbles as its unsigned operand as they are (pairs stay within 2 * 15 * 127).
-    Lane l sums the products of bytes 4l .. 4l + 3 on every path."""
-    if _avx2(context, isa):
-        return _u8s8_dot(builder, context, isa, u, q)
-    return _lanes8(builder, builder.mul(builder.zext(u, _vector(32, 32)), builder.sext(q, _vector(32, 32))), quads=True)
+def _q8_acc(builder, context, isa, acc, w, x):            # acc + per lane: 4 products of int8 weights (stored q ^ 0x80) and inputs
+    """Weights are stored biased, q + 128 as unsigned bytes: vpdpbusd (or plain IR) multiplies them as they
+    are, and the caller takes 128 * sum(x) off (biased_q8). With AVX2 alone vpmaddubsw could saturate
+    (2 * 255 * 127 > 2**15), so there, as llama.cpp's q8_0 dot, the sign of x moves onto q (vpsignb) and
+    |x| is the unsigned operand (|q|, |x| <= 127: no pair saturates)."""
+    if _biased_q8(context, isa):
+        return _u8s8_acc(builder, context, isa, acc, w, x)
+    q = builder.xor(w, ir.Constant(w.type, [0x80] * 32))
+    return _u8s8_acc(builder, context, isa, acc, _x86(builder, "llvm.x86.avx2.psign.b", x.type, x, x),
+                     _x86(builder, "llvm.x86.avx2.psign.b", q.type, q, x))
+
+
+def _biased_q8(context, isa):                              # does _q8_acc's sum include 128 * sum(x)?
+    return _vnni(context, isa) or not _avx2(context, isa)
 
 
 def _c2d(a, dtype):                                         # a C-contiguous 2-D array of dtype (a numba type)?
@@ -217,61 +187,32 @@ def _block_loader(builder, base, size, at):                # <size x i8> at byte
     return builder.load(builder.bitcast(builder.gep(base, [at]), _vector(8, size).as_pointer()), align=1)
 
 
-def _dot_q8(isa="native"):
+GROUP = 8                                                  # int8/int4 rows interleaved in groups of this many: one int32 lane each
+
+
+def _dot_group(fmt, inputs=1, isa="native"):
+    """The integer dot of a group of 8 int8 or int4 rows (quant.Int8Rows / Int4Rows) with `inputs` inputs."""
+    int4 = fmt == "int4"
+    block_bytes = 128 if int4 else 256
+
     @intrinsic
-    def dot_q8(typingctx, w, m, xq, xa, sx, n, blocks):   # int8 rows w [M, K]; int8 xq, uint8 |xq|, float32 sx rows
-        """sum over blocks j < `blocks` of sx[n, j] * (w[m, 32j:32j+32] . xq[n, 32j:32j+32]), the dots in
-        integers (_int8_dot), each block's converted and scaled in 8 float32 lanes, summed at the end."""
-        if not (_c2d(w, types.int8) and _c2d(xq, types.int8) and _c2d(xa, types.uint8) and _c2d(sx, types.float32)):
-            return None
-        sig = types.float32(w, types.intp, xq, xa, sx, types.intp, types.intp)
+    def dot(typingctx, w, d, g, xq, xoff, sx, n, blocks):
+        """Group g of 8 rows (w [G, bytes per block * blocks] uint8; d: int4 [G, 8 * blocks] block scales,
+        int8 [G, 8] row scales) against inputs n .. n + inputs - 1 (int8 levels xq [N, 32 * blocks], block
+        scales sx [N, blocks], and xoff [N, blocks] int32: the stored values' offset (8 for int4's q + 8,
+        128 for int8's q + 128) times each block's sum of levels). For each input and row r of the group:
+        sum over blocks j of sx[j] * (q[r, block j] . xq[block j]) times the scale(s) of row r.
 
-        def codegen(context, builder, signature, args):
-            w, m, xq, xa, sx, n, blocks = args
-            t = signature.args
-            row, q, a = (_row(builder, context, t[i], args[i], r, ir.IntType(8)) for i, r in ((0, m), (2, n), (3, n)))
-            s = _row(builder, context, t[4], sx, n, ir.FloatType())
-
-            def block(j):
-                at = builder.mul(j, ir.Constant(j.type, Q8_BLOCK))
-                sums = _int8_dot(builder, context, isa, _block_loader(builder, row, 32, at),
-                                 _block_loader(builder, q, 32, at), _block_loader(builder, a, 32, at))
-                return [[(sums, _splat(builder, builder.load(builder.gep(s, [j]))))]]
-            return _sum_blocks(builder, blocks, block)[0]
-        return sig, codegen
-    return dot_q8
-
-
-def _u8s8_acc(builder, context, isa, acc, u, s):         # acc <8 x i32> + sums of 4 products of <32 x i8> unsigned u, signed s
-    """One vpdpbusd with AVX512-VNNI (it adds into acc); else _u8s8_dot's two steps and an add (AVX2), or
-    the same sums in plain vector IR."""
-    if _vnni(context, isa):
-        i32 = _vector(32, 8)
-        return _x86(builder, "llvm.x86.avx512.vpdpbusd.256", i32, acc, builder.bitcast(u, i32), builder.bitcast(s, i32))
-    return builder.add(acc, _nibble_dot(builder, context, isa, u, s))
-
-
-Q4_GROUP = 8                                               # int4 rows interleaved in groups of this many: one int32 lane each
-
-
-def _dot_q4(inputs=1, isa="native"):
-    @intrinsic
-    def dot_q4(typingctx, w, d, g, xq, xoff, sx, n, blocks):
-        """Group g of 8 int4 rows (quant.Int4Rows: w [G, 128 * blocks] uint8, d [G, 8 * blocks] float32)
-        against inputs n .. n + inputs - 1 (int8 levels xq [N, 32 * blocks], 8 * each block's sum of levels
-        xoff [N, blocks] int32, block scales sx [N, blocks]). For each input and row r of the group: sum
-        over blocks j of d[r, j] * sx[j] * ((q + 8)[r, block j] . xq[block j] - xoff[j]), i.e. q . xq.
-
-        The layout puts row r's 4 consecutive weights in int32 lane r: 32 bytes hold 4 weights of each of
-        the 8 rows in their low nibbles and the next 4 in the high ones. Four inputs broadcast to every
-        lane meet them in one vpdpbusd (sums of 4 products per lane), so a block's 32 products for all 8
-        rows are 8 of them, and its integer sums land one per lane: the block's float work (convert,
-        scale, add) is done once for 8 rows, with no horizontal sum at all. Returns 8 * inputs floats,
-        input by input."""
+        The layout puts 4 consecutive weights of row r in int32 lane r of each 32-byte run: one vpdpbusd
+        against 4 inputs broadcast to every lane gives 4 products for each of the 8 rows, so a block's 32
+        products for all 8 rows are 8 of them, and its integer sums land one per lane. A block's float
+        work (convert, scale, add) is done once for 8 rows, with no horizontal sum at all. int4: 4 runs of
+        32 bytes a block, each holding two runs of nibbles (inputs 8i .. 8i + 3 low, 8i + 4 .. 8i + 7
+        high); int8: 8 runs (inputs 4i .. 4i + 3). Returns 8 * inputs floats, input by input."""
         if not (_c2d(w, types.uint8) and _c2d(d, types.float32) and _c2d(xq, types.int8)
                 and _c2d(xoff, types.int32) and _c2d(sx, types.float32)):
             return None
-        sig = types.UniTuple(types.float32, Q4_GROUP * inputs)(w, d, types.intp, xq, xoff, sx, types.intp, types.intp)
+        sig = types.UniTuple(types.float32, GROUP * inputs)(w, d, types.intp, xq, xoff, sx, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
             w, d, g, xq, xoff, sx, n, blocks = args
@@ -283,32 +224,33 @@ def _dot_q4(inputs=1, isa="native"):
             offs = [_row(builder, context, t[4], xoff, r, ir.IntType(32)) for r in rows]
             ss = [_row(builder, context, t[5], sx, r, ir.FloatType()) for r in rows]
             const = lambda v: ir.Constant(blocks.type, v)
+            load8 = lambda ptr, at: builder.load(builder.bitcast(builder.gep(ptr, [at]), f32.as_pointer()), align=4)
             accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(2)] for _ in range(inputs)]
+            offset = int4 or _biased_q8(context, isa)
 
-            def splat_i32(ptr):                            # an int32 at ptr in all 8 lanes (one broadcast load)
-                v = builder.insert_element(ir.Constant(i32, ir.Undefined), builder.load(ptr, align=1), ir.Constant(ir.IntType(32), 0))
-                return builder.shuffle_vector(v, ir.Constant(i32, ir.Undefined), ir.Constant(i32, [0] * 8))
-
-            def block(j, parity):
-                base = builder.mul(j, const(128))
-                packed = [_block_loader(builder, row, 32, builder.add(base, const(32 * i))) for i in range(4)]
-                low = [builder.and_(p, ir.Constant(b32, [15] * 32)) for p in packed]
-                high = [builder.lshr(p, ir.Constant(b32, [4] * 32)) for p in packed]
-                scale = builder.load(builder.bitcast(builder.gep(dg, [builder.mul(j, const(8))]), f32.as_pointer()), align=4)
+            def block(j, parity):                          # -> acc[parity] of each input += this block's 8 rows' terms
+                base = builder.mul(j, const(block_bytes))
+                if int4:
+                    packed = [_block_loader(builder, row, 32, builder.add(base, const(32 * i))) for i in range(4)]
+                    runs = [(builder.and_(p, ir.Constant(b32, [15] * 32)), 8 * i) for i, p in enumerate(packed)]
+                    runs += [(builder.lshr(p, ir.Constant(b32, [4] * 32)), 8 * i + 4) for i, p in enumerate(packed)]
+                    scale = load8(dg, builder.mul(j, const(GROUP)))   # the 8 rows' scales of block j
+                else:
+                    runs = [(_block_loader(builder, row, 32, builder.add(base, const(32 * i))), 4 * i) for i in range(8)]
+                at = builder.mul(j, const(32))
                 for q, off, s, acc in zip(qs, offs, ss, accs):
-                    at = builder.mul(j, const(32))
-                    quad = lambda k: builder.bitcast(splat_i32(builder.bitcast(builder.gep(q, [builder.add(at, const(k))]),
-                                                                               ir.IntType(32).as_pointer())), b32)
-                    sums = []
-                    for half, nibbles in ((0, low), (4, high)):    # two independent chains of 4
-                        chain = ir.Constant(i32, [0] * 8)
-                        for i in range(4):
-                            chain = _u8s8_acc(builder, context, isa, chain, nibbles[i], quad(8 * i + half))
-                        sums.append(chain)
-                    total = builder.sub(builder.add(sums[0], sums[1]), splat_i32(builder.gep(off, [j])))
-                    a = acc[parity]
+                    chains = [ir.Constant(i32, [0] * 8)] * 2   # two independent chains of 4
+                    for r, (u, k) in enumerate(runs):
+                        x = builder.bitcast(_splat_i32(builder, builder.bitcast(builder.gep(q, [builder.add(at, const(k))]),
+                                                                                ir.IntType(32).as_pointer())), b32)
+                        chains[r % 2] = (_u8s8_acc if int4 else _q8_acc)(builder, context, isa, chains[r % 2], u, x)
+                    total = builder.add(chains[0], chains[1])
+                    if offset:
+                        total = builder.sub(total, _splat_i32(builder, builder.gep(off, [j])))
                     sj = _splat(builder, builder.load(builder.gep(s, [j])))
-                    builder.store(builder.fadd(builder.load(a), builder.fmul(builder.sitofp(total, f32), builder.fmul(scale, sj))), a)
+                    a = acc[parity]
+                    builder.store(builder.fadd(builder.load(a), builder.fmul(builder.sitofp(total, f32),
+                                                                             builder.fmul(scale, sj) if int4 else sj)), a)
 
             with cgutils.for_range(builder, builder.udiv(blocks, const(2))) as loop:   # two blocks a step: two accumulators
                 block(builder.mul(loop.index, const(2)), 0)
@@ -318,15 +260,17 @@ def _dot_q4(inputs=1, isa="native"):
             totals = []
             for acc in accs:
                 v = builder.fadd(builder.load(acc[0]), builder.load(acc[1]))
-                totals += [builder.extract_element(v, ir.Constant(ir.IntType(32), r)) for r in range(Q4_GROUP)]
+                if not int4:                               # int8: each row's own scale
+                    v = builder.fmul(v, load8(dg, const(0)))
+                totals += [builder.extract_element(v, ir.Constant(ir.IntType(32), r)) for r in range(GROUP)]
             return context.make_tuple(builder, signature.return_type, totals)
         return sig, codegen
-    return dot_q4
+    return dot
 
 
-dot_q8, dot_q4, dot_q4x4 = _dot_q8(), _dot_q4(), _dot_q4(4)
-dot_q8_isa = {isa: _dot_q8(isa=isa) for isa in ISAS}      # for tests: each instruction path on this CPU
-dot_q4_isa = {isa: _dot_q4(isa=isa) for isa in ISAS}
+dot_q8, dot_q8x4, dot_q4, dot_q4x4 = _dot_group("int8"), _dot_group("int8", 4), _dot_group("int4"), _dot_group("int4", 4)
+dot_q8_isa = {isa: _dot_group("int8", isa=isa) for isa in ISAS}   # for tests: each instruction path on this CPU
+dot_q4_isa = {isa: _dot_group("int4", isa=isa) for isa in ISAS}
 
 
 _BLAS = ThreadpoolController()

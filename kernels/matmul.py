@@ -12,7 +12,7 @@ from numba.extending import overload
 from .. import quant
 
 from .activation import _gelu, bias_gelu
-from .jit import DECODE_ROWS, Q4_GROUP, bands, dot_q4, dot_q4x4, dot_q8, f32_from_bits, high_nibble, inline, low_nibble, parallel, rint, serial, serial_exact
+from .jit import DECODE_ROWS, GROUP, bands, dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits, high_nibble, inline, low_nibble, parallel, rint, serial, serial_exact
 
 
 def widen(w, m, k):                                        # stored weight element -> float32 (numba-only; see overload)
@@ -111,8 +111,9 @@ def gemv(x, w, b, gelu):                                   # [N, K] x [M, K] row
     return out
 
 
-# int8 (quant.Int8): the inputs are rounded to int8 blocks first (quant.round_to_q8), so a row's dot is
-# int8 by int8 in integer lanes (jit.dot_q8), one float32 multiply per block of 32.
+# int8 (quant.Int8Rows) and int4 (quant.Int4Rows): the inputs are rounded to int8 blocks first
+# (quant.round_to_q8), so a row's dot is int8 by int8 (or int4) in integer lanes, one float32 multiply
+# per block of 32 for 8 rows at once (jit.dot_q8 / dot_q4).
 Q8 = quant.Q8_BLOCK
 
 
@@ -143,7 +144,7 @@ def _rint(v):                                              # np.rint of a float3
 
 
 @inline
-def _round_inputs(x, bits, xq, xa, sx, xsum):             # x [N, K] -> int8 levels, their magnitudes, block scales and sums
+def _round_inputs(x, bits, xq, sx, xsum):                  # x [N, K] -> int8 levels, block scales and sums of levels
     """As quant.round_to_q8; blocks past K are zeros (so whole-block dots over padding add nothing).
     Whole blocks run on row slices with a local sum: a constant trip count and no stores that may alias
     the inputs, so the loop vectorizes."""
@@ -152,85 +153,70 @@ def _round_inputs(x, bits, xq, xa, sx, xsum):             # x [N, K] -> int8 lev
         for j in range(sx.shape[1]):
             sx[n, j], inv = _round_block(bits, n, j, K)
             k0 = Q8 * j
-            q, a = xq[n, k0 : k0 + Q8], xa[n, k0 : k0 + Q8]
-            total = np.float32(0.0)
+            q = xq[n, k0 : k0 + Q8]
+            total = np.int32(0)
             if k0 + Q8 <= K:
                 v = x[n, k0 : k0 + Q8]
                 for k in range(Q8):
-                    r = rint(v[k] * inv)
-                    q[k], a[k] = np.int8(r), np.uint8(abs(r))
-                    total += r
+                    q[k] = np.int8(rint(v[k] * inv))
+                    total += np.int32(q[k])
             else:
                 for k in range(Q8):
-                    r = rint(x[n, k0 + k] * inv) if k0 + k < K else np.float32(0.0)
-                    q[k], a[k] = np.int8(r), np.uint8(abs(r))
-                    total += r
+                    q[k] = np.int8(rint(x[n, k0 + k] * inv)) if k0 + k < K else np.int8(0)
+                    total += np.int32(q[k])
             xsum[n, j] = total
 
 
 @inline
-def _rounded_inputs(x, bits, blocks):                      # -> (xq, xa, sx, xsum) for N inputs, padded to `blocks` blocks
+def _rounded_inputs(x, bits, blocks, offset):              # -> (xq, sx, xoff) for N inputs, padded to `blocks` blocks
+    """xoff: `offset` (the weights' stored offset: 8 for int4, 128 for int8) times each block's sum of levels."""
     N = x.shape[0]
     xq = np.empty((N, blocks * Q8), dtype=np.int8)         # the inputs' int8 levels
-    xa = np.empty((N, blocks * Q8), dtype=np.uint8)        # and their magnitudes (vpmaddubsw's unsigned operand)
     sx = np.empty((N, blocks), dtype=np.float32)
-    xsum = np.empty((N, blocks), dtype=np.float32)         # sum of each block's levels
-    _round_inputs(x, bits, xq, xa, sx, xsum)
-    return xq, xa, sx, xsum
+    xoff = np.empty((N, blocks), dtype=np.int32)
+    _round_inputs(x, bits, xq, sx, xoff)
+    for n in range(N):
+        for j in range(blocks):
+            xoff[n, j] *= np.int32(offset)
+    return xq, sx, xoff
+
+
+@inline
+def _gemv_groups(x, bits, packed, scale, M, b, gelu, blocks, offset, dot, dot4):   # gemv_q8 / gemv_q4's shared body
+    """One task per group of 8 rows, its rows' block sums in the lanes of one vector (jit.dot_q8 /
+    dot_q4), four inputs at a time sharing each block's loads (and int4's unpacking). Inputs are padded
+    with zeros to whole blocks (and rows' padding is q = 0), so partial blocks need nothing of their own."""
+    N = x.shape[0]
+    xq, sx, xoff = _rounded_inputs(x, bits, blocks, offset)
+    out = np.empty((N, M), dtype=np.float32)
+    for g in numba.prange(packed.shape[0]):
+        rows = min(GROUP, M - GROUP * g)
+        n = 0
+        while n + 4 <= N:
+            v = dot4(packed, scale, g, xq, xoff, sx, n, blocks)
+            for i in range(4):
+                for r in range(rows):
+                    out[n + i, GROUP * g + r] = v[GROUP * i + r]
+            n += 4
+        for i in range(n, N):
+            v = dot(packed, scale, g, xq, xoff, sx, i, blocks)
+            for r in range(rows):
+                out[i, GROUP * g + r] = v[r]
+        for r in range(rows):
+            _bias(out, b, GROUP * g + r, gelu)
+    return out
 
 
 @parallel
-def gemv_q8(x, bits, w, scale, b, gelu):                   # [N, K] (and its uint32 view) x int8 rows [M, K] (scale [M], b [M] or None) -> [N, M]
-    """x . (q * scale) with x rounded to int8 blocks of 32: each row's dot in integers, times the block
-    scales, times the row's scale. A row meets all N inputs while it is in L1: one pass over the weights."""
-    N, K = x.shape
-    M = w.shape[0]
-    blocks, whole = -(-K // Q8), K // Q8
-    xq, xa, sx, _ = _rounded_inputs(x, bits, blocks)
-    out = np.empty((N, M), dtype=np.float32)
-    for m in numba.prange(M):
-        for n in range(N):
-            s = dot_q8(w, m, xq, xa, sx, n, whole)
-            if whole < blocks:                             # a last partial block (K % 32 inputs), in scalars
-                t = np.int32(0)
-                for k in range(Q8 * whole, K):
-                    t += np.int32(w[m, k]) * np.int32(xq[n, k])
-                s += np.float32(t) * sx[n, whole]
-            v = s * scale[m] + (b[m] if b is not None else np.float32(0.0))
-            out[n, m] = _gelu(v) if gelu else v
-    return out
+def gemv_q8(x, bits, packed, scale, M, b, gelu):           # [N, K] (and its uint32 view) x quant.Int8Rows (packed, scale, M rows) (+ b [M]) -> [N, M]
+    """x . (q * scale) with x rounded to int8 blocks of 32."""
+    return _gemv_groups(x, bits, packed, scale, M, b, gelu, packed.shape[1] // (8 * Q8), 128, dot_q8, dot_q8x4)
 
 
 @parallel
 def gemv_q4(x, bits, packed, scale, M, b, gelu):           # [N, K] (and its uint32 view) x quant.Int4Rows (packed, scale, M rows) (+ b [M]) -> [N, M]
-    """x rounded to int8 blocks of 32, against int4 rows in groups of 8 (int4_rows): one task per group,
-    its 8 rows' block sums in the lanes of one vector (jit.dot_q4), four inputs at a time sharing each
-    block's unpacking. Inputs are padded with zeros to whole blocks (and rows' padding nibbles are q = 0),
-    so partial blocks need nothing of their own."""
-    N = x.shape[0]
-    G, blocks = packed.shape[0], scale.shape[1] // Q4_GROUP
-    xq, _, sx, xsum = _rounded_inputs(x, bits, blocks)
-    xoff = np.empty((N, blocks), dtype=np.int32)           # the stored nibbles are q + 8: 8 * the block's sum of levels comes off
-    for n in range(N):
-        for j in range(blocks):
-            xoff[n, j] = np.int32(8) * np.int32(xsum[n, j])
-    out = np.empty((N, M), dtype=np.float32)
-    for g in numba.prange(G):
-        rows = min(Q4_GROUP, M - Q4_GROUP * g)
-        n = 0
-        while n + 4 <= N:
-            v = dot_q4x4(packed, scale, g, xq, xoff, sx, n, blocks)
-            for i in range(4):
-                for r in range(rows):
-                    out[n + i, Q4_GROUP * g + r] = v[Q4_GROUP * i + r]
-            n += 4
-        for i in range(n, N):
-            v = dot_q4(packed, scale, g, xq, xoff, sx, i, blocks)
-            for r in range(rows):
-                out[i, Q4_GROUP * g + r] = v[r]
-        for r in range(rows):
-            _bias(out, b, Q4_GROUP * g + r, gelu)
-    return out
+    """x . (q * d) with x rounded to int8 blocks of 32, d each row's block scales."""
+    return _gemv_groups(x, bits, packed, scale, M, b, gelu, scale.shape[1] // GROUP, 8, dot_q4, dot_q4x4)
 
 
 @serial_exact
@@ -258,10 +244,10 @@ def round_to_q8_rows(x):                                   # [N, K] -> [N, K]: q
 
 
 @serial
-def widen_tile(w, scale, out):                             # bf16 bits or int8 [m, K] (scale [m] or None) -> out float32 [m, K]
-    for m in range(w.shape[0]):
-        for k in range(w.shape[1]):
-            out[m, k] = widen(w, m, k) if scale is None else widen(w, m, k) * scale[m]
+def widen_tile(bits, out):                                 # bf16 bits [m, K] -> out float32 [m, K]
+    for m in range(bits.shape[0]):
+        for k in range(bits.shape[1]):
+            out[m, k] = widen(bits, m, k)
 
 
 @parallel
@@ -298,20 +284,16 @@ def transpose(a):                                          # [R, C] -> [C, R], c
 PREFILL_TILE_ROWS, PREFILL_TILE_BYTES = 256, 6 << 20
 
 
-def stored(w):                                             # quant.BF16 / quant.Int8 rows -> (values, scale or None)
-    return (w.bits, None) if isinstance(w, quant.BF16) else (w.q, w.scale)
-
-
 def matmul_rows(x, w, b=None, gelu=False):                 # [..., K] x [M, K] rows (+ [M]) -> [..., M], GELU'd if gelu
-    """w: float32 rows, quant.BF16 / quant.Int8 rows (scale [M]) or quant.Int4Rows, read as they are stored.
+    """w: float32 rows, quant.BF16 rows, quant.Int8Rows or quant.Int4Rows, read as they are stored.
     gelu: gelu(x . w^T + b) in the same kernel (kernels.decode's MLP)."""
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     M = w.shape[0]
     if x2.shape[0] <= DECODE_ROWS:
         if isinstance(w, quant.Int4Rows):
             y = gemv_q4(x2, x2.view(np.uint32), w.packed, w.scale, w.n_out, b, gelu)
-        elif isinstance(w, quant.Int8):
-            y = gemv_q8(x2, x2.view(np.uint32), w.q, w.scale, b, gelu)
+        elif isinstance(w, quant.Int8Rows):
+            y = gemv_q8(x2, x2.view(np.uint32), w.packed, w.scale, w.n_out, b, gelu)
         else:
             y = gemv(x2, w if isinstance(w, np.ndarray) else w.bits, b, gelu)
     else:
@@ -328,7 +310,7 @@ def matmul_into(x, w, out, then=None):                     # out [N, M] = x [N, 
     """Prefill's product: each core takes a band of the weight's rows (it reads only its share of W; x is
     small) and, on the same thread while the band is still in cache, runs `then` on its columns (a bias,
     bias + GELU, a residual add: kernels.prefill). int8/int4 rows meet int8-rounded inputs, as the spec."""
-    if isinstance(w, (quant.Int8, quant.Int4Rows)):
+    if isinstance(w, (quant.Int8Rows, quant.Int4Rows)):
         x = round_to_q8_rows(x)
 
     def band(cols):
@@ -370,10 +352,50 @@ def _gemm_band(x, w, y, cols):                             # y[:, cols] = x [N, 
             part = tile[: t1 - t0]
             if isinstance(w, quant.Int4Rows):
                 widen_int4(w.packed, w.scale, t0, part)
+            elif isinstance(w, quant.Int8Rows):
+                widen_int8(w.packed, w.scale, t0, part)
             else:
-                values, scale = stored(w)
-                widen_tile(values[t0:t1], None if scale is None else scale[t0:t1], part)
+                widen_tile(w.bits[t0:t1], part)
             np.matmul(x, part.T, out=y[:, t0:t1])
+
+
+# int8 (quant.Int8Rows) and int4 (quant.Int4Rows): rows interleaved in groups of 8, so one 32-byte load holds
+# 4 (int8) or 8 (int4) consecutive weights of each of 8 rows (see jit.dot_q8). Prefill widens tiles of rows
+# for sgemm (PREFILL_TILE_ROWS).
+def int8_rows(q, scale):                                   # int8 rows [M, K], float32 scale [M] -> quant.Int8Rows
+    """Rows past M (to a whole group) and inputs past K (to a whole block) are padding: q = 0, scale 0."""
+    M, K = q.shape
+    G, blocks = -(-M // GROUP), -(-K // Q8)
+    u = np.full((G * GROUP, blocks * Q8), 128, np.uint8)
+    u[:M, :K] = q.view(np.uint8) ^ np.uint8(0x80)          # q + 128 as an unsigned byte
+    u = u.reshape(G, GROUP, blocks, 8, 4).transpose(0, 2, 3, 1, 4)   # g, j, i, r, c: k = 32j + 4i + c
+    s = np.zeros(G * GROUP, np.float32)
+    s[:M] = scale
+    return quant.Int8Rows(np.ascontiguousarray(u).reshape(G, blocks * 256), s.reshape(G, GROUP), M, K)
+
+
+def int8_unrows(w):                                        # quant.Int8Rows -> (q int8 rows [M, K], scale [M])
+    G, blocks = w.packed.shape[0], w.packed.shape[1] // 256
+    u = w.packed.reshape(G, blocks, 8, GROUP, 4).transpose(0, 3, 1, 2, 4).reshape(G * GROUP, blocks * Q8)
+    return (np.ascontiguousarray(u[: w.n_out, : w.n_in] ^ np.uint8(0x80)).view(np.int8),
+            np.ascontiguousarray(w.scale.ravel()[: w.n_out]))
+
+
+@serial
+def widen_int8(packed, scale, r0, out):                    # rows r0 .. r0 + m of quant.Int8Rows (packed, scale) -> out float32 [m, K]
+    K = out.shape[1]
+    for m in range(out.shape[0]):
+        g, r = (r0 + m) // GROUP, (r0 + m) % GROUP
+        src, d, row = packed[g], scale[g, r], out[m]
+        for j in range(packed.shape[1] // 256):
+            for i in range(8):
+                at, k = 256 * j + 32 * i + 4 * r, Q8 * j + 4 * i
+                if k + 4 <= K:                             # whole runs: straight code
+                    for c in range(4):
+                        row[k + c] = np.float32(np.int8(src[at + c] ^ np.uint8(0x80))) * d
+                else:
+                    for c in range(K - k):
+                        row[k + c] = np.float32(np.int8(src[at + c] ^ np.uint8(0x80))) * d
 
 
 # int4 (quant.Int4Rows): rows interleaved in groups of 8, so one 32-byte load holds 8 weights of each of 8
@@ -381,21 +403,21 @@ def _gemm_band(x, w, y, cols):                             # y[:, cols] = x [N, 
 def int4_rows(q, scale):                                   # int8 rows [M, K] in [-8, 7], float32 scale [M, blocks] -> quant.Int4Rows
     """Rows past M (to a whole group) and inputs past K (to a whole block) are padding: q = 0, scale 0."""
     M, K = q.shape
-    G, blocks = -(-M // Q4_GROUP), -(-K // Q8)
-    u = quant.offset_nibbles(q, G * Q4_GROUP, blocks * Q8).reshape(G, Q4_GROUP, blocks, 4, 2, 4)   # g, r, j, i, half, c
+    G, blocks = -(-M // GROUP), -(-K // Q8)
+    u = quant.offset_nibbles(q, G * GROUP, blocks * Q8).reshape(G, GROUP, blocks, 4, 2, 4)   # g, r, j, i, half, c
     u = u.transpose(0, 2, 3, 1, 4, 5)                      # g, j, i, r, half, c: k = 32j + 8i + 4 half + c
     packed = u[..., 0, :] | (u[..., 1, :] << 4)
-    s = np.zeros((G * Q4_GROUP, blocks), np.float32)
+    s = np.zeros((G * GROUP, blocks), np.float32)
     s[:M] = scale
-    s = s.reshape(G, Q4_GROUP, blocks).transpose(0, 2, 1)
+    s = s.reshape(G, GROUP, blocks).transpose(0, 2, 1)
     return quant.Int4Rows(np.ascontiguousarray(packed).reshape(G, blocks * 128), np.ascontiguousarray(s).reshape(G, -1), M, K)
 
 
 def int4_unrows(w):                                        # quant.Int4Rows -> (q int8 rows [M, K], scale [M, blocks])
-    G, blocks = w.packed.shape[0], w.scale.shape[1] // Q4_GROUP
-    p = w.packed.reshape(G, blocks, 4, Q4_GROUP, 4)
-    u = np.stack([p & 15, p >> 4], axis=4).transpose(0, 3, 1, 2, 4, 5).reshape(G * Q4_GROUP, blocks * Q8)
-    scale = w.scale.reshape(G, blocks, Q4_GROUP).transpose(0, 2, 1).reshape(G * Q4_GROUP, blocks)
+    G, blocks = w.packed.shape[0], w.scale.shape[1] // GROUP
+    p = w.packed.reshape(G, blocks, 4, GROUP, 4)
+    u = np.stack([p & 15, p >> 4], axis=4).transpose(0, 3, 1, 2, 4, 5).reshape(G * GROUP, blocks * Q8)
+    scale = w.scale.reshape(G, blocks, GROUP).transpose(0, 2, 1).reshape(G * GROUP, blocks)
     return (np.ascontiguousarray(u[: w.n_out, : w.n_in].view(np.int8) - np.int8(8)),
             np.ascontiguousarray(scale[: w.n_out, : -(-w.n_in // Q8)]))
 
@@ -404,10 +426,10 @@ def int4_unrows(w):                                        # quant.Int4Rows -> (
 def widen_int4(packed, scale, r0, out):                    # rows r0 .. r0 + m of quant.Int4Rows (packed, scale) -> out float32 [m, K]
     K = out.shape[1]
     for m in range(out.shape[0]):
-        g, r = (r0 + m) // Q4_GROUP, (r0 + m) % Q4_GROUP
+        g, r = (r0 + m) // GROUP, (r0 + m) % GROUP
         src, d, row = packed[g], scale[g], out[m]
-        for j in range(scale.shape[1] // Q4_GROUP):
-            dj, k0 = d[Q4_GROUP * j + r], Q8 * j
+        for j in range(scale.shape[1] // GROUP):
+            dj, k0 = d[GROUP * j + r], Q8 * j
             for i in range(4):
                 at, k = 128 * j + 32 * i + 4 * r, k0 + 8 * i
                 if k + 8 <= K:                             # whole runs: straight code

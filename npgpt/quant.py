@@ -62,6 +62,25 @@ class Int4(NamedTuple):
     nbytes = _Q_NBYTES
 
 
+class Int8Rows(NamedTuple):
+    """Int8 as the kernels keep it: rows of outputs [out, in] interleaved in groups of 8 (built by
+    npgpt.kernels.matmul.int8_rows). Group g holds rows 8g .. 8g + 7 (rows past `n_out` are padding,
+    q = 0 and scale 0); block j of the group (32 inputs) is 256 bytes, 8 runs of 32: byte 4r + c of run
+    i holds q + 128 (as an unsigned byte) of row 8g + r at input 32j + 4i + c. scale[g, r] is row 8g + r's."""
+    packed: np.ndarray                                     # uint8 [groups, 256 * blocks]
+    scale: np.ndarray                                      # float32 [groups, 8]
+    n_out: int
+    n_in: int
+
+    @property
+    def shape(self):
+        return (self.n_out, self.n_in)
+
+    @property
+    def nbytes(self):
+        return self.packed.nbytes + self.scale.nbytes
+
+
 class Int4Rows(NamedTuple):
     """Int4 as the kernels keep it: rows of outputs [out, in] interleaved in groups of 8 (built by
     npgpt.kernels.matmul.int4_rows). Group g holds rows 8g .. 8g + 7 (rows past `n_out` are padding,
@@ -171,7 +190,7 @@ def to_int4(w, axis):                                      # float32 -> Int4, bl
 def format_of(w):
     if isinstance(w, (Int4, Int4Rows)):
         return "int4"
-    return "bf16" if isinstance(w, BF16) else "int8" if isinstance(w, Int8) else "fp32"
+    return "bf16" if isinstance(w, BF16) else "int8" if isinstance(w, (Int8, Int8Rows)) else "fp32"
 
 
 def convert(w, fmt, axis):                                 # a matmul weight in any format -> `fmt`

@@ -36,20 +36,35 @@ def test_int8_is_symmetric_per_output_channel(axis, shape):
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
-@pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (64, 33)])   # partial pairs of blocks and partial blocks, whole ones
+@pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (64, 33)])   # partial groups of rows and partial blocks, whole ones
 def test_prefill_widening_gives_exactly_the_reference_values(fmt, n_out, n_in):
     w = quant.quantize({"h": [], "lm_head": {"weight": rng.standard_normal((n_out, n_in), dtype=np.float32)}}, fmt)["lm_head"]["weight"]
     rows = kernels.head_rows(w)
     out = np.empty(w.shape, np.float32)
-    if fmt == "int4":
-        matmul.widen_int4(rows.packed, rows.scale, 0, out)
-        part = np.empty((n_out - 11, n_in), np.float32)    # a tile that starts and ends inside groups of 8 rows
-        matmul.widen_int4(rows.packed, rows.scale, 5, part[: n_out - 11])
-        assert np.array_equal(part, quant.dequantize(w)[5 : n_out - 6])
+    if fmt == "bf16":
+        matmul.widen_tile(rows.bits, out)
     else:
-        values, scale = matmul.stored(rows)
-        matmul.widen_tile(values, scale, out)
+        widen = matmul.widen_int4 if fmt == "int4" else matmul.widen_int8
+        widen(rows.packed, rows.scale, 0, out)
+        part = np.empty((n_out - 11, n_in), np.float32)    # a tile that starts and ends inside groups of 8 rows
+        widen(rows.packed, rows.scale, 5, part)
+        assert np.array_equal(part, quant.dequantize(w)[5 : n_out - 6])
     assert np.array_equal(out, quant.dequantize(w))
+
+
+@pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (1, 1), (16, 128)])   # partial groups and blocks, whole ones
+def test_int8_rows_keep_every_weight_and_scale(n_out, n_in):
+    w = quant.to_int8(rng.standard_normal((n_out, n_in), dtype=np.float32), 0)
+    rows = kernels.head_rows(w)
+    groups, blocks = -(-n_out // 8), -(-n_in // 32)
+    assert isinstance(rows, quant.Int8Rows) and rows.shape == (n_out, n_in)
+    assert rows.packed.shape == (groups, 256 * blocks) and rows.packed.dtype == np.uint8 and rows.scale.shape == (groups, 8)
+    r, j, i, c = min(n_out - 1, 6), blocks - 1, 5, 3       # byte 4r + c of run i of block j: input 32j + 4i + c, as q + 128
+    k = 32 * j + 4 * i + c
+    assert rows.packed[0, 256 * j + 32 * i + 4 * r + c] == (int(w.q[r, k]) + 128 if k < n_in else 128)
+    assert rows.scale.ravel()[r] == w.scale[r, 0] and np.all(rows.scale.ravel()[n_out:] == 0)   # padding rows: scale 0
+    back = kernels.unprepare({"h": [], "lm_head": {"weight": rows}})["lm_head"]["weight"]
+    assert np.array_equal(back.q, w.q) and np.array_equal(back.scale, w.scale)
 
 
 @pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (1, 1), (16, 128)])   # partial groups and blocks, whole ones
@@ -98,28 +113,20 @@ def test_prefill_rounds_int8_inputs_bit_for_bit_as_the_spec(shape):
 
 @pytest.mark.parametrize("M, K", [(7, 64), (33, 128), (300, 768), (5, 3072), (9, 32 * 3)])   # partial groups; an odd block count: the tail
 def test_integer_dots_with_and_without_avx2_equal_the_exact_sum(M, K):
-    """jit.dot_q8 / dot_q4 / dot_q4x4 (AVX512-VNNI or AVX2 when the CPU has them), and each on every
-    instruction path this CPU can run (VNNI, AVX2 alone, plain vector IR), against float64: block dots
-    are exact integers, so only the float32 scaling and sums differ (~1e-7 relative)."""
+    """jit.dot_q8 / dot_q8x4 / dot_q4 / dot_q4x4 (AVX512-VNNI or AVX2 when the CPU has them), and each on
+    every instruction path this CPU can run (VNNI, AVX2 alone, plain vector IR), against float64: block
+    dots are exact integers, so only the float32 scaling and sums differ (~1e-7 relative; bounded by
+    1e-6 of the sum of the terms' magnitudes)."""
     import numba
     from npgpt.kernels import jit
 
-    def rows8(dot):
+    def rows_of(dot, inputs):                             # every group of rows against 4 inputs, `inputs` at a time
         @numba.njit
-        def f(w, xq, xa, sx):
-            out = np.empty((1, w.shape[0]), np.float32)
-            for m in range(w.shape[0]):
-                out[0, m] = dot(w, m, xq, xa, sx, 0, w.shape[1] // 32)
-            return out
-        return f
-
-    def rows4(dot, inputs):
-        @numba.njit
-        def f(packed, d, xq, xoff, sx, M):
+        def f(packed, d, xq, xoff, sx, M, blocks):
             out = np.empty((4, packed.shape[0] * 8), np.float32)
             for g in range(packed.shape[0]):
                 for n in range(0, 4, inputs):
-                    v = dot(packed, d, g, xq, xoff, sx, n, d.shape[1] // 8)
+                    v = dot(packed, d, g, xq, xoff, sx, n, blocks)
                     for i in range(inputs):
                         for r in range(8):
                             out[n + i, 8 * g + r] = v[8 * i + r]
@@ -129,23 +136,26 @@ def test_integer_dots_with_and_without_avx2_equal_the_exact_sum(M, K):
     blocks = K // 32
     sx = rng.uniform(0.001, 1.0, size=(4, blocks)).astype(np.float32)
     xq = rng.integers(-127, 128, size=(4, K)).astype(np.int8)
-    w = rng.integers(-127, 128, size=(M, K)).astype(np.int8)
-    prods = (w[None].astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1)          # [inputs, rows, blocks]
-    magnitude = np.abs(w[None].astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1)
-    exact, scale = (prods * sx[:, None]).sum(-1), (magnitude * sx[:, None]).sum(-1)
-    xa = np.abs(xq[:1].astype(np.int16)).astype(np.uint8)
-    for dot in (jit.dot_q8, *jit.dot_q8_isa.values()):
-        assert np.all(np.abs(rows8(dot)(w, xq[:1].copy(), xa, sx[:1].copy()) - exact[:1]) <= 1e-6 * scale[:1])
+    levels = xq.astype(np.int32).reshape(4, blocks, 32).sum(-1)
+
+    w = quant.Int8(rng.integers(-127, 128, size=(M, K)).astype(np.int8), rng.uniform(0.001, 1.0, size=(M, 1)).astype(np.float32))
+    prods = (w.q[None].astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1)          # [inputs, rows, blocks]
+    magnitude = np.abs(w.q[None].astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1)
+    exact, scale = (prods * sx[:, None]).sum(-1) * w.scale.T, (magnitude * sx[:, None]).sum(-1) * w.scale.T
+    rows = kernels.head_rows(w)
+    for dot, inputs in ((jit.dot_q8, 1), (jit.dot_q8x4, 4), *((dot, 1) for dot in jit.dot_q8_isa.values())):
+        got = rows_of(dot, inputs)(rows.packed, rows.scale, xq, (128 * levels).astype(np.int32), sx, M, blocks)
+        assert np.all(np.abs(got - exact) <= 1e-6 * scale)
 
     q4 = rng.integers(-8, 8, size=(M, K)).astype(np.int8)
     d = rng.uniform(0.001, 1.0, size=(M, blocks)).astype(np.float32)
-    exact = (q4[None].astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]   # the offset of 8 comes off
-    magnitude = np.abs((q4[None] + 8).astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]
+    exact = (q4[None].astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]
+    magnitude = np.abs((q4[None] + 8).astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]   # the stored q + 8's
     exact, scale = (exact * sx[:, None]).sum(-1), (magnitude * sx[:, None]).sum(-1)
     packed = matmul.int4_rows(q4, d)
-    xoff = (8 * xq.astype(np.int32).reshape(4, blocks, 32).sum(-1)).astype(np.int32)
     for dot, inputs in ((jit.dot_q4, 1), (jit.dot_q4x4, 4), *((dot, 1) for dot in jit.dot_q4_isa.values())):
-        assert np.all(np.abs(rows4(dot, inputs)(packed.packed, packed.scale, xq, xoff, sx, M) - exact) <= 1e-6 * scale)
+        got = rows_of(dot, inputs)(packed.packed, packed.scale, xq, (8 * levels).astype(np.int32), sx, M, blocks)
+        assert np.all(np.abs(got - exact) <= 1e-6 * scale)
 
 
 @pytest.mark.parametrize("n_in", [64, 60, 33])            # whole int4 blocks, a partial last block, an odd input count
@@ -227,7 +237,7 @@ def test_numba_int8_model_holds_no_float32_matmul_weights(tiny_params):
     prepared = npgpt.Model(quant.quantize(tiny_params, "int8"), TINY, backend="numba").params
     for name, w in weights.flatten(prepared).items():
         if name.endswith("weight_t") or name == "lm_head.weight":
-            assert isinstance(w, quant.Int8) and w.q.dtype == np.int8, name
+            assert isinstance(w, quant.Int8Rows) and w.packed.dtype == np.uint8, name
 
 
 def test_numba_int4_model_holds_packed_nibbles_and_saves_back_the_same_values(tiny_params, tmp_path):
