@@ -70,6 +70,29 @@ def _dot_4x4(x, n, w, m, out):                             # out[n:n+4, m:m+4] =
     out[n + 3, m], out[n + 3, m + 1], out[n + 3, m + 2], out[n + 3, m + 3] = d0, d1, d2, d3
 
 
+# bf16 rows read as pairs: the uint32 at pair i of a row holds element 2i in its low half and 2i + 1 in its
+# high one, so `u << 16` and `u & 0xFFFF0000` are both as float32, two widenings of 8 lanes from one load
+# with no unpacking shuffle (widening each uint16 took a zero-extend and a shift per 8). The inputs come
+# deinterleaved (bf16_inputs: the even elements, then the odd). Measured 1.3x on a 3072x768 GEMV from L3,
+# 1.1-1.2x on batch-1 decode.
+LOW, HIGH = np.uint32(16), np.uint32(0xFFFF0000)
+
+
+@inline
+def _dot_pairs(x, n, w, m):                                # x[n] (deinterleaved) . bf16 row m of pairs
+    h = w.shape[1]
+    even, odd, row = x[n, :h], x[n, h:], w[m]             # slices: an index h + i would keep the loop scalar (wraparound)
+    s = np.float32(0.0)
+    for i in range(h):
+        u = row[i]
+        s += even[i] * f32_from_bits(u << LOW) + odd[i] * f32_from_bits(u & HIGH)
+    return s
+
+
+def bf16_inputs(x):                                        # [N, K] -> [N, K]: the even elements of each row, then the odd
+    return np.concatenate([x[:, 0::2], x[:, 1::2]], axis=1)
+
+
 @inline
 def _bias(out, b, m, gelu):                                # out[:, m] += b[m] (b may be None), then GELU if asked
     """GELU here, on the thread that computed column m: the MLP's first GEMV hands its successor
@@ -108,6 +131,21 @@ def gemv(x, w, b, gelu):                                   # [N, K] x [M, K] row
                 for i in range(n, N):
                     out[i, m] = _dot(x, i, w, m)
                 _bias(out, b, m, gelu)
+    return out
+
+
+@parallel
+def gemv_pairs(x, w, b, gelu):                             # bf16 rows as pairs [M, K / 2] uint32, x from bf16_inputs (+ b) -> [N, M]
+    """gemv's one row per task for fewer than TILE_FROM inputs, on bf16 pairs. (Its 4x4 tile on pairs,
+    which keeps 8 widened vectors and 8 inputs beside 16 accumulators, measured ~10% slower at batch 4
+    than widening each uint16: from 4 inputs, gemv.)"""
+    N = x.shape[0]
+    M = w.shape[0]
+    out = np.empty((N, M), dtype=np.float32)
+    for m in numba.prange(M):
+        for n in range(N):
+            out[n, m] = _dot_pairs(x, n, w, m)
+        _bias(out, b, m, gelu)
     return out
 
 
@@ -294,6 +332,8 @@ def matmul_rows(x, w, b=None, gelu=False):                 # [..., K] x [M, K] r
             y = gemv_q4(x2, x2.view(np.uint32), w.packed, w.scale, w.n_out, b, gelu)
         elif isinstance(w, quant.Int8Rows):
             y = gemv_q8(x2, x2.view(np.uint32), w.packed, w.scale, w.n_out, b, gelu)
+        elif isinstance(w, quant.BF16) and w.shape[1] % 2 == 0 and x2.shape[0] < TILE_FROM:
+            y = gemv_pairs(bf16_inputs(x2), w.bits.view(np.uint32), b, gelu)
         else:
             y = gemv(x2, w if isinstance(w, np.ndarray) else w.bits, b, gelu)
     else:

@@ -179,7 +179,7 @@ def test_int4_is_blockwise_symmetric_and_packs_two_per_byte(n_in):
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 13, 16, 17, 300])         # GEMV up to 16 rows (fp32/bf16: 4x4 tiles from 4; int4: 4 inputs per unpacking), tiled sgemm above
-@pytest.mark.parametrize("n_in, n_out", [(60, 180), (180, 60), (768, 301), (61, 37)])
+@pytest.mark.parametrize("n_in, n_out", [(60, 180), (180, 60), (768, 301), (61, 37)])   # bf16 below 4 rows: even n_in read as pairs, odd as is
 def test_linear_on_quantized_weights(fmt, rows, n_in, n_out):
     x, b = rng.standard_normal((rows, n_in), dtype=np.float32), rng.standard_normal(n_out, dtype=np.float32)
     w = quant.convert(rng.standard_normal((n_in, n_out), dtype=np.float32) * np.float32(0.1), fmt, 1)
