@@ -225,6 +225,19 @@ def test_fused_prefill_takes_one_sequence_and_leaves_ragged_rows_to_the_spec(tin
     assert not prefill.fits(np.zeros((1, 16), np.int64), None)   # decode-sized
 
 
+@pytest.mark.parametrize("rows", [17, 130, 600])       # below TRANSPOSED_BELOW (transposed product, copied back) and above
+def test_prefill_product_on_bands_equals_the_spec(rows):
+    """matmul_into's bands of columns: each a product x . w_band^T, transposed below 512 input rows (w_band
+    . x^T, then untranspose_into y's columns, tile by tile with partial tiles), straight above."""
+    x, w = randn(rows, 61), randn(75, 61)
+    out = np.full((rows, 75), np.nan, np.float32)
+    matmul.matmul_into(x, w, out)
+    assert max_rel_err(out, x @ w.T) < 1e-5
+    yt, y = randn(37, 45), np.full((45, 80), 7.0, np.float32)
+    matmul.untranspose_into(yt, y, 20)
+    assert np.array_equal(y[:, 20:57], yt.T) and np.all(np.delete(y, slice(20, 57), 1) == 7.0)
+
+
 @pytest.mark.parametrize("c0, c1", [(0, 97), (5, 61), (33, 34)])
 def test_prefill_epilogues_equal_the_spec_on_a_band_of_columns(c0, c1):
     """The kernels prefill runs on a band of columns right after its product: bias, bias + GELU,
