@@ -17,7 +17,7 @@ from ..model import forward_packed as spec_forward_packed
 from ..inputs import check_ids
 
 from .attention import attend_row
-from .jit import DECODE_ROWS, parallel
+from .jit import DECODE_ROWS, parallel, prefetch
 from .matmul import matmul_rows
 from .norm import layer_norm_rows
 
@@ -25,13 +25,19 @@ from .norm import layer_norm_rows
 @parallel
 def attend_step(qkv, k_cache, v_cache, lengths, scale, out):   # [B, 3C], [B, H, n_ctx, D] x2, [B] -> out [B, C]
     """Row b's new key and value go to position lengths[b] of its cache row; its query attends to
-    positions 0..lengths[b] (causal: all it holds and itself). One task per (row, head)."""
+    positions 0..lengths[b] (causal: all it holds and itself). One task per (row, head). The cache comes
+    from memory (the weights streamed through the caches since the last step read it): each task first
+    prefetches its values, one hint a cache line, so they arrive while its keys are scored (attention
+    at batch 4 ~15% faster, int4 decode, in alternating runs)."""
     B = qkv.shape[0]
     H, D = k_cache.shape[1], k_cache.shape[3]
     C = H * D
     for i in numba.prange(B * H):
         b, h = i // H, i % H
         pos = lengths[b]
+        for s in range(pos):                               # ask for this task's values while its keys are scored
+            for line in range(0, D, 16):
+                prefetch(v_cache, b, h, s, line)
         for d in range(D):
             k_cache[b, h, pos, d] = qkv[b, C + h * D + d]
             v_cache[b, h, pos, d] = qkv[b, 2 * C + h * D + d]

@@ -84,6 +84,22 @@ def rint(typingctx, v):                                    # float32 -> float32 
     return sig, codegen
 
 
+@intrinsic
+def prefetch(typingctx, a, i, j, l, m):                    # llvm.prefetch of a[i, j, l, m]'s cache line, for reading (a hint: no fault, no result)
+    if not (isinstance(a, types.Array) and a.ndim == 4 and a.layout == "C"):
+        return None
+    sig = types.void(a, types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], arr, list(args[1:]))
+        i32 = ir.IntType(32)
+        _x86(builder, "llvm.prefetch.p0", ir.VoidType(), builder.bitcast(ptr, ir.IntType(8).as_pointer()),
+             ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1))
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 def _nibble(high):
     @intrinsic
     def nibble(typingctx, byte):                           # uint8 -> float32 of its low (high) 4 bits
