@@ -17,7 +17,7 @@ from ..model import forward_packed as spec_forward_packed
 from ..inputs import check_ids
 
 from .attention import attend_row
-from .jit import DECODE_ROWS, parallel, prefetch
+from .jit import DECODE_ROWS, parallel, prefetch4
 from .matmul import matmul_rows
 from .norm import layer_norm_rows
 
@@ -37,7 +37,7 @@ def attend_step(qkv, k_cache, v_cache, lengths, scale, out):   # [B, 3C], [B, H,
         pos = lengths[b]
         for s in range(pos):                               # ask for this task's values while its keys are scored
             for line in range(0, D, 16):
-                prefetch(v_cache, b, h, s, line)
+                prefetch4(v_cache, b, h, s, line)
         for d in range(D):
             k_cache[b, h, pos, d] = qkv[b, C + h * D + d]
             v_cache[b, h, pos, d] = qkv[b, 2 * C + h * D + d]
