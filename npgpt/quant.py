@@ -62,6 +62,11 @@ class Int4(NamedTuple):
     nbytes = _Q_NBYTES
 
 
+# shared by Int8Rows and Int4Rows: the weight's [out, in], and what the packed rows and scales cost
+_ROWS_SHAPE = property(lambda self: (self.n_out, self.n_in))
+_ROWS_NBYTES = property(lambda self: self.packed.nbytes + self.scale.nbytes)
+
+
 class Int8Rows(NamedTuple):
     """Int8 as the kernels keep it: rows of outputs [out, in] interleaved in groups of 8 (built by
     npgpt.kernels.matmul.int8_rows). Group g holds rows 8g .. 8g + 7 (rows past `n_out` are padding,
@@ -71,14 +76,8 @@ class Int8Rows(NamedTuple):
     scale: np.ndarray                                      # float32 [groups, 8]
     n_out: int
     n_in: int
-
-    @property
-    def shape(self):
-        return (self.n_out, self.n_in)
-
-    @property
-    def nbytes(self):
-        return self.packed.nbytes + self.scale.nbytes
+    shape = _ROWS_SHAPE
+    nbytes = _ROWS_NBYTES
 
 
 class Int4Rows(NamedTuple):
@@ -91,14 +90,8 @@ class Int4Rows(NamedTuple):
     scale: np.ndarray                                      # float32 [groups, 8 * blocks]
     n_out: int
     n_in: int
-
-    @property
-    def shape(self):
-        return (self.n_out, self.n_in)
-
-    @property
-    def nbytes(self):
-        return self.packed.nbytes + self.scale.nbytes
+    shape = _ROWS_SHAPE
+    nbytes = _ROWS_NBYTES
 
 
 def offset_nibbles(q, rows, cols):                         # int8 [r, c] in [-8, 7] -> uint8 q + 8 [rows, cols], padded with q = 0
