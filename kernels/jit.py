@@ -24,7 +24,6 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from threadpoolctl import ThreadpoolController
 
-from ..quant import Q8_BLOCK                                # inputs per scale of the rounded inputs (and per int4 scale)
 
 # reassoc + contract let LLVM vectorize float32 reductions and use FMA. Not fastmath=True: that also
 # assumes no inf/nan, and the causal mask and softmax rely on -inf. error_model="numpy": a float
@@ -76,7 +75,8 @@ def f32_from_bits(typingctx, bits):                        # uint32 -> float32 w
 @intrinsic
 def rint(typingctx, v):                                    # float32 -> float32 rounded to nearest, ties to even
     """llvm.rint, which LLVM vectorizes (vroundps); numba's np.rint on a scalar calls a library function
-    and keeps the loop scalar (int8 input rounding measured ~10x slower that way)."""
+    and keeps the loop scalar. One IEEE operation, so it rounds the same with or without reassociation
+    (the GEMVs' input rounding and prefill's exact one both use it)."""
     sig = types.float32(types.float32)
 
     def codegen(context, builder, signature, args):
@@ -199,10 +199,6 @@ def _biased_q8(context, isa):                              # does _q8_acc's sum 
     return _vnni(context, isa) or not _avx2(context, isa)
 
 
-def _c2d(a, dtype):                                         # a C-contiguous 2-D array of dtype (a numba type)?
-    return isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" and a.dtype == dtype
-
-
 def _block_loader(builder, base, size, at):                # <size x i8> at byte `at` of base
     return builder.load(builder.bitcast(builder.gep(base, [at]), _vector(8, size).as_pointer()), align=1)
 
@@ -229,8 +225,8 @@ def _dot_group(fmt, inputs=1, isa="native"):
         work (convert, scale, add) is done once for 8 rows, with no horizontal sum at all. int4: 4 runs of
         32 bytes a block, each holding two runs of nibbles (inputs 8i .. 8i + 3 low, 8i + 4 .. 8i + 7
         high); int8: 8 runs (inputs 4i .. 4i + 3). Returns 8 * inputs floats, input by input."""
-        if not (_c2d(w, types.uint8) and _c2d(d, types.float32) and _c2d(xq, types.int8)
-                and _c2d(xoff, types.int32) and _c2d(sx, types.float32)):
+        if not all(_c_array(a, 2) and a.dtype == t for a, t in ((w, types.uint8), (d, types.float32), (xq, types.int8),
+                                                               (xoff, types.int32), (sx, types.float32))):
             return None
         sig = types.UniTuple(types.float32, GROUP * inputs)(w, d, types.intp, xq, xoff, sx, types.intp, types.intp)
 

@@ -22,8 +22,7 @@ def widen(w, m, k):                                        # stored weight eleme
 @overload(widen)
 def _widen(w, m, k):
     """Chosen per dtype at compile time: float32 is itself; bf16 bits << 16 are its float32 (a bit cast,
-    not a conversion); int8 converts (prefill's widening), its scale applied by the caller. The loops
-    still vectorize."""
+    not a conversion). The loops still vectorize."""
     if w.dtype == types.uint16:
         return lambda w, m, k: f32_from_bits(np.uint32(w[m, k]) << np.uint32(16))
     return lambda w, m, k: np.float32(w[m, k])
@@ -196,18 +195,8 @@ def _round_block(bits, n, j, K):                           # (peak / 127, 127 / 
     return p / np.float32(127.0), (np.float32(127.0) / p if p > 0 else np.float32(0.0))
 
 
-ROUNDER = np.float32(1.5 * 2**23)                          # v + this - this is rint(v) for |v| < 2**22 (float32, ties to even)
-
-
 @inline
-def _rint(v):                                              # np.rint of a float32 within [-127, 127], in two adds
-    """numba calls a library function for np.rint on a scalar, which keeps the loop scalar. Only in
-    kernels compiled without reassociation (which would fold the adds away)."""
-    return (v + ROUNDER) - ROUNDER
-
-
-@inline
-def _round_inputs(x, bits, xq, sx, xsum):                  # x [N, K] -> int8 levels, block scales and sums of levels
+def _round_inputs(x, bits, offset, xq, sx, xoff):         # x [N, K] -> int8 levels, block scales, offset * sums of levels
     """As quant.round_to_q8; blocks past K are zeros (so whole-block dots over padding add nothing).
     Whole blocks run on row slices with a local sum: a constant trip count and no stores that may alias
     the inputs, so the loop vectorizes."""
@@ -227,7 +216,7 @@ def _round_inputs(x, bits, xq, sx, xsum):                  # x [N, K] -> int8 le
                 for k in range(Q8):
                     q[k] = np.int8(rint(x[n, k0 + k] * inv)) if k0 + k < K else np.int8(0)
                     total += np.int32(q[k])
-            xsum[n, j] = total
+            xoff[n, j] = total * np.int32(offset)
 
 
 @inline
@@ -237,10 +226,7 @@ def _rounded_inputs(x, bits, blocks, offset):              # -> (xq, sx, xoff) f
     xq = np.empty((N, blocks * Q8), dtype=np.int8)         # the inputs' int8 levels
     sx = np.empty((N, blocks), dtype=np.float32)
     xoff = np.empty((N, blocks), dtype=np.int32)
-    _round_inputs(x, bits, xq, sx, xoff)
-    for n in range(N):
-        for j in range(blocks):
-            xoff[n, j] *= np.int32(offset)
+    _round_inputs(x, bits, offset, xq, sx, xoff)
     return xq, sx, xoff
 
 
@@ -291,10 +277,10 @@ def _round_to_q8_band(x, bits, out):                       # [N, K] (and its uin
             k0 = Q8 * j
             if k0 + Q8 <= K:
                 for k in range(Q8):
-                    out[n, k0 + k] = _rint(x[n, k0 + k] * inv) * d
+                    out[n, k0 + k] = rint(x[n, k0 + k] * inv) * d
             else:
                 for k in range(k0, K):
-                    out[n, k] = _rint(x[n, k] * inv) * d
+                    out[n, k] = rint(x[n, k] * inv) * d
 
 
 def round_to_q8_rows(x):                                   # [N, K] -> [N, K]: quant.round_to_q8, for prefill's sgemm
