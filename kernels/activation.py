@@ -35,18 +35,6 @@ def gelu_rows(x, out):                                     # [N, F] -> out [N, F
             out[i, j] = _gelu(x[i, j])
 
 
-@serial
-def bias_gelu(y, b, c0, c1):                               # y[:, c0:c1] = gelu(y[:, c0:c1] + b[c0:c1]), in place
-    """The MLP's first half after its product (kernels.prefill): one pass over the band, on the thread
-    that just wrote it. The band is sliced here: indices from range(c0, c1) may be negative as far as
-    numba knows, and its wraparound check kept the loop scalar (7x slower)."""
-    bias = b[c0:c1]
-    for i in range(y.shape[0]):
-        row = y[i, c0:c1]
-        for j in range(row.shape[0]):
-            row[j] = _gelu(row[j] + bias[j])
-
-
 def gelu(x):                                               # [..., F] -> [..., F]
     x2 = x.reshape(-1, x.shape[-1])
     out = np.empty(x2.shape, dtype=np.float32)

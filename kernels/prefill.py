@@ -4,7 +4,8 @@ npgpt.model.forward for T new tokens on B rows that share one length (or no cach
 operations, but
 - each product's bias, bias + GELU, or residual add runs on the thread that computed its band of
   columns, right after it: one pass over data still in cache, instead of a NumPy op or a band
-  dispatch of its own, and a new array, per step;
+  dispatch of its own, and a new array, per step; below 512 rows that pass also reads the band's
+  product back from its transposed form (matmul.finish_band);
 - attention reads each head's queries, keys and values where the qkv product left them, writes the
   keys and values into the cache, and writes its output where the projection reads it (no split or
   merge of heads);
@@ -18,10 +19,9 @@ import numpy as np
 
 from ..inputs import check_ids
 
-from .activation import bias_gelu
 from .attention import prefill_heads
 from .jit import DECODE_ROWS, bands
-from .matmul import add_bias, add_residual, matmul_into, matmul_rows
+from .matmul import BIAS, GELU, RESIDUAL, matmul_into, matmul_rows
 from .norm import layer_norm_rows
 
 
@@ -63,22 +63,19 @@ def forward(params, ids, cfg, cache=None, last=False):    # [T] or [B, T] ids ->
     N, C, H = B * T, cfg.n_embd, cfg.n_head
     x = (params["wte"]["weight"][ids] + params["wpe"]["weight"][past + np.arange(T)]).reshape(N, C)   # [N, C], the stream
     F = params["h"][0]["mlp"]["c_fc"]["bias"].shape[0]
-    h, a, y = (np.empty((N, C), np.float32) for _ in range(3))   # LayerNorm's output, attention's, a projection's
+    h, a = np.empty((N, C), np.float32), np.empty((N, C), np.float32)   # LayerNorm's output, attention's
     qkv, g = np.empty((N, 3 * C), np.float32), np.empty((N, F), np.float32)
+    work = np.empty(N * max(3 * C, F, C), np.float32)      # every product's scratch (matmul_into)
     scale = np.float32(1.0 / math.sqrt(cfg.head_dim))
     for i, layer in enumerate(params["h"]):
         attn, mlp = layer["attn"], layer["mlp"]
         _layer_norm(x, layer["ln_1"], cfg.eps, h)
-        b1 = attn["c_attn"]["bias"]
-        matmul_into(h, attn["c_attn"]["weight_t"], qkv, lambda c: add_bias(qkv, b1, c.start, c.stop))
+        matmul_into(h, attn["c_attn"]["weight_t"], qkv, attn["c_attn"]["bias"], BIAS, work)
         _attend(qkv, None if cache is None else cache.layer(i), past, B, T, H, scale, a)
-        b2 = attn["c_proj"]["bias"]
-        matmul_into(a, attn["c_proj"]["weight_t"], y, lambda c: add_residual(x, y, b2, c.start, c.stop))
+        matmul_into(a, attn["c_proj"]["weight_t"], x, attn["c_proj"]["bias"], RESIDUAL, work)
         _layer_norm(x, layer["ln_2"], cfg.eps, h)
-        b3 = mlp["c_fc"]["bias"]
-        matmul_into(h, mlp["c_fc"]["weight_t"], g, lambda c: bias_gelu(g, b3, c.start, c.stop))
-        b4 = mlp["c_proj"]["bias"]
-        matmul_into(g, mlp["c_proj"]["weight_t"], y, lambda c: add_residual(x, y, b4, c.start, c.stop))
+        matmul_into(h, mlp["c_fc"]["weight_t"], g, mlp["c_fc"]["bias"], GELU, work)
+        matmul_into(g, mlp["c_proj"]["weight_t"], x, mlp["c_proj"]["bias"], RESIDUAL, work)
     if cache is not None:
         cache.advance(T)
     if last:

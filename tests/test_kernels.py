@@ -225,32 +225,39 @@ def test_fused_prefill_takes_one_sequence_and_leaves_ragged_rows_to_the_spec(tin
     assert not prefill.fits(np.zeros((1, 16), np.int64), None)   # decode-sized
 
 
-@pytest.mark.parametrize("rows", [17, 130, 600])       # below TRANSPOSED_BELOW (transposed product, copied back) and above
-def test_prefill_product_on_bands_equals_the_spec(rows):
-    """matmul_into's bands of columns: each a product x . w_band^T, transposed below 512 input rows (w_band
-    . x^T, then untranspose_into y's columns, tile by tile with partial tiles), straight above."""
-    x, w = randn(rows, 61), randn(75, 61)
-    out = np.full((rows, 75), np.nan, np.float32)
-    matmul.matmul_into(x, w, out)
-    assert max_rel_err(out, x @ w.T) < 1e-5
-    yt, y = randn(37, 45), np.full((45, 80), 7.0, np.float32)
-    matmul.untranspose_into(yt, y, 20)
-    assert np.array_equal(y[:, 20:57], yt.T) and np.all(np.delete(y, slice(20, 57), 1) == 7.0)
+@pytest.mark.parametrize("rows", [17, 130, 600])       # below TRANSPOSED_BELOW (transposed product, read back) and above
+@pytest.mark.parametrize("then", ["bias", "gelu", "residual"])
+def test_prefill_product_on_bands_equals_the_spec(rows, then):
+    """matmul_into's bands of columns: each a product x . w_band^T (transposed below 512 input rows,
+    w_band . x^T, read back 16 columns at a time with a tail), finished on its thread: + bias, GELU of
+    that, or added into out (the residual stream). Tolerance: the product's float32 sums in another
+    order (1e-5 relative); the finish itself is exact against NumPy on the same product below."""
+    x, w, b = randn(rows, 61), randn(75, 61), randn(75)
+    start = randn(rows, 75)
+    out = start.copy()
+    matmul.matmul_into(x, w, out, b, getattr(matmul, then.upper()))
+    want = {"bias": x @ w.T + b, "gelu": spec.gelu(x @ w.T + b), "residual": start + (x @ w.T + b)}[then]
+    assert max_rel_err(out, want) < 1e-5
 
 
-@pytest.mark.parametrize("c0, c1", [(0, 97), (5, 61), (33, 34)])
-def test_prefill_epilogues_equal_the_spec_on_a_band_of_columns(c0, c1):
-    """The kernels prefill runs on a band of columns right after its product: bias, bias + GELU,
-    residual add. Columns outside the band are untouched."""
-    y, x, b = randn(7, 97, scale=3.0), randn(7, 97), randn(97)
-    band = slice(c0, c1)
-    got = y.copy()
-    matmul.add_bias(got, b, c0, c1)
-    assert np.array_equal(got[:, band], y[:, band] + b[band]) and np.array_equal(np.delete(got, band, 1), np.delete(y, band, 1))
-    got = y.copy()
-    activation.bias_gelu(got, b, c0, c1)
-    assert max_rel_err(got[:, band], spec.gelu(y[:, band] + b[band])) < TOL
-    assert np.array_equal(np.delete(got, band, 1), np.delete(y, band, 1))
-    got = x.copy()
-    matmul.add_residual(got, y, b, c0, c1)
-    assert np.array_equal(got[:, band], x[:, band] + (y[:, band] + b[band])) and np.array_equal(np.delete(got, band, 1), np.delete(x, band, 1))
+@pytest.mark.parametrize("m, n", [(37, 45), (16, 3), (5, 130)])   # a 16-column block and a tail, only blocks, only a tail
+@pytest.mark.parametrize("transposed", [False, True])
+def test_prefill_finish_writes_only_its_band_and_equals_numpy(m, n, transposed):
+    """finish_band on a band of columns c0 .. c0 + m of out: bias and residual exactly as NumPy adds
+    them (same operands, same order: out + (y + b)); GELU within the kernel GELU's tolerance. Columns
+    outside the band are untouched. Straight BIAS and GELU work in place: the product is already in
+    out's band (y is not read, so it is passed as garbage here)."""
+    y, b, c0 = randn(n, m, scale=3.0), randn(m), 20
+    band = slice(c0, c0 + m)
+    for then, want in [(matmul.BIAS, lambda o: y + b), (matmul.GELU, lambda o: spec.gelu(y + b)), (matmul.RESIDUAL, lambda o: o + (y + b))]:
+        out = randn(n, m + 40)
+        arg = np.ascontiguousarray(y.T) if transposed else y
+        if not transposed and then != matmul.RESIDUAL:
+            out[:, band], arg = y, np.full_like(y, np.nan)
+        before = out.copy()
+        matmul.finish_band(arg, b, then, out, c0, transposed)
+        if then == matmul.GELU:
+            assert max_rel_err(out[:, band], want(before[:, band])) < TOL
+        else:
+            assert np.array_equal(out[:, band], want(before[:, band]))
+        assert np.array_equal(np.delete(out, band, 1), np.delete(before, band, 1))
