@@ -4,6 +4,8 @@ time when a batch has four or more (int8 and int4: a row against each input, in 
 prefill gives each core a band of output columns and a single-threaded sgemm on the same array
 transposed."""
 
+import threading
+
 import numba
 import numpy as np
 from numba import types
@@ -457,13 +459,25 @@ def _product(x, rows, b, then, out, c0, scratch, transposed=False):   # out's co
     finish_band(y, b, then, out, c0, False)
 
 
+_TILES = threading.local()
+
+
+def _tile(size):                                           # this thread's float32 buffer of `size` elements, kept between calls
+    """Where a band's widened rows go: a fresh array per band and product meant fresh pages to fault
+    in each time (up to PREFILL_TILE_BYTES); each thread that runs bands keeps one, the largest it needed."""
+    buf = getattr(_TILES, "buf", None)
+    if buf is None or buf.size < size:
+        buf = _TILES.buf = np.empty(size, np.float32)
+    return buf[:size]
+
+
 def _gemm_band(x, w, b, then, out, cols, scratch):         # out's columns `cols` from x [N, K] . w[cols]^T + b[cols]
     """Low-precision rows are widened one tile at a time (PREFILL_TILE_ROWS), so no float32 copy of W exists."""
     if isinstance(w, np.ndarray):
         _product(x, w[cols], b[cols], then, out, cols.start, scratch, transposed=True)
     else:
         step = max(1, min(PREFILL_TILE_BYTES // (4 * x.shape[1]), max(PREFILL_TILE_ROWS, 2 * x.shape[0])))
-        tile = np.empty((min(step, cols.stop - cols.start), x.shape[1]), dtype=np.float32)
+        tile = _tile(min(step, cols.stop - cols.start) * x.shape[1]).reshape(-1, x.shape[1])
         for t0 in range(cols.start, cols.stop, step):
             t1 = min(t0 + step, cols.stop)
             part = tile[: t1 - t0]
