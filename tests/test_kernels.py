@@ -245,7 +245,7 @@ def test_prefill_widened_tiles_reuse_one_buffer_per_thread_across_shapes():
     lengths in turn, larger and smaller than the last, each equal to the same product on the widened
     weights (1e-5: sgemm's order of sums)."""
     from npgpt import quant
-    for rows, K, M in [(20, 300, 70), (40, 37, 500), (20, 300, 70), (130, 64, 9)]:
+    for rows, K, M in [(20, 300, 70), (40, 37, 500), (300, 400, 600), (20, 300, 70), (130, 64, 9)]:   # grows at the third
         x, w, b = randn(rows, K), randn(M, K), randn(M)
         bf = quant.to_bf16(w)
         out = np.full((rows, M), np.nan, np.float32)
