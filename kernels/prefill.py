@@ -22,7 +22,7 @@ from ..inputs import check_ids
 from .attention import prefill_heads
 from .jit import DECODE_ROWS, bands
 from .matmul import BIAS, GELU, RESIDUAL, matmul_into, matmul_rows
-from .norm import layer_norm_rows
+from .norm import inline_rows, layer_norm_rows
 
 
 def fits(ids, cache):                                      # a prefill this pass takes: more than decode-sized, rows of one length
@@ -31,8 +31,8 @@ def fits(ids, cache):                                      # a prefill this pass
     return cache is None or (cache.batch > 0 and bool((cache.lengths == cache.lengths[0]).all()))
 
 
-def _layer_norm(x, ln, eps, out):                          # [N, C] -> out [N, C], bands of rows
-    bands(lambda r: layer_norm_rows(x[r], ln["weight"], ln["bias"], eps, out[r]), x.shape[0])
+def _layer_norm(x, ln, eps, out):                          # [N, C] -> out [N, C], bands of rows (inline up to norm.inline_rows)
+    bands(lambda r: layer_norm_rows(x[r], ln["weight"], ln["bias"], eps, out[r]), x.shape[0], inline_upto=inline_rows(x.shape[1]))
 
 
 def _attend(qkv, kv, past, B, T, H, scale, out):           # qkv [B*T, 3C] -> out [B*T, C]; keys and values into kv (or None)
