@@ -368,10 +368,8 @@ def matmul_into(x, w, out, b, then=BIAS, scratch=None):   # x [N, K] . w rows [M
     if isinstance(w, (quant.Int8Rows, quant.Int4Rows)):
         x = round_to_q8_rows(x)
     N, M = x.shape[0], w.shape[0]
-    if scratch is not None:
-        scratch = scratch[: N * M]
-    elif then == RESIDUAL or (isinstance(w, np.ndarray) and N < TRANSPOSED_BELOW):   # else products go straight into out
-        scratch = np.empty(N * M, np.float32)
+    # np.empty touches no page: where every product goes straight into out, this scratch costs nothing
+    scratch = np.empty(N * M, np.float32) if scratch is None else scratch[: N * M]
     bands(lambda cols: _gemm_band(x, w, b, then, out, cols, scratch), M, inline_upto=1)
 
 
@@ -450,7 +448,7 @@ TRANSPOSED_BELOW = 512
 
 
 def _product(x, rows, b, then, out, c0, scratch, transposed=False):   # out's columns c0 .. c0 + len(rows) from x . rows^T + b
-    """scratch: the whole product's, N * M (None where it is not needed); these columns' share of it is used."""
+    """scratch: the whole product's, N * M; these columns' share of it is used."""
     N, m, M = x.shape[0], rows.shape[0], out.shape[1]
     if transposed and N < TRANSPOSED_BELOW:                # yt [m, N]: rows c0 .. c0 + m of a [M, N] scratch
         yt = scratch[c0 * N : (c0 + m) * N].reshape(m, N)
