@@ -23,8 +23,8 @@ def attend_row(q, k, v, b, h, n, scale):                   # q [D] (contiguous),
         acc = np.float32(0.0)
         for d in range(q.shape[0]):
             acc += q[d] * ks[d]
-        p[s] = acc * scale
-    softmax_row(p, n)
+        p[s] = acc
+    softmax_row(p, n, scale)
     o = np.zeros(q.shape[0], dtype=np.float32)
     for s in range(n):
         w, vs = p[s], v[b, h, s]
