@@ -20,11 +20,11 @@ E5, E6 = np.float32(1 / 120), np.float32(1 / 720)
 
 @serial
 def softmax_row(row, n, scale):                            # row[:n] -> softmax(scale * row[:n]) in place, row[n:] -> 0; returns its log-sum-exp
-    """exp is computed as 2**k * 2**f with the 2**k built from exponent bits, so the loop vectorizes
+    """exp is computed as 2**k * exp(r) with the 2**k built from exponent bits, so the loop vectorizes
     (numba's np.exp is a scalar libm call: 6 ns an element, most of prefill attention's time). All in
-    float32, the scale folded into the exponent's argument (scale > 0, so the peak of the scaled row is scale times
-    the row's): with the peak a float64 (-np.inf), the peak ran scalar and the exponentials 4 lanes wide
-    in float64, 1.5-1.7x slower over attention's 128 x 512 score blocks."""
+    float32, the scale folded into exp's argument (scale > 0, so the peak of the scaled row is scale
+    times the row's): with the peak a float64 (-np.inf), the peak ran scalar and the exponentials 4
+    lanes wide in float64, 1.5-1.7x slower over attention's 128 x 512 score blocks."""
     peak = np.float32(-np.inf)
     for s in range(n):
         peak = max(peak, row[s])
