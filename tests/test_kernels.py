@@ -2,6 +2,7 @@
 block, head_dim 10, n_embd 60/180, batch 3). Tolerance: fp32 max-abs relative to max(1, max|ref|);
 the kernels sum in a different order (vectorized partial sums), so results differ in the last bits."""
 
+import numba
 import numpy as np
 import pytest
 
@@ -47,6 +48,18 @@ def test_softmax_exp_is_accurate_over_float32_range():
     big = ref > 1e-30
     assert np.abs(p[big] / ref[big] - 1).max() < 2e-6     # relative, even for tiny probabilities
     assert np.abs(p - ref).max() < 1e-7
+
+
+def test_softmax_row_scales_and_stays_in_float32():
+    """softmax(scale * row[:n]) in place, zeros after n, its log-sum-exp returned. A float64 that once
+    slipped into the row's arithmetic (a -np.inf peak) made its max scalar and its exponentials float64
+    (1.5x slower) and showed as a float64 result; numba's inferred signature says whether it happens."""
+    row, scale = randn(37, scale=4.0), np.float32(1 / np.sqrt(10))
+    want = spec.softmax(scale * row[:30])
+    lse = softmax.softmax_row(got := row.copy(), 30, scale)
+    assert max_rel_err(got[:30], want) < TOL and (got[30:] == 0).all()
+    assert abs(lse - np.log(np.exp(scale * row[:30].astype(np.float64)).sum())) < 1e-5
+    assert all(sig.return_type == numba.float32 for sig in softmax.softmax_row.nopython_signatures)
 
 
 @pytest.mark.parametrize("T, S", [(1, 1), (1, 40), (7, 7), (97, 97), (5, 33)])
