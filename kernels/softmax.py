@@ -82,7 +82,7 @@ def cross_entropy_rows(z, targets, losses):                # [N, V] logits -> d(
             z[i, :] = 0.0
             continue
         zt = z[i, t]
-        losses[i] = softmax_row(z[i], V, np.float32(1.0)) - zt              # log-sum-exp minus the target's logit
+        losses[i] = softmax_row(z[i], V, np.float32(1.0)) - zt   # log-sum-exp minus the target's logit
         z[i, t] -= np.float32(1.0)                         # softmax - one-hot
 
 
