@@ -2,10 +2,13 @@
 
 npgpt.model.block, for rows of one new token each: the same operations, but the NumPy glue between
 them (split and merge heads, the cache append, the residual views, the op wrappers) ran as ~30 small
-steps per layer, ~2 ms of each token. Here a layer is six kernel calls on [B, C] arrays: LayerNorm,
-the qkv GEMV, one attention kernel that writes each row's key and value into the cache and attends
-over that row's positions, the projection, LayerNorm, the MLP's two GEMVs (the first applies GELU to
-what it computes, on the thread that computed it).
+steps per layer, ~2 ms of each token. Here a layer is seven kernels on [B, C] arrays: LayerNorm, the
+qkv GEMV, attention (each row's key and value into the cache, then its query over that row's
+positions), the projection into the stream, LayerNorm, the MLP's two GEMVs (the first applies GELU to
+what it computes, the second adds into the stream).
+
+float32 and bf16 weights: the whole step is one region on every core (fused_step), the threads meeting
+at a barrier between kernels. int8 and int4 weights: a kernel call each (step).
 Tested against npgpt.model.forward on the same cache (tests/test_kernels.py)."""
 
 import math
@@ -13,37 +16,159 @@ import math
 import numba
 import numpy as np
 
-from ..model import forward_packed as spec_forward_packed
+from .. import quant
 from ..inputs import check_ids
+from ..model import forward_packed as spec_forward_packed
 
+from .activation import _gelu
 from .attention import attend_row
-from .jit import DECODE_ROWS, parallel, prefetch4
-from .matmul import matmul_rows
+from .jit import DECODE_ROWS, atomic_add, atomic_read, inline, parallel, prefetch4, serial, spin_pause, team
+from .matmul import BIAS, GELU, RESIDUAL, float_rows, matmul_rows
 from .norm import layer_norm_rows
+
+
+@inline
+def attend_task(qkv, k_cache, v_cache, lengths, scale, out, i):   # task i = (row b, head h): [B, 3C], [B, H, n_ctx, D] x2, [B] -> out[b, head h]
+    """Row b's new key and value go to position lengths[b] of its cache row; its query attends to
+    positions 0..lengths[b] (causal: all it holds and itself). The cache comes from memory (the weights
+    streamed through the caches since the last step read it): the task first prefetches its values, one
+    hint a cache line, so they arrive while its keys are scored (attention at batch 4 ~15% faster, int4
+    decode, in alternating runs)."""
+    H, D = k_cache.shape[1], k_cache.shape[3]
+    C = H * D
+    b, h = i // H, i % H
+    pos = lengths[b]
+    for s in range(pos):                                   # ask for this task's values while its keys are scored
+        for line in range(0, D, 16):
+            prefetch4(v_cache, b, h, s, line)
+    for d in range(D):
+        k_cache[b, h, pos, d] = qkv[b, C + h * D + d]
+        v_cache[b, h, pos, d] = qkv[b, 2 * C + h * D + d]
+    o = attend_row(qkv[b, h * D : h * D + D].copy(), k_cache, v_cache, b, h, pos + 1, scale)   # contiguous: vectorizes
+    for d in range(D):
+        out[b, h * D + d] = o[d]
 
 
 @parallel
 def attend_step(qkv, k_cache, v_cache, lengths, scale, out):   # [B, 3C], [B, H, n_ctx, D] x2, [B] -> out [B, C]
-    """Row b's new key and value go to position lengths[b] of its cache row; its query attends to
-    positions 0..lengths[b] (causal: all it holds and itself). One task per (row, head). The cache comes
-    from memory (the weights streamed through the caches since the last step read it): each task first
-    prefetches its values, one hint a cache line, so they arrive while its keys are scored (attention
-    at batch 4 ~15% faster, int4 decode, in alternating runs)."""
-    B = qkv.shape[0]
-    H, D = k_cache.shape[1], k_cache.shape[3]
-    C = H * D
-    for i in numba.prange(B * H):
-        b, h = i // H, i % H
-        pos = lengths[b]
-        for s in range(pos):                               # ask for this task's values while its keys are scored
-            for line in range(0, D, 16):
-                prefetch4(v_cache, b, h, s, line)
-        for d in range(D):
-            k_cache[b, h, pos, d] = qkv[b, C + h * D + d]
-            v_cache[b, h, pos, d] = qkv[b, 2 * C + h * D + d]
-        o = attend_row(qkv[b, h * D : h * D + D].copy(), k_cache, v_cache, b, h, pos + 1, scale)   # contiguous: vectorizes
-        for d in range(D):
-            out[b, h * D + d] = o[d]
+    """Each row's new key and value into its cache, and its query's attention: a task per (row, head)."""
+    for i in numba.prange(qkv.shape[0] * k_cache.shape[1]):
+        attend_task(qkv, k_cache, v_cache, lengths, scale, out, i)
+
+
+# One region a step: a thread per core runs the whole step, every kernel of every layer, and the threads
+# meet between kernels at a barrier of two shared counters instead of a parallel call each (~75 a token,
+# each starting the threads and the first misses of a matrix again). Each kernel is cut into chunks that
+# the threads claim one at a time (an atomic add): a thread slowed by a neighbour takes fewer, and one that
+# never starts (or a region on one thread) leaves its chunks to the others. Nothing waits on a thread,
+# only on chunks, so no schedule can deadlock.
+LN_1, QKV, ATTEND, PROJ, LN_2, FC, FC_PROJ = range(7)      # a layer's kernels, in order
+LN_F, HEAD = 7, 8                                          # then the final LayerNorm and the LM head
+CHUNK_BYTES = 128 << 10                                    # weight bytes a GEMV chunk streams (whole groups of 8 rows)
+LINE = 8                                                   # int64 counters a cache line apart
+
+
+@inline
+def chunk_rows(w, chunk_bytes):                            # weight rows in a GEMV chunk: ~chunk_bytes, a multiple of 8
+    r = chunk_bytes // (w.shape[1] * w.itemsize)
+    return max(8, r - r % 8)
+
+
+@inline
+def _gemv_chunk(x, w, b, out, c, R, then, stream):         # chunk c (R rows) of out = x . w^T + b, then: BIAS, GELU or RESIDUAL (into stream)
+    m0, m1 = c * R, min(c * R + R, w.shape[0])
+    float_rows(x, w, out, m0, m1)
+    for m in range(m0, m1):
+        for n in range(x.shape[0]):
+            v = out[n, m] if b is None else out[n, m] + b[m]
+            if then == RESIDUAL:
+                stream[n, m] += v
+            elif then == GELU:
+                out[n, m] = _gelu(v)
+            else:
+                out[n, m] = v
+
+
+@inline
+def _chunks(kind, layer, head, B, chunk_bytes):            # how many chunks kernel `kind` is cut into, and a GEMV chunk's rows
+    w = head if kind == HEAD else layer[2] if kind == QKV else layer[4] if kind == PROJ else layer[8] if kind == FC else layer[10]
+    R = chunk_rows(w, chunk_bytes)
+    if kind == LN_1 or kind == LN_2 or kind == LN_F:
+        return B, R
+    if kind == ATTEND:
+        return B * layer[12].shape[1], R
+    return -(-w.shape[0] // R), R
+
+
+@serial
+def _step_worker(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, sync):   # one thread's share of a decode step
+    """Kernel after kernel: claim chunks until none is left, then wait until every chunk is done."""
+    h, a, qkv, g, y, logits = bufs
+    B = x.shape[0]
+    phase = 0
+    for l in range(len(layers) + 1):
+        last = l == len(layers)
+        layer = layers[min(l, len(layers) - 1)]
+        ln_1w, ln_1b, w_attn, b_attn, w_proj, b_proj, ln_2w, ln_2b, w_fc, b_fc, w_fcp, b_fcp, k, v = layer
+        for j in range(2 if last else 7):
+            kind = LN_F + j if last else j
+            n, R = _chunks(kind, layer, head, B, chunk_bytes)
+            while True:
+                c = atomic_add(sync, 2 * LINE * phase, 1)
+                if c >= n:
+                    break
+                if kind == LN_1:
+                    layer_norm_rows(x[c : c + 1], ln_1w, ln_1b, eps, h[c : c + 1])
+                elif kind == LN_2:
+                    layer_norm_rows(x[c : c + 1], ln_2w, ln_2b, eps, h[c : c + 1])
+                elif kind == LN_F:
+                    layer_norm_rows(x[c : c + 1], ln_f[0], ln_f[1], eps, h[c : c + 1])
+                elif kind == QKV:
+                    _gemv_chunk(h, w_attn, b_attn, qkv, c, R, BIAS, x)
+                elif kind == ATTEND:
+                    attend_task(qkv, k, v, lengths, scale, a, c)
+                elif kind == PROJ:
+                    _gemv_chunk(a, w_proj, b_proj, y, c, R, RESIDUAL, x)
+                elif kind == FC:
+                    _gemv_chunk(h, w_fc, b_fc, g, c, R, GELU, x)
+                elif kind == FC_PROJ:
+                    _gemv_chunk(g, w_fcp, b_fcp, y, c, R, RESIDUAL, x)
+                else:
+                    _gemv_chunk(h, head, None, logits, c, R, BIAS, x)
+                atomic_add(sync, (2 * phase + 1) * LINE, 1)
+            while atomic_read(sync, (2 * phase + 1) * LINE) < n:
+                spin_pause()
+            phase += 1
+
+
+def fused_step(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes):   # x [B, C] (the stream, in place) -> bufs' logits [B, V]
+    """layers: per layer (ln_1 w, b, c_attn w rows, b, attn c_proj w rows, b, ln_2 w, b, c_fc w rows, b,
+    mlp c_proj w rows, b, cache keys, values); bufs: scratch (h, a [B, C], qkv [B, 3C], g [B, 4C], y [B, C])
+    and the logits [B, V]. Every kernel's chunks, then a barrier, on all threads. (A numba parallel
+    region cannot take tuples of arrays: the workers run nogil on the pool's Python threads, jit.team.)"""
+    sync = np.zeros(2 * LINE * (7 * len(layers) + 2), dtype=np.int64)   # per kernel: chunks claimed, chunks done
+    team(_step_worker, x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, sync)
+
+
+def _float_rows(w):                                        # a prepared weight as fused_step reads it (float32, or bf16 bits), or None
+    if isinstance(w, np.ndarray):
+        return w
+    return w.bits if isinstance(w, quant.BF16) else None
+
+
+def one_region(params, cache):                             # (fused_step's layers, head), or None: int8/int4 weights run kernel by kernel
+    layers = []
+    for i, layer in enumerate(params["h"]):
+        attn, mlp, kv = layer["attn"], layer["mlp"], cache.layer(i)
+        ws = [_float_rows(p["weight_t"]) for p in (attn["c_attn"], attn["c_proj"], mlp["c_fc"], mlp["c_proj"])]
+        if any(w is None for w in ws):
+            return None
+        layers.append((layer["ln_1"]["weight"], layer["ln_1"]["bias"], ws[0], attn["c_attn"]["bias"], ws[1], attn["c_proj"]["bias"],
+                       layer["ln_2"]["weight"], layer["ln_2"]["bias"], ws[2], mlp["c_fc"]["bias"], ws[3], mlp["c_proj"]["bias"], kv.k, kv.v))
+    head = _float_rows(params["lm_head"]["weight"])
+    if head is None or head.dtype != layers[0][2].dtype or not head.flags.c_contiguous:
+        return None
+    return tuple(layers), head
 
 
 def is_step(ids, cache):                                   # a [B, 1] step on a cache of B rows, decode-sized
@@ -56,19 +181,28 @@ def step(params, ids, cfg, cache):                         # [B, 1] ids, KVCache
     ids, _ = check_ids(ids, cfg, past=int(cache.lengths.max()), batch=cache.batch)
     lengths = np.ascontiguousarray(cache.lengths)
     x = params["wte"]["weight"][ids[:, 0]] + params["wpe"]["weight"][lengths]      # [B, C]
-    h, a = np.empty_like(x), np.empty_like(x)
+    B, C = x.shape
     scale = np.float32(1.0 / math.sqrt(cfg.head_dim))
-    eps = cfg.eps
+    plan = one_region(params, cache)
+    if plan is not None:
+        layers, head = plan
+        bufs = (np.empty((B, C), np.float32), np.empty((B, C), np.float32), np.empty((B, 3 * C), np.float32),
+                np.empty((B, 4 * C), np.float32), np.empty((B, C), np.float32), np.empty((B, head.shape[0]), np.float32))
+        fused_step(x, bufs, layers, (params["ln_f"]["weight"], params["ln_f"]["bias"]), head, lengths, scale,
+                   np.float32(cfg.eps), CHUNK_BYTES)
+        cache.advance(1)
+        return bufs[-1][:, None]
+    h, a = np.empty_like(x), np.empty_like(x)
     for i, layer in enumerate(params["h"]):
         kv, attn, mlp = cache.layer(i), layer["attn"], layer["mlp"]
-        layer_norm_rows(x, layer["ln_1"]["weight"], layer["ln_1"]["bias"], eps, h)
+        layer_norm_rows(x, layer["ln_1"]["weight"], layer["ln_1"]["bias"], cfg.eps, h)
         attend_step(matmul_rows(h, attn["c_attn"]["weight_t"], attn["c_attn"]["bias"]), kv.k, kv.v, lengths, scale, a)
         x += matmul_rows(a, attn["c_proj"]["weight_t"], attn["c_proj"]["bias"])
-        layer_norm_rows(x, layer["ln_2"]["weight"], layer["ln_2"]["bias"], eps, h)
+        layer_norm_rows(x, layer["ln_2"]["weight"], layer["ln_2"]["bias"], cfg.eps, h)
         g = matmul_rows(h, mlp["c_fc"]["weight_t"], mlp["c_fc"]["bias"], gelu=True)   # [B, 4C], GELU in the GEMV
         x += matmul_rows(g, mlp["c_proj"]["weight_t"], mlp["c_proj"]["bias"])
     cache.advance(1)
-    layer_norm_rows(x, params["ln_f"]["weight"], params["ln_f"]["bias"], eps, h)
+    layer_norm_rows(x, params["ln_f"]["weight"], params["ln_f"]["bias"], cfg.eps, h)
     return matmul_rows(h, params["lm_head"]["weight"])[:, None]
 
 

@@ -104,6 +104,48 @@ def prefetch4(typingctx, a, i, j, l, m):                   # a hint that a[i, j,
     return (types.void(a, *[types.intp] * 4), _prefetch_codegen) if _c_array(a, 4) else None
 
 
+def _slot(context, builder, signature, args):            # pointer to args[0][args[1]] (a 1-D int64 array)
+    arr = context.make_array(signature.args[0])(context, builder, args[0])
+    return cgutils.get_item_pointer(context, builder, signature.args[0], arr, [args[1]])
+
+
+def _counters(a):
+    return isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.int64 and a.layout == "C"
+
+
+@intrinsic
+def atomic_add(typingctx, a, i, v):                        # a[i] += v as one atomic step -> the value before
+    """Sequentially consistent: what this thread wrote before it is seen by a thread that reads the sum
+    (kernels.decode's chunks and barriers between threads of one parallel region)."""
+    if not _counters(a):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.atomic_rmw("add", _slot(context, builder, signature, args), args[2], "seq_cst")
+    return types.int64(a, types.intp, types.int64), codegen
+
+
+@intrinsic
+def atomic_read(typingctx, a, i):                          # a[i], read with acquire order (see atomic_add)
+    """Every write that came before the atomic_add this read sees is visible after it, and the compiler
+    can neither cache the value in a register across a spin loop nor move later reads above it."""
+    if not _counters(a):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.load_atomic(_slot(context, builder, signature, args), "acquire", 8)
+    return types.int64(a, types.intp), codegen
+
+
+@intrinsic
+def spin_pause(typingctx):                                 # a spin-wait hint (x86 pause; nothing elsewhere)
+    def codegen(context, builder, signature, args):
+        if "+sse2" in _features(context):
+            _x86(builder, "llvm.x86.sse2.pause", ir.VoidType())
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
 def _nibble(high):
     @intrinsic
     def nibble(typingctx, byte):                           # uint8 -> float32 of its low (high) 4 bits
@@ -375,6 +417,21 @@ def blas_per_band():
     and, on numba's workqueue layer only, one forward pass at a time."""
     with serialized(), _BLAS_LIMIT:
         yield
+
+
+def team(worker, *args):                                   # worker(*args) on every thread at once, the calling one too
+    """For a worker that claims its work in chunks from counters in args (jit.atomic_add), so no thread
+    waits on another thread, only on chunks: a pool thread that has not started when the calling thread's
+    worker returns (the pool busy elsewhere) is cancelled, and one that has is waited for."""
+    others = [_POOL.submit(worker, *args) for _ in range(1, numba.get_num_threads())]
+    try:
+        worker(*args)
+    finally:
+        for f in others:
+            f.cancel() or f.exception()
+    for f in others:
+        if not f.cancelled():
+            f.result()
 
 
 def bands(fn, n, inline_upto=DECODE_ROWS):                 # fn(slice) over range(n), one contiguous band per thread

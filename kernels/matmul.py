@@ -127,6 +127,38 @@ TILE_FROM = 4                                              # from this many inpu
 ROW_INPUT_BYTES = 16 << 10
 
 
+@inline
+def row_tasks(N, K):                                       # does the float GEMV take one weight row a task at N inputs of K?
+    return N < TILE_FROM or N * K * 4 <= ROW_INPUT_BYTES
+
+
+@inline
+def float_rows(x, w, out, m0, m1):                         # out[:, m0:m1] = x . w[m0:m1]^T (widened); N < 4 or K small: a row at a time
+    """Rows m0 .. m1 of a float32 or bf16 GEMV against all N inputs: a row against 4 inputs at a time
+    while the inputs fit in L1 (or there are fewer than 4), else 4x4 tiles (what neither covers: dots)."""
+    N = x.shape[0]
+    if row_tasks(N, x.shape[1]):
+        for m in range(m0, m1):
+            n = 0
+            while n + 4 <= N:
+                _dot_1x4(x, n, w, m, out)
+                n += 4
+            for i in range(n, N):
+                out[i, m] = _dot(x, i, w, m)
+    else:
+        m = m0
+        while m < m1:
+            n = 0
+            if m + 4 <= m1:
+                while n + 4 <= N:
+                    _dot_4x4(x, n, w, m, out)
+                    n += 4
+            for r in range(m, min(m + 4, m1)):             # what tiles do not cover: the last N % 4 inputs, M % 4 rows
+                for i in range(n, N):
+                    out[i, r] = _dot(x, i, w, r)
+            m += 4
+
+
 @parallel
 def gemv(x, w, b, gelu):                                   # [N, K] x [M, K] rows (b [M] or None) -> [N, M] (GELU applied if gelu)
     """w: float32 or bf16 bits, widened in registers: no float32 copy of a row exists. One pass over the
@@ -136,27 +168,12 @@ def gemv(x, w, b, gelu):                                   # [N, K] x [M, K] row
     N = x.shape[0]
     M = w.shape[0]
     out = np.empty((N, M), dtype=np.float32)
-    if N < TILE_FROM or N * x.shape[1] * 4 <= ROW_INPUT_BYTES:   # one row per task
-        for m in numba.prange(M):
-            n = 0
-            while n + 4 <= N:
-                _dot_1x4(x, n, w, m, out)
-                n += 4
-            for i in range(n, N):
-                out[i, m] = _dot(x, i, w, m)
+    rows = 1 if row_tasks(N, x.shape[1]) else 4            # weight rows a task
+    for t in numba.prange((M + rows - 1) // rows):
+        m0, m1 = rows * t, min(rows * t + rows, M)
+        float_rows(x, w, out, m0, m1)
+        for m in range(m0, m1):
             _bias(out, b, m, gelu)
-    else:                                                  # four rows per task
-        for t in numba.prange((M + 3) // 4):
-            m0, m1 = 4 * t, min(4 * t + 4, M)
-            n = 0
-            if m1 - m0 == 4:
-                while n + 4 <= N:
-                    _dot_4x4(x, n, w, m0, out)
-                    n += 4
-            for m in range(m0, m1):                        # what tiles do not cover: the last N % 4 inputs, M % 4 rows
-                for i in range(n, N):
-                    out[i, m] = _dot(x, i, w, m)
-                _bias(out, b, m, gelu)
     return out
 
 

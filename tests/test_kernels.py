@@ -6,7 +6,7 @@ import numba
 import numpy as np
 import pytest
 
-from npgpt import kernels
+from npgpt import api, kernels
 import npgpt
 from npgpt.kernels import activation, attention, matmul, norm, softmax
 from npgpt import model as spec
@@ -174,6 +174,76 @@ def test_fused_decode_step_equals_the_spec_on_rows_of_different_lengths(tiny_par
     for i in range(TINY.n_layer):
         for a, b in ((caches[0].layer(i).k, caches[1].layer(i).k), (caches[0].layer(i).v, caches[1].layer(i).v)):
             assert max_rel_err(b[:, :, : 3 + 2 * B + 2], a[:, :, : 3 + 2 * B + 2]) < tol
+
+
+WIDE = npgpt.Config(n_vocab=97, n_ctx=16, n_embd=1032, n_head=8, n_layer=1)   # 4 inputs of 1032 floats pass L1: 4x4 tiles
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+@pytest.mark.parametrize("cfg, B, chunk_bytes, threads", [(TINY, 1, 256, 2), (TINY, 5, 256, 1), (TINY, 3, 1 << 20, 2),
+                                                          (WIDE, 5, 128 << 10, 2), (WIDE, 1, 4096, 1)])
+def test_one_region_decode_step_equals_the_spec_in_any_chunks_on_any_threads(fmt, cfg, B, chunk_bytes, threads, monkeypatch):
+    """kernels.decode.fused_step (float32 and bf16 weights) against npgpt.model.forward: GEMVs cut into
+    8-row chunks (last ones partial) or whole, rows past 4 inputs at a time and 4x4 tiles (WIDE), on one
+    thread (every chunk on the calling thread) or two. 1e-4, as the other fused step tests."""
+    from npgpt import quant, weights
+    from npgpt.kernels import decode
+
+    params = quant.quantize(weights.random_params(cfg, seed=3), fmt)
+    ref, fused = npgpt.Model(params, cfg), npgpt.Model(params, cfg, backend="numba")
+    calls, one_region = [], decode.fused_step
+    monkeypatch.setattr(decode, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(decode, "fused_step", lambda *a: calls.append(a[-1]) or one_region(*a))
+    caches = [ref.new_cache(batch=B), fused.new_cache(batch=B)]
+    for m, cache in zip((ref, fused), caches):
+        for b in range(B):
+            m.forward(np.arange(1 + b)[None] % cfg.n_vocab, cache=cache.rows(b, b + 1))
+    calls.clear()                                          # (a one-token prompt is a step too)
+    with api.threads(threads):
+        for _ in range(2):
+            ids = rng.integers(0, cfg.n_vocab, size=(B, 1))
+            got, want = fused.forward(ids, cache=caches[1]), ref.forward(ids, cache=caches[0])
+            assert max_rel_err(got, want) < 1e-4
+    assert calls == [chunk_bytes] * 2                      # both steps ran as one region
+    for i in range(cfg.n_layer):
+        assert max_rel_err(caches[1].layer(i).k, caches[0].layer(i).k) < 1e-4
+        assert max_rel_err(caches[1].layer(i).v, caches[0].layer(i).v) < 1e-4
+
+
+def test_one_region_takes_float_weights_and_leaves_int8_int4_to_kernel_calls(tiny_params):
+    from npgpt import quant
+    from npgpt.kernels import decode
+
+    for fmt, fused in (("fp32", True), ("bf16", True), ("int8", False), ("int4", False)):
+        model = npgpt.Model(quant.quantize(tiny_params, fmt), TINY, backend="numba")
+        assert (decode.one_region(model.params, model.new_cache(2)) is not None) == fused
+
+
+def test_team_runs_every_chunk_once_and_finishes_while_the_pool_is_busy():
+    """jit.team's contract: workers claim chunks (jit.atomic_add), so each chunk runs once however the
+    threads interleave, and a pool that cannot start the other workers (busy elsewhere) costs no wait:
+    the calling thread does every chunk."""
+    import threading
+    from npgpt.kernels import jit
+
+    @numba.njit(nogil=True)
+    def worker(counter, hits):
+        while True:
+            c = jit.atomic_add(counter, 0, 1)
+            if c >= hits.shape[0]:
+                return
+            hits[c] += 1
+
+    for busy in (False, True):
+        release = threading.Event()
+        blockers = [jit._POOL.submit(release.wait) for _ in range(jit._POOL._max_workers)] if busy else []
+        hits, counter = np.zeros(200_000, np.int64), np.zeros(8, np.int64)
+        with api.threads(2):
+            jit.team(worker, counter, hits)
+        release.set()
+        for f in blockers:
+            f.result()
+        assert (hits == 1).all() and counter[0] >= hits.shape[0]
 
 
 def test_fused_decode_step_serves_a_packed_step_of_busy_rows(tiny_params):
