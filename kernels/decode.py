@@ -110,7 +110,7 @@ def _step_worker(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, 
     phase = 0
     for l in range(len(layers) + 1):
         last = l == len(layers)
-        layer = layers[min(l, len(layers) - 1)]
+        layer = layers[min(l, len(layers) - 1)]            # (LN_F and HEAD read no layer: the last stands in)
         ln_1w, ln_1b, w_attn, b_attn, w_proj, b_proj, ln_2w, ln_2b, w_fc, b_fc, w_fcp, b_fcp, k, v = layer
         for j in range(2 if last else 7):
             kind = LN_F + j if last else j

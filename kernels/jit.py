@@ -1,8 +1,10 @@
 """How kernels are compiled, where their compiled code is cached, and how work is spread over cores.
 
-Two ways to use the cores, never mixed within a phase:
-- decode (a few rows): numba `prange` kernels on numba's OpenMP threads; no BLAS at all.
-- prefill (many rows): `bands` splits the rows over a pool of Python threads, each running a
+Ways to use the cores, never mixed within a phase:
+- decode with float32 or bf16 weights: `team` runs one `nogil` worker per core on a pool of Python
+  threads for the whole step, the workers claiming chunks with `atomic_add` (kernels.decode).
+- decode with int8/int4 weights (a few rows): numba `prange` kernels on numba's OpenMP threads; no BLAS.
+- prefill (many rows): `bands` splits the rows over the same pool, each thread running a
   single-threaded sgemm or a `nogil` numba kernel on its band.
 OpenBLAS's and OpenMP's worker threads both spin for a while after their work; interleaving them
 on a machine with as many threads as cores halved the speed of whatever ran next (measured: a
