@@ -7,8 +7,10 @@ qkv GEMV, attention (each row's key and value into the cache, then its query ove
 positions), the projection into the stream, LayerNorm, the MLP's two GEMVs (the first applies GELU to
 what it computes, the second adds into the stream).
 
-The whole step is one region on every core (fused_step), the threads meeting at a barrier between
-kernels; only a model whose linear weights mix formats runs a kernel call each.
+float32 and bf16 weights: the whole step is one region on every core (fused_step), the threads meeting
+at a barrier between kernels. int8 and int4 weights: a kernel call each (step): the same region with a
+rounding kernel before each product ran them 0.79-0.88x the calls (tg128, alternating in one process),
+however its chunks were cut, while float32 and bf16 ran 1.07x faster in it.
 Tested against npgpt.model.forward on the same cache (tests/test_kernels.py)."""
 
 import math
@@ -23,7 +25,7 @@ from ..model import forward_packed as spec_forward_packed
 from .activation import _gelu
 from .attention import attend_row
 from .jit import DECODE_ROWS, atomic_add, atomic_read, inline, parallel, prefetch4, serial, spin_pause, team
-from .matmul import BIAS, GELU, RESIDUAL, matmul_rows, n_rows, round_row, rounds_inputs, row_bytes, rows_product
+from .matmul import BIAS, GELU, RESIDUAL, float_rows, matmul_rows
 from .norm import layer_norm_rows
 
 
@@ -62,11 +64,8 @@ def attend_step(qkv, k_cache, v_cache, lengths, scale, out):   # [B, 3C], [B, H,
 # the threads claim one at a time (an atomic add): a thread slowed by a neighbour takes fewer, and one that
 # never starts (or a region on one thread) leaves its chunks to the others. Nothing waits on a thread,
 # only on chunks, so no schedule can deadlock.
-LN_1, QKV, ATTEND, PROJ, LN_2, FC, FC_PROJ, LN_F, HEAD, ROUND_H, ROUND_A, ROUND_G = range(12)
-LAYER = (LN_1, ROUND_H, QKV, ATTEND, ROUND_A, PROJ, LN_2, ROUND_H, FC, ROUND_G, FC_PROJ)   # a layer's kernels, in order
-FINAL = (LN_F, ROUND_H, HEAD)                              # then the final LayerNorm and the LM head
-# ROUND_*: int8/int4 weights meet their inputs rounded to int8 blocks (quant.round_to_q8), a row a chunk,
-# before the product that reads them (h, a or g); with float weights these kernels have no chunks.
+LN_1, QKV, ATTEND, PROJ, LN_2, FC, FC_PROJ = range(7)      # a layer's kernels, in order
+LN_F, HEAD = 7, 8                                          # then the final LayerNorm and the LM head
 CHUNK_BYTES = 256 << 10                                    # weight bytes a GEMV chunk streams (whole groups of 8 rows)
 # (medians of 5, interleaved: fp32 batch 1 at 32K/64K/128K/256K/512K 45.1/47.4/52.3/53.5/53.6 t/s, bf16 batch 4
 # 196/220/227/231/221: below ~128K the claims and barriers cost, above ~512K a thread waits longer at each barrier)
@@ -75,14 +74,14 @@ LINE = 8                                                   # int64 counters a ca
 
 @inline
 def chunk_rows(w, chunk_bytes):                            # weight rows in a GEMV chunk: ~chunk_bytes, a multiple of 8
-    r = chunk_bytes // row_bytes(w)
+    r = chunk_bytes // (w.shape[1] * w.itemsize)
     return max(8, r - r % 8)
 
 
 @inline
-def _gemv_chunk(x, xr, w, b, out, c, R, then, stream):     # chunk c (R rows) of out = x . w^T + b, then: BIAS, GELU or RESIDUAL (into stream)
-    m0, m1 = c * R, min(c * R + R, n_rows(w))
-    rows_product(x, xr, w, out, m0, m1)
+def _gemv_chunk(x, w, b, out, c, R, then, stream):         # chunk c (R rows) of out = x . w^T + b, then: BIAS, GELU or RESIDUAL (into stream)
+    m0, m1 = c * R, min(c * R + R, w.shape[0])
+    float_rows(x, w, out, m0, m1)
     for m in range(m0, m1):
         for n in range(x.shape[0]):
             v = out[n, m] if b is None else out[n, m] + b[m]
@@ -100,26 +99,23 @@ def _chunks(kind, layer, head, B, chunk_bytes):            # how many chunks ker
     R = chunk_rows(w, chunk_bytes)
     if kind == LN_1 or kind == LN_2 or kind == LN_F:
         return B, R
-    if kind == ROUND_H or kind == ROUND_A or kind == ROUND_G:
-        return (B if rounds_inputs(head) else 0), R
     if kind == ATTEND:
         return B * layer[12].shape[1], R
-    return -(-n_rows(w) // R), R
+    return -(-w.shape[0] // R), R
 
 
 @serial
-def _step_worker(x, bufs, rounded, layers, ln_f, head, lengths, scale, eps, chunk_bytes, sync):   # one thread's share of a decode step
+def _step_worker(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, sync):   # one thread's share of a decode step
     """Kernel after kernel: claim chunks until none is left, then wait until every chunk is done."""
     h, a, qkv, g, y, logits = bufs
-    xr, xr_g = rounded                                     # h's or a's rounding (width C), g's (width 4C)
     B = x.shape[0]
     phase = 0
     for l in range(len(layers) + 1):
         last = l == len(layers)
-        layer = layers[min(l, len(layers) - 1)]            # (FINAL's kernels read no layer: the last stands in)
+        layer = layers[min(l, len(layers) - 1)]
         ln_1w, ln_1b, w_attn, b_attn, w_proj, b_proj, ln_2w, ln_2b, w_fc, b_fc, w_fcp, b_fcp, k, v = layer
-        for j in range(len(FINAL) if last else len(LAYER)):
-            kind = FINAL[j] if last else LAYER[j]
+        for j in range(2 if last else 7):
+            kind = LN_F + j if last else j
             n, R = _chunks(kind, layer, head, B, chunk_bytes)
             while True:
                 c = atomic_add(sync, 2 * LINE * phase, 1)
@@ -131,64 +127,52 @@ def _step_worker(x, bufs, rounded, layers, ln_f, head, lengths, scale, eps, chun
                     layer_norm_rows(x[c : c + 1], ln_2w, ln_2b, eps, h[c : c + 1])
                 elif kind == LN_F:
                     layer_norm_rows(x[c : c + 1], ln_f[0], ln_f[1], eps, h[c : c + 1])
-                elif kind == ROUND_H:
-                    round_row(h, h.view(np.uint32), head, xr, c)
-                elif kind == ROUND_A:
-                    round_row(a, a.view(np.uint32), head, xr, c)
-                elif kind == ROUND_G:
-                    round_row(g, g.view(np.uint32), head, xr_g, c)
                 elif kind == QKV:
-                    _gemv_chunk(h, xr, w_attn, b_attn, qkv, c, R, BIAS, x)
+                    _gemv_chunk(h, w_attn, b_attn, qkv, c, R, BIAS, x)
                 elif kind == ATTEND:
                     attend_task(qkv, k, v, lengths, scale, a, c)
                 elif kind == PROJ:
-                    _gemv_chunk(a, xr, w_proj, b_proj, y, c, R, RESIDUAL, x)
+                    _gemv_chunk(a, w_proj, b_proj, y, c, R, RESIDUAL, x)
                 elif kind == FC:
-                    _gemv_chunk(h, xr, w_fc, b_fc, g, c, R, GELU, x)
+                    _gemv_chunk(h, w_fc, b_fc, g, c, R, GELU, x)
                 elif kind == FC_PROJ:
-                    _gemv_chunk(g, xr_g, w_fcp, b_fcp, y, c, R, RESIDUAL, x)
+                    _gemv_chunk(g, w_fcp, b_fcp, y, c, R, RESIDUAL, x)
                 else:
-                    _gemv_chunk(h, xr, head, None, logits, c, R, BIAS, x)
+                    _gemv_chunk(h, head, None, logits, c, R, BIAS, x)
                 atomic_add(sync, (2 * phase + 1) * LINE, 1)
             while atomic_read(sync, (2 * phase + 1) * LINE) < n:
                 spin_pause()
             phase += 1
 
 
-def _rounded(B, K):                                        # buffers for B inputs of K rounded to int8 blocks of 32
-    blocks = -(-K // quant.Q8_BLOCK)
-    return (np.empty((B, blocks * quant.Q8_BLOCK), np.int8), np.empty((B, blocks), np.float32), np.empty((B, blocks), np.int32))
+def fused_step(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes):   # x [B, C] (the stream, in place) -> bufs' logits [B, V]
+    """layers: per layer (ln_1 w, b, c_attn w rows, b, attn c_proj w rows, b, ln_2 w, b, c_fc w rows, b,
+    mlp c_proj w rows, b, cache keys, values); bufs: scratch (h, a [B, C], qkv [B, 3C], g [B, 4C], y [B, C])
+    and the logits [B, V]. Every kernel's chunks, then a barrier, on all threads. (A numba parallel
+    region cannot take tuples of arrays: the workers run nogil on the pool's Python threads, jit.team.)"""
+    sync = np.zeros(2 * LINE * (7 * len(layers) + 2), dtype=np.int64)   # per kernel: chunks claimed, chunks done
+    team(_step_worker, x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, sync)
 
 
-def fused_step(x, layers, ln_f, head, lengths, scale, eps, chunk_bytes):   # x [B, C] (the stream, in place) -> logits [B, V]
-    """layers: per layer (ln_1 w, b, c_attn rows, b, attn c_proj rows, b, ln_2 w, b, c_fc rows, b,
-    mlp c_proj rows, b, cache keys, values), rows in any one format (an array, or quant.Int8Rows /
-    Int4Rows). Every kernel's chunks, then a barrier, on all threads. (A numba parallel region cannot
-    take tuples of arrays: the workers run nogil on the pool's Python threads, jit.team.)"""
-    B, C = x.shape
-    bufs = (np.empty((B, C), np.float32), np.empty((B, C), np.float32), np.empty((B, 3 * C), np.float32),
-            np.empty((B, 4 * C), np.float32), np.empty((B, C), np.float32), np.empty((B, head.shape[0]), np.float32))
-    sync = np.zeros(2 * LINE * (len(LAYER) * len(layers) + len(FINAL)), dtype=np.int64)   # per kernel: chunks claimed, done
-    team(_step_worker, x, bufs, (_rounded(B, C), _rounded(B, 4 * C)), layers, ln_f, head, lengths, scale, eps, chunk_bytes, sync)
-    return bufs[-1]
+def _float_rows(w):                                        # a prepared weight as fused_step reads it (float32, or bf16 bits), or None
+    if isinstance(w, np.ndarray):
+        return w
+    return w.bits if isinstance(w, quant.BF16) else None
 
 
-def one_region(params, cache):                             # (fused_step's layers, head): every linear weight in one format
+def one_region(params, cache):                             # (fused_step's layers, head), or None: int8/int4 weights run kernel by kernel
     layers = []
     for i, layer in enumerate(params["h"]):
         attn, mlp, kv = layer["attn"], layer["mlp"], cache.layer(i)
-        ws = [p["weight_t"].bits if isinstance(p["weight_t"], quant.BF16) else p["weight_t"]
-              for p in (attn["c_attn"], attn["c_proj"], mlp["c_fc"], mlp["c_proj"])]
+        ws = [_float_rows(p["weight_t"]) for p in (attn["c_attn"], attn["c_proj"], mlp["c_fc"], mlp["c_proj"])]
+        if any(w is None for w in ws):
+            return None
         layers.append((layer["ln_1"]["weight"], layer["ln_1"]["bias"], ws[0], attn["c_attn"]["bias"], ws[1], attn["c_proj"]["bias"],
                        layer["ln_2"]["weight"], layer["ln_2"]["bias"], ws[2], mlp["c_fc"]["bias"], ws[3], mlp["c_proj"]["bias"], kv.k, kv.v))
-    head = params["lm_head"]["weight"]
-    head = head.bits if isinstance(head, quant.BF16) else head
-    kinds = {_kind(layer[i]) for layer in layers for i in (2, 4, 8, 10)} | {_kind(head)}
-    return (tuple(layers), head) if len(kinds) == 1 else None
-
-
-def _kind(w):                                              # what numba compiles a weight as (one kind per region)
-    return (np.ndarray, w.dtype, w.flags.c_contiguous) if isinstance(w, np.ndarray) else type(w)
+    head = _float_rows(params["lm_head"]["weight"])
+    if head is None or head.dtype != layers[0][2].dtype or not head.flags.c_contiguous:
+        return None
+    return tuple(layers), head
 
 
 def is_step(ids, cache):                                   # a [B, 1] step on a cache of B rows, decode-sized
@@ -201,14 +185,17 @@ def step(params, ids, cfg, cache):                         # [B, 1] ids, KVCache
     ids, _ = check_ids(ids, cfg, past=int(cache.lengths.max()), batch=cache.batch)
     lengths = np.ascontiguousarray(cache.lengths)
     x = params["wte"]["weight"][ids[:, 0]] + params["wpe"]["weight"][lengths]      # [B, C]
+    B, C = x.shape
     scale = np.float32(1.0 / math.sqrt(cfg.head_dim))
     plan = one_region(params, cache)
     if plan is not None:
         layers, head = plan
-        logits = fused_step(x, layers, (params["ln_f"]["weight"], params["ln_f"]["bias"]), head, lengths, scale,
-                            np.float32(cfg.eps), CHUNK_BYTES)
+        bufs = (np.empty((B, C), np.float32), np.empty((B, C), np.float32), np.empty((B, 3 * C), np.float32),
+                np.empty((B, 4 * C), np.float32), np.empty((B, C), np.float32), np.empty((B, head.shape[0]), np.float32))
+        fused_step(x, bufs, layers, (params["ln_f"]["weight"], params["ln_f"]["bias"]), head, lengths, scale,
+                   np.float32(cfg.eps), CHUNK_BYTES)
         cache.advance(1)
-        return logits[:, None]
+        return bufs[-1][:, None]
     h, a = np.empty_like(x), np.empty_like(x)
     for i, layer in enumerate(params["h"]):
         kv, attn, mlp = cache.layer(i), layer["attn"], layer["mlp"]

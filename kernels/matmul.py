@@ -250,106 +250,29 @@ def _rounded_inputs(x, bits, blocks, offset):              # -> (xq, sx, xoff) f
 
 
 @inline
-def group_rows(xq, sx, xoff, packed, scale, M, g, blocks, dot, dot4, out):   # out[:, 8g : 8g + 8] from rounded inputs and group g
-    """Group g of 8 rows (jit.dot_q8 / dot_q4: the rows' block sums in the lanes of one vector) against
-    every input, four inputs at a time sharing each block's loads (and int4's unpacking)."""
-    N = xq.shape[0]
-    rows = min(GROUP, M - GROUP * g)
-    n = 0
-    while n + 4 <= N:
-        v = dot4(packed, scale, g, xq, xoff, sx, n, blocks)
-        for i in range(4):
-            for r in range(rows):
-                out[n + i, GROUP * g + r] = v[GROUP * i + r]
-        n += 4
-    for i in range(n, N):
-        v = dot(packed, scale, g, xq, xoff, sx, i, blocks)
-        for r in range(rows):
-            out[i, GROUP * g + r] = v[r]
-
-
-@inline
 def _gemv_groups(x, bits, packed, scale, M, b, gelu, blocks, offset, dot, dot4):   # gemv_q8 / gemv_q4's shared body
-    """One task per group of 8 rows. Inputs are padded with zeros to whole blocks (and rows' padding is
-    q = 0), so partial blocks need nothing of their own."""
+    """One task per group of 8 rows, its rows' block sums in the lanes of one vector (jit.dot_q8 /
+    dot_q4), four inputs at a time sharing each block's loads (and int4's unpacking). Inputs are padded
+    with zeros to whole blocks (and rows' padding is q = 0), so partial blocks need nothing of their own."""
     N = x.shape[0]
     xq, sx, xoff = _rounded_inputs(x, bits, blocks, offset)
     out = np.empty((N, M), dtype=np.float32)
     for g in numba.prange(packed.shape[0]):
-        group_rows(xq, sx, xoff, packed, scale, M, g, blocks, dot, dot4, out)
-        for r in range(min(GROUP, M - GROUP * g)):
+        rows = min(GROUP, M - GROUP * g)
+        n = 0
+        while n + 4 <= N:
+            v = dot4(packed, scale, g, xq, xoff, sx, n, blocks)
+            for i in range(4):
+                for r in range(rows):
+                    out[n + i, GROUP * g + r] = v[GROUP * i + r]
+            n += 4
+        for i in range(n, N):
+            v = dot(packed, scale, g, xq, xoff, sx, i, blocks)
+            for r in range(rows):
+                out[i, GROUP * g + r] = v[r]
+        for r in range(rows):
             _bias(out, b, GROUP * g + r, gelu)
     return out
-
-
-# A prepared weight of any format, as a numba kernel sees it (kernels.decode's region): float32 or bf16
-# rows are an array, int8 and int4 a quant.Int8Rows / Int4Rows named tuple. Each helper is chosen per
-# type at compile time.
-def _int_format(w):                                        # numba type -> "int8", "int4" or None (float rows)
-    cls = getattr(w, "instance_class", None)
-    return {quant.Int8Rows: "int8", quant.Int4Rows: "int4"}.get(cls)
-
-
-def n_rows(w):                                             # output rows (numba-only)
-    raise NotImplementedError
-
-
-@overload(n_rows)
-def _n_rows(w):
-    return (lambda w: w.n_out) if _int_format(w) else (lambda w: w.shape[0])
-
-
-def row_bytes(w):                                          # bytes a row of w takes (numba-only)
-    raise NotImplementedError
-
-
-@overload(row_bytes)
-def _row_bytes(w):
-    return (lambda w: w.packed.shape[1] // GROUP) if _int_format(w) else (lambda w: w.shape[1] * w.itemsize)
-
-
-def rounds_inputs(w):                                      # does a product with w take int8-rounded inputs? (numba-only)
-    raise NotImplementedError
-
-
-@overload(rounds_inputs)
-def _rounds_inputs(w):
-    fmt = _int_format(w)
-    return lambda w: fmt is not None
-
-
-def round_row(x, bits, w, xr, n):                          # row n of x -> xr = (levels, block scales, offsets), as w's product wants
-    raise NotImplementedError
-
-
-@overload(round_row)
-def _round_row(x, bits, w, xr, n):
-    offset = {"int8": 128, "int4": 8, None: 0}[_int_format(w)]
-
-    def impl(x, bits, w, xr, n):
-        xq, sx, xoff = xr
-        _round_inputs(x[n : n + 1], bits[n : n + 1], offset, xq[n : n + 1], sx[n : n + 1], xoff[n : n + 1])
-    return impl
-
-
-def rows_product(x, xr, w, out, m0, m1):                   # out[:, m0:m1] = x . w[m0:m1]^T (int8/int4: from xr, x rounded; m0 a multiple of 8)
-    raise NotImplementedError
-
-
-@overload(rows_product)
-def _rows_product(x, xr, w, out, m0, m1):
-    fmt = _int_format(w)
-    if fmt is None:
-        return lambda x, xr, w, out, m0, m1: float_rows(x, w, out, m0, m1)
-    dot, dot4 = (dot_q8, dot_q8x4) if fmt == "int8" else (dot_q4, dot_q4x4)
-    per_block = 8 * Q8 if fmt == "int8" else 0             # int8: packed bytes a block; int4: blocks from the scales
-
-    def impl(x, xr, w, out, m0, m1):
-        xq, sx, xoff = xr
-        blocks = w.packed.shape[1] // per_block if per_block else w.scale.shape[1] // GROUP
-        for g in range(m0 // GROUP, (m1 + GROUP - 1) // GROUP):
-            group_rows(xq, sx, xoff, w.packed, w.scale, w.n_out, g, blocks, dot, dot4, out)
-    return impl
 
 
 @parallel
