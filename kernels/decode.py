@@ -105,44 +105,50 @@ def _chunks(kind, layer, head, B, chunk_bytes):            # how many chunks ker
 
 
 @serial
-def _step_worker(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, sync):   # one thread's share of a decode step
-    """Kernel after kernel: claim chunks until none is left, then wait until every chunk is done."""
+def _kernels(x, bufs, layer, ln_f, head, lengths, scale, eps, chunk_bytes, sync, phase, last):   # one thread's share of a layer's kernels
+    """A layer's kernels (or, if last, the final LayerNorm and the head), counted in `sync` from kernel
+    number `phase` on: claim chunks until none is left, then wait until every chunk is done. Its own
+    function, compiled once per weight format: a step's worker that held it would compile again for
+    every layer count (~15 s each)."""
     h, a, qkv, g, y, logits = bufs
+    ln_1w, ln_1b, w_attn, b_attn, w_proj, b_proj, ln_2w, ln_2b, w_fc, b_fc, w_fcp, b_fcp, k, v = layer
     B = x.shape[0]
-    phase = 0
-    for l in range(len(layers) + 1):
-        last = l == len(layers)
-        layer = layers[min(l, len(layers) - 1)]
-        ln_1w, ln_1b, w_attn, b_attn, w_proj, b_proj, ln_2w, ln_2b, w_fc, b_fc, w_fcp, b_fcp, k, v = layer
-        for j in range(2 if last else 7):
-            kind = LN_F + j if last else j
-            n, R = _chunks(kind, layer, head, B, chunk_bytes)
-            while True:
-                c = atomic_add(sync, 2 * LINE * phase, 1)
-                if c >= n:
-                    break
-                if kind == LN_1:
-                    layer_norm_rows(x[c : c + 1], ln_1w, ln_1b, eps, h[c : c + 1])
-                elif kind == LN_2:
-                    layer_norm_rows(x[c : c + 1], ln_2w, ln_2b, eps, h[c : c + 1])
-                elif kind == LN_F:
-                    layer_norm_rows(x[c : c + 1], ln_f[0], ln_f[1], eps, h[c : c + 1])
-                elif kind == QKV:
-                    _gemv_chunk(h, w_attn, b_attn, qkv, c, R, BIAS, x)
-                elif kind == ATTEND:
-                    attend_task(qkv, k, v, lengths, scale, a, c)
-                elif kind == PROJ:
-                    _gemv_chunk(a, w_proj, b_proj, y, c, R, RESIDUAL, x)
-                elif kind == FC:
-                    _gemv_chunk(h, w_fc, b_fc, g, c, R, GELU, x)
-                elif kind == FC_PROJ:
-                    _gemv_chunk(g, w_fcp, b_fcp, y, c, R, RESIDUAL, x)
-                else:
-                    _gemv_chunk(h, head, None, logits, c, R, BIAS, x)
-                atomic_add(sync, (2 * phase + 1) * LINE, 1)
-            while atomic_read(sync, (2 * phase + 1) * LINE) < n:
-                spin_pause()
-            phase += 1
+    for j in range(2 if last else 7):
+        kind = LN_F + j if last else j
+        n, R = _chunks(kind, layer, head, B, chunk_bytes)
+        while True:
+            c = atomic_add(sync, 2 * LINE * phase, 1)
+            if c >= n:
+                break
+            if kind == LN_1:
+                layer_norm_rows(x[c : c + 1], ln_1w, ln_1b, eps, h[c : c + 1])
+            elif kind == LN_2:
+                layer_norm_rows(x[c : c + 1], ln_2w, ln_2b, eps, h[c : c + 1])
+            elif kind == LN_F:
+                layer_norm_rows(x[c : c + 1], ln_f[0], ln_f[1], eps, h[c : c + 1])
+            elif kind == QKV:
+                _gemv_chunk(h, w_attn, b_attn, qkv, c, R, BIAS, x)
+            elif kind == ATTEND:
+                attend_task(qkv, k, v, lengths, scale, a, c)
+            elif kind == PROJ:
+                _gemv_chunk(a, w_proj, b_proj, y, c, R, RESIDUAL, x)
+            elif kind == FC:
+                _gemv_chunk(h, w_fc, b_fc, g, c, R, GELU, x)
+            elif kind == FC_PROJ:
+                _gemv_chunk(g, w_fcp, b_fcp, y, c, R, RESIDUAL, x)
+            else:
+                _gemv_chunk(h, head, None, logits, c, R, BIAS, x)
+            atomic_add(sync, (2 * phase + 1) * LINE, 1)
+        while atomic_read(sync, (2 * phase + 1) * LINE) < n:
+            spin_pause()
+        phase += 1
+
+
+@serial
+def _step_worker(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, sync):   # one thread's share of a decode step
+    for l in range(len(layers)):
+        _kernels(x, bufs, layers[l], ln_f, head, lengths, scale, eps, chunk_bytes, sync, 7 * l, False)
+    _kernels(x, bufs, layers[-1], ln_f, head, lengths, scale, eps, chunk_bytes, sync, 7 * len(layers), True)   # (reads no layer)
 
 
 def fused_step(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes):   # x [B, C] (the stream, in place) -> bufs' logits [B, V]
