@@ -176,8 +176,9 @@ def one_region(params, cache):                             # (fused_step's layer
         layers.append((layer["ln_1"]["weight"], layer["ln_1"]["bias"], ws[0], attn["c_attn"]["bias"], ws[1], attn["c_proj"]["bias"],
                        layer["ln_2"]["weight"], layer["ln_2"]["bias"], ws[2], mlp["c_fc"]["bias"], ws[3], mlp["c_proj"]["bias"], kv.k, kv.v))
     head = _float_rows(params["lm_head"]["weight"])
-    if head is None or head.dtype != layers[0][2].dtype or not head.flags.c_contiguous:
-        return None
+    kinds = {tuple((a.dtype, a.flags.c_contiguous) for a in layer) for layer in layers}   # one compiled layer for all
+    if head is None or not head.flags.c_contiguous or len(kinds) != 1 or {layers[0][i].dtype for i in (2, 4, 8, 10)} != {head.dtype}:
+        return None                                        # (a hand-built dict mixing float32 and bf16, say)
     return tuple(layers), head
 
 

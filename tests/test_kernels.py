@@ -222,15 +222,16 @@ def test_one_region_takes_float_weights_and_leaves_int8_int4_and_mixed_formats_t
     for fmt, region in (("fp32", True), ("bf16", True), ("int8", False), ("int4", False)):
         model = npgpt.Model(quant.quantize(tiny_params, fmt), TINY, backend="numba")
         assert (decode.one_region(model.params, model.new_cache(2)) is not None) == region
-    mixed = {**tiny_params, "h": [{**tiny_params["h"][0], "mlp": quant.quantize(tiny_params, "int8")["h"][0]["mlp"]},
-                                  *tiny_params["h"][1:]]}
-    ref, model = npgpt.Model(mixed, TINY), npgpt.Model(mixed, TINY, backend="numba")
-    caches = [ref.new_cache(2), model.new_cache(2)]
-    assert decode.one_region(model.params, caches[1]) is None
-    for m, cache in zip((ref, model), caches):
-        m.forward(np.array([[1, 2, 3], [4, 5, 6]]), cache=cache)
-    ids = np.array([[7], [8]])
-    assert max_rel_err(model.forward(ids, cache=caches[1]), ref.forward(ids, cache=caches[0])) < 1e-2
+    for other in ("int8", "bf16"):                         # a layer's MLP in another format
+        mixed = {**tiny_params, "h": [{**tiny_params["h"][0], "mlp": quant.quantize(tiny_params, other)["h"][0]["mlp"]},
+                                      *tiny_params["h"][1:]]}
+        ref, model = npgpt.Model(mixed, TINY), npgpt.Model(mixed, TINY, backend="numba")
+        caches = [ref.new_cache(2), model.new_cache(2)]
+        assert decode.one_region(model.params, caches[1]) is None
+        for m, cache in zip((ref, model), caches):
+            m.forward(np.array([[1, 2, 3], [4, 5, 6]]), cache=cache)
+        ids = np.array([[7], [8]])
+        assert max_rel_err(model.forward(ids, cache=caches[1]), ref.forward(ids, cache=caches[0])) < 1e-2
 
 
 def test_team_runs_every_chunk_once_and_finishes_while_the_pool_is_busy():
