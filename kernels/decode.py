@@ -160,7 +160,7 @@ def fused_step(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes):  
     team(_step_worker, x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, sync)
 
 
-def _float_rows(w):                                        # a prepared weight as fused_step reads it (float32, or bf16 bits), or None
+def _region_weight(w):                                     # a prepared weight as fused_step reads it (float32, or bf16 bits), or None
     if isinstance(w, np.ndarray):
         return w
     return w.bits if isinstance(w, quant.BF16) else None
@@ -170,12 +170,12 @@ def one_region(params, cache):                             # (fused_step's layer
     layers = []
     for i, layer in enumerate(params["h"]):
         attn, mlp, kv = layer["attn"], layer["mlp"], cache.layer(i)
-        ws = [_float_rows(p["weight_t"]) for p in (attn["c_attn"], attn["c_proj"], mlp["c_fc"], mlp["c_proj"])]
+        ws = [_region_weight(p["weight_t"]) for p in (attn["c_attn"], attn["c_proj"], mlp["c_fc"], mlp["c_proj"])]
         if any(w is None for w in ws):
             return None
         layers.append((layer["ln_1"]["weight"], layer["ln_1"]["bias"], ws[0], attn["c_attn"]["bias"], ws[1], attn["c_proj"]["bias"],
                        layer["ln_2"]["weight"], layer["ln_2"]["bias"], ws[2], mlp["c_fc"]["bias"], ws[3], mlp["c_proj"]["bias"], kv.k, kv.v))
-    head = _float_rows(params["lm_head"]["weight"])
+    head = _region_weight(params["lm_head"]["weight"])
     kinds = {tuple((a.dtype, a.flags.c_contiguous) for a in layer) for layer in layers}   # one compiled layer for all
     if head is None or not head.flags.c_contiguous or len(kinds) != 1 or {layers[0][i].dtype for i in (2, 4, 8, 10)} != {head.dtype}:
         return None                                        # (a hand-built dict mixing float32 and bf16, say)
