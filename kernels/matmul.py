@@ -1,8 +1,8 @@
 """Matrix products. Weights are rows of outputs, W [out, in] (the loader transposes HF's Conv1D once,
 see kernels.prepare): decode streams the rows once on every core, four rows against four inputs at a
-time when a batch has four or more (int8 and int4: a row against each input, in integers);
-prefill gives each core a band of output columns and a single-threaded sgemm on the same array
-transposed."""
+time when a batch has four or more (int8 and int4: a group of 8 rows against each input, in integers);
+prefill gives each core a band of output columns: a single-threaded sgemm on float32 (and on bf16
+widened from 1024 input rows), decode's own tiles and integer dots on the rest."""
 
 import threading
 
@@ -287,28 +287,97 @@ def gemv_q4(x, bits, packed, scale, M, b, gelu):           # [N, K] (and its uin
     return _gemv_groups(x, bits, packed, scale, M, b, gelu, scale.shape[1] // GROUP, 8, dot_q4, dot_q4x4)
 
 
-@serial_exact
-def _round_to_q8_band(x, bits, out):                       # [N, K] (and its uint32 view) -> out [N, K]
+# Prefill's bf16 (below TILES_BELOW input rows), int8 and int4 products run decode's kernels: float_rows' 4x4
+# tiles, and the integer dots of a group of 8 rows against 4 inputs. Each band writes its rows of the
+# product transposed, yt [M, N] (transposed_view), read back by finish_band: a tile's or a group's rows of
+# yt are whole lines, where its columns of out [N, M] sit a row apart (at M = 3072, a row is 12 KiB, and
+# every one fell in the same set of L1: c_fc ran at half speed). Against widening tiles of rows for sgemm,
+# measured on 2 cores at N = 128 and 512: int8/int4 1.3-2.4x on every GPT-2 124M shape; bf16 0.9-1.4x by
+# shape, 1.07-1.23x on the model's pp128 and pp512, 0.93x at 2048 rows (where the tiles stream x from L3).
+TILES_BELOW = 1024                                         # bf16 prefill on tiles below this many input rows, else widened for sgemm
+TILE_INPUT_BYTES, TILE_WEIGHT_BYTES = 512 << 10, 64 << 10  # a band's inputs in blocks of this much (in L2); its rows in chunks of this
+# much, each chunk against every input of a block (sweep at 128 and 2048 rows: 256 KiB each 0.93x and 0.87x)
+
+
+@serial
+def _float_band(x, w, m0, m1, out, nb, mb):                # out[:, m0:m1] = x . w[m0:m1]^T, blocks of nb inputs, chunks of mb rows
+    """out: the transposed product's view (yt.T). Inputs outer: a block of x stays in L2 while the band's
+    rows stream past it."""
+    N = x.shape[0]
+    for n0 in range(0, N, nb):
+        n1 = min(n0 + nb, N)
+        for c0 in range(m0, m1, mb):
+            float_rows(x[n0:n1], w, out[n0:n1], c0, min(c0 + mb, m1))
+
+
+def _tiled_product(x, w, out, b, then, scratch):           # matmul_into for bf16 rows on float_rows' tiles
     N, K = x.shape
-    for n in range(N):
-        for j in range(-(-K // Q8)):
-            d, inv = _round_block(bits, n, j, K)
-            k0 = Q8 * j
-            if k0 + Q8 <= K:
-                for k in range(Q8):
-                    out[n, k0 + k] = rint(x[n, k0 + k] * inv) * d
-            else:
-                for k in range(k0, K):
-                    out[n, k] = rint(x[n, k] * inv) * d
+    yt, rows = transposed_view(scratch, w.shape[0], N), w.bits
+    nb = max(4, TILE_INPUT_BYTES // (4 * K) // 4 * 4)
+    mb = max(4, TILE_WEIGHT_BYTES // (rows.itemsize * K) // 4 * 4)
+
+    def band(cols):
+        _float_band(x, rows, cols.start, cols.stop, yt.T, nb, mb)
+        finish_band(yt[cols], b[cols], then, out, cols.start, True)
+    bands(band, w.shape[0], inline_upto=1)
 
 
-def round_to_q8_rows(x):                                   # [N, K] -> [N, K]: quant.round_to_q8, for prefill's sgemm
-    """Bands of rows on the cores, as the other prefill kernels (not a numba parallel region between
-    sgemms: their threads spin against each other). Without reassociation, so it equals the spec bit
-    for bit (with it, LLVM computed q * (peak / 127) as (q * peak) / 127)."""
-    out = np.empty_like(x)
-    bands(lambda r: _round_to_q8_band(x[r], x[r].view(np.uint32), out[r]), x.shape[0])
-    return out
+@serial
+def _round_band(x, bits, offset, xq, sx, xoff):            # rows of x -> int8 levels, block scales, offset sums (as _rounded_inputs)
+    _round_inputs(x, bits, offset, xq, sx, xoff)
+
+
+def rounded_rows(x, offset, blocks):                       # x [N, K] -> (xq, sx, xoff) padded to `blocks` blocks, bands of rows
+    """quant.round_to_q8's levels and scales (xq * sx is its result), and `offset` times each block's sum of levels."""
+    x = np.ascontiguousarray(x)
+    N, bits = x.shape[0], x.view(np.uint32)
+    xq, sx = np.empty((N, blocks * Q8), np.int8), np.empty((N, blocks), np.float32)
+    xoff = np.empty((N, blocks), np.int32)
+    bands(lambda r: _round_band(x[r], bits[r], offset, xq[r], sx[r], xoff[r]), N)
+    return xq, sx, xoff
+
+
+@inline
+def _groups_into(xq, sx, xoff, packed, scale, g0, g1, blocks, yt, dot, dot4):   # yt[8g + r, n] for groups g0 .. g1 (rows < M)
+    N, M = xq.shape[0], yt.shape[0]
+    for g in range(g0, g1):
+        rows = min(GROUP, M - GROUP * g)
+        n = 0
+        while n + 4 <= N:
+            v = dot4(packed, scale, g, xq, xoff, sx, n, blocks)
+            for r in range(rows):
+                for i in range(4):
+                    yt[GROUP * g + r, n + i] = v[GROUP * i + r]
+            n += 4
+        for i in range(n, N):
+            v = dot(packed, scale, g, xq, xoff, sx, i, blocks)
+            for r in range(rows):
+                yt[GROUP * g + r, i] = v[r]
+
+
+@serial
+def _groups_q8(xq, sx, xoff, packed, scale, g0, g1, yt):   # quant.Int8Rows (packed, scale): groups g0 .. g1 into yt [M, N]
+    _groups_into(xq, sx, xoff, packed, scale, g0, g1, packed.shape[1] // (8 * Q8), yt, dot_q8, dot_q8x4)
+
+
+@serial
+def _groups_q4(xq, sx, xoff, packed, scale, g0, g1, yt):   # quant.Int4Rows (packed, scale): groups g0 .. g1 into yt [M, N]
+    _groups_into(xq, sx, xoff, packed, scale, g0, g1, scale.shape[1] // GROUP, yt, dot_q4, dot_q4x4)
+
+
+def _integer_product(x, w, out, b, then, scratch):         # matmul_into for quant.Int8Rows / Int4Rows
+    """The inputs rounded once (bands of rows), then bands of groups of 8 weight rows, each finished
+    (bias, GELU, residual) from its transposed product on its own thread."""
+    N, M = x.shape[0], w.n_out
+    int4 = isinstance(w, quant.Int4Rows)
+    xq, sx, xoff = rounded_rows(x, 8 if int4 else 128, w.scale.shape[1] // GROUP if int4 else w.packed.shape[1] // (8 * Q8))
+    yt, groups = transposed_view(scratch, M, N), _groups_q4 if int4 else _groups_q8
+
+    def band(gs):
+        groups(xq, sx, xoff, w.packed, w.scale, gs.start, gs.stop, yt)
+        c0, c1 = GROUP * gs.start, min(GROUP * gs.stop, M)
+        finish_band(yt[c0:c1], b[c0:c1], then, out, c0, True)
+    bands(band, w.packed.shape[0], inline_upto=1)
 
 
 @serial
@@ -346,7 +415,7 @@ def transpose(a):                                          # [R, C] -> [C, R], c
     return out
 
 
-# low-precision rows widened at a time for sgemm: twice as many as x has rows (each sgemm call packs all of x
+# bf16 rows widened at a time for sgemm (from TILES_BELOW input rows): twice as many as x has rows (each sgemm call packs all of x
 # again: at 2048 rows of x, 256-row tiles cost bf16 ~8%), at least 256 (a small tile stays in L2: at 128 rows
 # of x, 2048-row tiles cost ~4%), at most 6 MiB of float32. Interleaved in one process, medians of 7.
 PREFILL_TILE_ROWS, PREFILL_TILE_BYTES = 256, 6 << 20
@@ -372,6 +441,17 @@ def matmul_rows(x, w, b=None, gelu=False):                 # [..., K] x [M, K] r
     return y.reshape(*x.shape[:-1], M)
 
 
+def transposed_view(scratch, M, N):                        # a product transposed, [M, N], in scratch: rows padded
+    """Rows N rounded up to 16 floats, plus 16: reading 16 rows down a column (finish_band) then touches 16
+    sets of L1. At a power-of-two N of 512 or more, unpadded rows put all 16 in one or two sets."""
+    ld = -(-N // 16) * 16 + 16
+    return scratch[: M * ld].reshape(M, ld)[:, :N]
+
+
+def scratch_size(N, M):                                    # float32 elements matmul_into's scratch needs for an [N, M] product
+    return (N + 32) * M
+
+
 BIAS, GELU, RESIDUAL = 0, 1, 2                             # what a prefill product does with its band (matmul_into)
 
 
@@ -380,13 +460,15 @@ def matmul_into(x, w, out, b, then=BIAS, scratch=None):   # x [N, K] . w rows [M
     small) and, on the same thread while the band is still in cache, finishes its columns of out:
     BIAS: out = x . w^T + b; GELU: out = gelu(x . w^T + b); RESIDUAL: out += x . w^T + b (a block's
     output joins the stream). int8/int4 rows meet int8-rounded inputs, as the spec.
-    scratch: float32, >= N * M elements, where products wait to be finished (kernels.prefill passes
+    scratch: float32, scratch_size(N, M) elements, where products wait to be finished (kernels.prefill passes
     one buffer to every product of a pass: a fresh array per band is fresh pages to fault in)."""
-    if isinstance(w, (quant.Int8Rows, quant.Int4Rows)):
-        x = round_to_q8_rows(x)
     N, M = x.shape[0], w.shape[0]
     # np.empty touches no page: where every product goes straight into out, this scratch costs nothing
-    scratch = np.empty(N * M, np.float32) if scratch is None else scratch[: N * M]
+    scratch = np.empty(scratch_size(N, M), np.float32) if scratch is None else scratch
+    if isinstance(w, (quant.Int8Rows, quant.Int4Rows)):
+        return _integer_product(x, w, out, b, then, scratch)
+    if isinstance(w, quant.BF16) and N < TILES_BELOW:
+        return _tiled_product(np.ascontiguousarray(x), w, out, b, then, scratch)
     bands(lambda cols: _gemm_band(x, w, b, then, out, cols, scratch), M, inline_upto=1)
 
 
@@ -468,11 +550,11 @@ def _product(x, rows, b, then, out, c0, scratch, transposed=False):   # out's co
     """scratch: the whole product's, N * M; these columns' share of it is used."""
     N, m, M = x.shape[0], rows.shape[0], out.shape[1]
     if transposed and N < TRANSPOSED_BELOW:                # yt [m, N]: rows c0 .. c0 + m of a [M, N] scratch
-        yt = scratch[c0 * N : (c0 + m) * N].reshape(m, N)
+        yt = transposed_view(scratch, M, N)[c0 : c0 + m]
         np.matmul(rows, x.T, out=yt)
         finish_band(yt, b, then, out, c0, True)
         return
-    y = scratch.reshape(N, M)[:, c0 : c0 + m] if then == RESIDUAL else out[:, c0 : c0 + m]   # the stream is added to, not written
+    y = scratch[: N * M].reshape(N, M)[:, c0 : c0 + m] if then == RESIDUAL else out[:, c0 : c0 + m]   # the stream is added to, not written
     np.matmul(x, rows.T, out=y)
     finish_band(y, b, then, out, c0, False)
 
@@ -490,7 +572,8 @@ def _tile(size):                                           # this thread's float
 
 
 def _gemm_band(x, w, b, then, out, cols, scratch):         # out's columns `cols` from x [N, K] . w[cols]^T + b[cols]
-    """Low-precision rows are widened one tile at a time (PREFILL_TILE_ROWS), so no float32 copy of W exists."""
+    """bf16 rows (from TILES_BELOW input rows) are widened one tile at a time (PREFILL_TILE_ROWS), so no float32
+    copy of W exists."""
     if isinstance(w, np.ndarray):
         _product(x, w[cols], b[cols], then, out, cols.start, scratch, transposed=True)
     else:
@@ -499,18 +582,12 @@ def _gemm_band(x, w, b, then, out, cols, scratch):         # out's columns `cols
         for t0 in range(cols.start, cols.stop, step):
             t1 = min(t0 + step, cols.stop)
             part = tile[: t1 - t0]
-            if isinstance(w, quant.Int4Rows):
-                widen_int4(w.packed, w.scale, t0, part)
-            elif isinstance(w, quant.Int8Rows):
-                widen_int8(w.packed, w.scale, t0, part)
-            else:
-                widen_tile(w.bits[t0:t1], part)
+            widen_tile(w.bits[t0:t1], part)
             _product(x, part, b[t0:t1], then, out, t0, scratch)
 
 
 # int8 (quant.Int8Rows) and int4 (quant.Int4Rows): rows interleaved in groups of 8, so one 32-byte load holds
-# 4 (int8) or 8 (int4) consecutive weights of each of 8 rows (see jit.dot_q8). Prefill widens tiles of rows
-# for sgemm (PREFILL_TILE_ROWS).
+# 4 (int8) or 8 (int4) consecutive weights of each of 8 rows (see jit.dot_q8), in decode and prefill alike.
 def int8_rows(q, scale):                                   # int8 rows [M, K], float32 scale [M] -> quant.Int8Rows
     """Rows past M (to a whole group) and inputs past K (to a whole block) are padding: q = 0, scale 0."""
     M, K = q.shape
@@ -530,25 +607,8 @@ def int8_unrows(w):                                        # quant.Int8Rows -> (
             np.ascontiguousarray(w.scale.ravel()[: w.n_out]))
 
 
-@serial
-def widen_int8(packed, scale, r0, out):                    # rows r0 .. r0 + m of quant.Int8Rows (packed, scale) -> out float32 [m, K]
-    K = out.shape[1]
-    for m in range(out.shape[0]):
-        g, r = (r0 + m) // GROUP, (r0 + m) % GROUP
-        src, d, row = packed[g], scale[g, r], out[m]
-        for j in range(packed.shape[1] // 256):
-            for i in range(8):
-                at, k = 256 * j + 32 * i + 4 * r, Q8 * j + 4 * i
-                if k + 4 <= K:                             # whole runs: straight code
-                    for c in range(4):
-                        row[k + c] = np.float32(np.int8(src[at + c] ^ np.uint8(0x80))) * d
-                else:
-                    for c in range(K - k):
-                        row[k + c] = np.float32(np.int8(src[at + c] ^ np.uint8(0x80))) * d
-
-
 # int4 (quant.Int4Rows): rows interleaved in groups of 8, so one 32-byte load holds 8 weights of each of 8
-# rows (see jit.dot_q4). Prefill widens tiles of rows for sgemm (PREFILL_TILE_ROWS).
+# rows (see jit.dot_q4).
 def int4_rows(q, scale):                                   # int8 rows [M, K] in [-8, 7], float32 scale [M, blocks] -> quant.Int4Rows
     """Rows past M (to a whole group) and inputs past K (to a whole block) are padding: q = 0, scale 0."""
     M, K = q.shape
@@ -569,28 +629,6 @@ def int4_unrows(w):                                        # quant.Int4Rows -> (
     scale = w.scale.reshape(G, blocks, GROUP).transpose(0, 2, 1).reshape(G * GROUP, blocks)
     return (np.ascontiguousarray(u[: w.n_out, : w.n_in].view(np.int8) - np.int8(8)),
             np.ascontiguousarray(scale[: w.n_out, : -(-w.n_in // Q8)]))
-
-
-@serial
-def widen_int4(packed, scale, r0, out):                    # rows r0 .. r0 + m of quant.Int4Rows (packed, scale) -> out float32 [m, K]
-    K = out.shape[1]
-    for m in range(out.shape[0]):
-        g, r = (r0 + m) // GROUP, (r0 + m) % GROUP
-        src, d, row = packed[g], scale[g], out[m]
-        for j in range(scale.shape[1] // GROUP):
-            dj, k0 = d[GROUP * j + r], Q8 * j
-            for i in range(4):
-                at, k = 128 * j + 32 * i + 4 * r, k0 + 8 * i
-                if k + 8 <= K:                             # whole runs: straight code
-                    for c in range(4):
-                        row[k + c] = (low_nibble(src[at + c]) - np.float32(8.0)) * dj
-                        row[k + 4 + c] = (high_nibble(src[at + c]) - np.float32(8.0)) * dj
-                else:
-                    for c in range(4):
-                        if k + c < K:
-                            row[k + c] = (low_nibble(src[at + c]) - np.float32(8.0)) * dj
-                        if k + 4 + c < K:
-                            row[k + 4 + c] = (high_nibble(src[at + c]) - np.float32(8.0)) * dj
 
 
 def linear(x, weight_t, bias):                             # [..., in], [out, in], [out] -> [..., out]; W transposed once at load

@@ -21,7 +21,7 @@ from ..inputs import check_ids
 
 from .attention import prefill_heads
 from .jit import DECODE_ROWS, bands
-from .matmul import BIAS, GELU, RESIDUAL, matmul_into, matmul_rows
+from .matmul import BIAS, GELU, RESIDUAL, matmul_into, matmul_rows, scratch_size
 from .norm import inline_rows, layer_norm_rows
 
 
@@ -65,7 +65,7 @@ def forward(params, ids, cfg, cache=None, last=False):    # [T] or [B, T] ids ->
     F = params["h"][0]["mlp"]["c_fc"]["bias"].shape[0]
     h, a = np.empty((N, C), np.float32), np.empty((N, C), np.float32)   # LayerNorm's output, attention's
     qkv, g = np.empty((N, 3 * C), np.float32), np.empty((N, F), np.float32)
-    work = np.empty(N * max(3 * C, F), np.float32)         # every product's scratch (matmul_into)
+    work = np.empty(scratch_size(N, max(3 * C, F)), np.float32)   # every product's scratch (matmul_into)
     scale = np.float32(1.0 / math.sqrt(cfg.head_dim))
     for i, layer in enumerate(params["h"]):
         attn, mlp = layer["attn"], layer["mlp"]

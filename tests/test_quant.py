@@ -35,20 +35,11 @@ def test_int8_is_symmetric_per_output_channel(axis, shape):
     assert np.all(np.abs(quant.dequantize(q) - w) <= q.scale / 2 * (1 + 1e-6))   # rounding error only
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
-@pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (64, 33)])   # partial groups of rows and partial blocks, whole ones
-def test_prefill_widening_gives_exactly_the_reference_values(fmt, n_out, n_in):
-    w = quant.quantize({"h": [], "lm_head": {"weight": rng.standard_normal((n_out, n_in), dtype=np.float32)}}, fmt)["lm_head"]["weight"]
-    rows = kernels.head_rows(w)
+@pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (64, 33)])
+def test_prefill_widening_gives_exactly_the_reference_values(n_out, n_in):
+    w = quant.to_bf16(rng.standard_normal((n_out, n_in), dtype=np.float32))
     out = np.empty(w.shape, np.float32)
-    if fmt == "bf16":
-        matmul.widen_tile(rows.bits, out)
-    else:
-        widen = matmul.widen_int4 if fmt == "int4" else matmul.widen_int8
-        widen(rows.packed, rows.scale, 0, out)
-        part = np.empty((n_out - 11, n_in), np.float32)    # a tile that starts and ends inside groups of 8 rows
-        widen(rows.packed, rows.scale, 5, part)
-        assert np.array_equal(part, quant.dequantize(w)[5 : n_out - 6])
+    matmul.widen_tile(w.bits, out)
     assert np.array_equal(out, quant.dequantize(w))
 
 
@@ -106,9 +97,17 @@ def test_int8_matmul_inputs_round_to_int8_levels_per_block_of_32(shape):
 
 
 @pytest.mark.parametrize("shape", [(1, 768), (17, 60), (300, 61), (5, 3072), (2, 7)])
-def test_prefill_rounds_int8_inputs_bit_for_bit_as_the_spec(shape):
+@pytest.mark.parametrize("offset", [8, 128])
+def test_prefill_rounds_int8_inputs_bit_for_bit_as_the_spec(shape, offset):
+    """rounded_rows (bands of rows, 2 from 17 rows): levels times block scales are quant.round_to_q8's
+    values exactly; blocks past K (one extra here) are zeros; xoff is offset times each block's sum."""
     x = rng.standard_normal(shape, dtype=np.float32) * np.float32(3.0)
-    assert np.array_equal(matmul.round_to_q8_rows(x), quant.round_to_q8(x))
+    x[0, : min(5, shape[1])] = 0.0                       # a block that starts with zeros
+    blocks = -(-shape[1] // 32) + 1
+    xq, sx, xoff = matmul.rounded_rows(x, offset, blocks)
+    values = (xq.reshape(shape[0], blocks, 32) * sx[..., None]).reshape(shape[0], -1)
+    assert np.array_equal(values[:, : shape[1]], quant.round_to_q8(x)) and not values[:, shape[1] :].any()
+    assert np.array_equal(xoff, offset * xq.reshape(shape[0], blocks, 32).astype(np.int32).sum(-1))
 
 
 @pytest.mark.parametrize("M, K", [(7, 64), (33, 128), (300, 768), (5, 3072), (9, 32 * 3)])   # partial groups; an odd block count: the tail
@@ -200,16 +199,37 @@ def test_linear_with_gelu_equals_the_spec(fmt, rows):
     assert max_rel_err(matmul.matmul_rows(x, layer["weight_t"], None, gelu=True), spec.gelu(spec.linear(x, w, np.zeros(301, np.float32)))) < 1e-5
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
-def test_prefill_widens_low_precision_rows_tile_by_tile(fmt, monkeypatch):
-    """Tiles of 50 rows (by default a tile holds at least 256): several per band and a partial last
-    one, each widened into the same buffer before its sgemm."""
+def test_prefill_widens_bf16_rows_tile_by_tile(monkeypatch):
+    """From TILES_BELOW input rows (set to 0 here) bf16 rows are widened for sgemm in tiles: of 50 rows
+    here (by default at least 256), several per band and a partial last one, each widened into the same
+    buffer before its sgemm."""
+    monkeypatch.setattr(matmul, "TILES_BELOW", 0)
     monkeypatch.setattr(matmul, "PREFILL_TILE_ROWS", 50)
     monkeypatch.setattr(matmul, "PREFILL_TILE_BYTES", 4 * 180 * 50)
     x, b = rng.standard_normal((40, 180), dtype=np.float32), rng.standard_normal(301, dtype=np.float32)
-    w = quant.convert(rng.standard_normal((180, 301), dtype=np.float32) * np.float32(0.1), fmt, 1)
+    w = quant.to_bf16(rng.standard_normal((180, 301), dtype=np.float32) * np.float32(0.1))
     got = matmul.linear(x, **kernels.transpose_linear({"weight": w, "bias": b}))
     assert max_rel_err(got, spec.linear(x, w, b)) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("N, K, M", [(17, 100, 37), (130, 96, 301), (23, 33, 8), (41, 300, 130)])
+@pytest.mark.parametrize("then", ["bias", "gelu", "residual"])
+def test_prefill_tiles_and_integer_dots_equal_the_spec(fmt, N, K, M, then, monkeypatch):
+    """Prefill's bf16 tiles and int8/int4 integer dots (each band's product written transposed, then
+    finished): inputs not a multiple of 4 (a tail of single dots), rows not a multiple of 4 or of 8 (a
+    partial tile or group), K not a multiple of 32 (a partial block). bf16 runs in blocks of 8 inputs
+    against chunks of 4 rows here (the defaults cover every input and 64 KiB of rows): partial blocks
+    and chunks too. Tolerance: float32 sums in another order, 1e-5 relative; GELU as its kernel's."""
+    monkeypatch.setattr(matmul, "TILE_INPUT_BYTES", 4 * K * 8)
+    monkeypatch.setattr(matmul, "TILE_WEIGHT_BYTES", 2 * K * 4)
+    x, b, start = (rng.standard_normal(s, dtype=np.float32) for s in ((N, K), M, (N, M)))
+    w = quant.convert(rng.standard_normal((K, M), dtype=np.float32) * np.float32(0.2), fmt, 1)
+    out = start.copy()
+    matmul.matmul_into(x, kernels.rows(w), out, b, getattr(matmul, then.upper()))
+    y = spec.linear(x, w, b)
+    want = {"bias": y, "gelu": spec.gelu(y), "residual": start + y}[then]
+    assert max_rel_err(out, want) < 1e-5
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
