@@ -75,6 +75,15 @@ def f32_from_bits(typingctx, bits):                        # uint32 -> float32 w
 
 
 @intrinsic
+def bits_of_f32(typingctx, v):                             # float32 -> int32 with the same bits (f32_from_bits' inverse, signed)
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.int32))
+    return sig, codegen
+
+
+@intrinsic
 def rint(typingctx, v):                                    # float32 -> float32 rounded to nearest, ties to even
     """llvm.rint, which LLVM vectorizes (vroundps); numba's np.rint on a scalar calls a library function
     and keeps the loop scalar. One IEEE operation, so it rounds the same with or without reassociation

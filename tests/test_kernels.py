@@ -62,6 +62,19 @@ def test_softmax_row_scales_and_stays_in_float32():
     assert all(sig.return_type == numba.float32 for sig in softmax.softmax_row.nopython_signatures)
 
 
+@pytest.mark.parametrize("row", [[-3.0, -1.5, -7.0, -1.25] * 9, [-0.0, -1.0, 0.0, -np.inf, -2.0], [-np.inf, -5.0],
+                                 [300.0, -300.0, 299.5] * 11, [float(np.finfo(np.float32).max), 1.0], [-2.0]])
+def test_softmax_row_finds_the_peak_of_any_signs(row):
+    """The peak pass compares floats as integers (softmax._order_key): all-negative rows (whose bit
+    patterns run backwards), both zeros, -inf, a lone element, peaks far from zero (a peak found wrong
+    by 300 would overflow exp or lose every probability). Against float64 NumPy."""
+    x = np.array(row, np.float32)
+    lse = softmax.softmax_row(got := x.copy(), x.size, np.float32(1.0))
+    ref = np.exp(x.astype(np.float64) - x.max())
+    assert np.abs(got - ref / ref.sum()).max() < 1e-6 and np.isfinite(got).all()
+    assert lse == pytest.approx(x.max() + np.log(ref.sum()), rel=1e-6)
+
+
 @pytest.mark.parametrize("T, S", [(1, 1), (1, 40), (7, 7), (97, 97), (5, 33)])
 def test_causal_softmax(T, S):
     scores = randn(3, 2, T, S, scale=4.0)
