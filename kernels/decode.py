@@ -17,6 +17,8 @@ import math
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 from .. import quant
 from ..inputs import check_ids
@@ -25,7 +27,7 @@ from ..model import forward_packed as spec_forward_packed
 from .activation import _gelu
 from .attention import attend_row
 from .jit import DECODE_ROWS, atomic_add, atomic_read, inline, parallel, prefetch4, serial, spin_pause, team
-from .matmul import BIAS, GELU, RESIDUAL, float_rows, matmul_rows
+from .matmul import BIAS, GELU, RESIDUAL, TILE_FROM, _dot_pairs, float_rows, matmul_rows
 from .norm import layer_norm_rows
 
 
@@ -66,6 +68,7 @@ def attend_step(qkv, k_cache, v_cache, lengths, scale, out):   # [B, 3C], [B, H,
 # only on chunks, so no schedule can deadlock.
 LN_1, QKV, ATTEND, PROJ, LN_2, FC, FC_PROJ = range(7)      # a layer's kernels, in order
 LN_F, HEAD = 7, 8                                          # then the final LayerNorm and the LM head
+GEMVS = (QKV, PROJ, FC, FC_PROJ, HEAD)
 CHUNK_BYTES = 256 << 10                                    # weight bytes a GEMV chunk streams (whole groups of 8 rows)
 # (medians of 5, interleaved: fp32 batch 1 at 32K/64K/128K/256K/512K 45.1/47.4/52.3/53.5/53.6 t/s, bf16 batch 4
 # 196/220/227/231/221: below ~128K the claims and barriers cost, above ~512K a thread waits longer at each barrier)
@@ -78,10 +81,41 @@ def chunk_rows(w, chunk_bytes):                            # weight rows in a GE
     return max(8, r - r % 8)
 
 
+def pairs(w, N):                                          # read bf16 rows w as uint32 pairs against N inputs? (numba-only; see overload)
+    raise NotImplementedError
+
+
+@overload(pairs)
+def _pairs(w, N):
+    """As matmul_rows: bf16 rows of an even length below TILE_FROM inputs (matmul.gemv_pairs; 1.1-1.2x a
+    GEMV). float32: never (decided when the region compiles)."""
+    if w.dtype == types.uint16:
+        return lambda w, N: N < TILE_FROM and w.shape[1] % 2 == 0
+    return lambda w, N: False
+
+
 @inline
-def _gemv_chunk(x, w, b, out, c, R, then, stream):         # chunk c (R rows) of out = x . w^T + b, then: BIAS, GELU or RESIDUAL (into stream)
+def _pair_inputs(x, w):                                    # x [N, K] deinterleaved (matmul.bf16_inputs) if w is read as pairs, else x
+    if not pairs(w, x.shape[0]):
+        return x
+    xd, h = np.empty_like(x), x.shape[1] // 2
+    for n in range(x.shape[0]):
+        for i in range(h):
+            xd[n, i], xd[n, h + i] = x[n, 2 * i], x[n, 2 * i + 1]
+    return xd
+
+
+@inline
+def _gemv_chunk(x, xd, w, b, out, c, R, then, stream):     # chunk c (R rows) of out = x . w^T + b, then: BIAS, GELU or RESIDUAL (into stream)
+    """xd: x from _pair_inputs."""
     m0, m1 = c * R, min(c * R + R, w.shape[0])
-    float_rows(x, w, out, m0, m1)
+    if pairs(w, x.shape[0]):
+        p = w.view(np.uint32)
+        for m in range(m0, m1):
+            for n in range(x.shape[0]):
+                out[n, m] = _dot_pairs(xd, n, p, m)
+    else:
+        float_rows(x, w, out, m0, m1)
     for m in range(m0, m1):
         for n in range(x.shape[0]):
             v = out[n, m] if b is None else out[n, m] + b[m]
@@ -94,8 +128,13 @@ def _gemv_chunk(x, w, b, out, c, R, then, stream):         # chunk c (R rows) of
 
 
 @inline
+def _weight(kind, layer, head):                            # the GEMV weight of kernel `kind` (for the others, any)
+    return head if kind == HEAD else layer[2] if kind == QKV else layer[4] if kind == PROJ else layer[8] if kind == FC else layer[10]
+
+
+@inline
 def _chunks(kind, layer, head, B, chunk_bytes):            # how many chunks kernel `kind` is cut into, and a GEMV chunk's rows
-    w = head if kind == HEAD else layer[2] if kind == QKV else layer[4] if kind == PROJ else layer[8] if kind == FC else layer[10]
+    w = _weight(kind, layer, head)
     R = chunk_rows(w, chunk_bytes)
     if kind == LN_1 or kind == LN_2 or kind == LN_F:
         return B, R
@@ -116,6 +155,8 @@ def _kernels(x, bufs, layer, ln_f, head, lengths, scale, eps, chunk_bytes, sync,
     for j in range(2 if last else 7):
         kind = LN_F + j if last else j
         n, R = _chunks(kind, layer, head, B, chunk_bytes)
+        src = a if kind == PROJ else g if kind == FC_PROJ else h                 # a GEMV's inputs
+        xd = _pair_inputs(src, _weight(kind, layer, head)) if kind in GEMVS else src   # this thread's own copy
         while True:
             c = atomic_add(sync, 2 * LINE * phase, 1)
             if c >= n:
@@ -127,17 +168,17 @@ def _kernels(x, bufs, layer, ln_f, head, lengths, scale, eps, chunk_bytes, sync,
             elif kind == LN_F:
                 layer_norm_rows(x[c : c + 1], ln_f[0], ln_f[1], eps, h[c : c + 1])
             elif kind == QKV:
-                _gemv_chunk(h, w_attn, b_attn, qkv, c, R, BIAS, x)
+                _gemv_chunk(h, xd, w_attn, b_attn, qkv, c, R, BIAS, x)
             elif kind == ATTEND:
                 attend_task(qkv, k, v, lengths, scale, a, c)
             elif kind == PROJ:
-                _gemv_chunk(a, w_proj, b_proj, y, c, R, RESIDUAL, x)
+                _gemv_chunk(a, xd, w_proj, b_proj, y, c, R, RESIDUAL, x)
             elif kind == FC:
-                _gemv_chunk(h, w_fc, b_fc, g, c, R, GELU, x)
+                _gemv_chunk(h, xd, w_fc, b_fc, g, c, R, GELU, x)
             elif kind == FC_PROJ:
-                _gemv_chunk(g, w_fcp, b_fcp, y, c, R, RESIDUAL, x)
+                _gemv_chunk(g, xd, w_fcp, b_fcp, y, c, R, RESIDUAL, x)
             else:
-                _gemv_chunk(h, head, None, logits, c, R, BIAS, x)
+                _gemv_chunk(h, xd, head, None, logits, c, R, BIAS, x)
             atomic_add(sync, (2 * phase + 1) * LINE, 1)
         while atomic_read(sync, (2 * phase + 1) * LINE) < n:
             spin_pause()

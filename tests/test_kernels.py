@@ -199,8 +199,8 @@ def test_one_region_decode_step_equals_kernel_calls_in_any_chunks_on_any_threads
     """kernels.decode.fused_step against the same step as a kernel call each (tested against the spec in
     every format above, and run here by taking the region away): GEMVs cut into 8-row chunks (last ones
     partial) or whole, rows past 4 inputs at a time and 4x4 tiles (WIDE), on one thread (every chunk on
-    the calling thread) or two. Logits and the cache written. 1e-5: the same kernels, summed in the same
-    order but for bf16 (the calls read a row as uint32 pairs below 4 inputs)."""
+    the calling thread) or two; bf16 below 4 inputs as uint32 pairs (decode.pairs), from 4 widened.
+    Logits and the cache written. 1e-5: the same kernels, summed in the same order."""
     from npgpt import quant, weights
     from npgpt.kernels import decode
 
