@@ -61,7 +61,6 @@ if _cache_dir:                                            # an installed, read-o
 parallel = numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 serial = numba.njit(nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)   # nogil: bands of it run on Python threads at once
 exact = numba.njit(parallel=True, cache=True)              # IEEE float32 as NumPy does it: no reassociation, no FMA
-serial_exact = numba.njit(nogil=True, error_model="numpy", cache=True)   # the same, one thread (for bands)
 inline = numba.njit(inline="always")                       # a helper's numba IR pasted into its caller (which sets the flags)
 
 @intrinsic
@@ -87,7 +86,7 @@ def bits_of_f32(typingctx, v):                             # float32 -> int32 wi
 def rint(typingctx, v):                                    # float32 -> float32 rounded to nearest, ties to even
     """llvm.rint, which LLVM vectorizes (vroundps); numba's np.rint on a scalar calls a library function
     and keeps the loop scalar. One IEEE operation, so it rounds the same with or without reassociation
-    (the GEMVs' input rounding and prefill's exact one both use it)."""
+    (the integer matmuls' input rounding, decode and prefill alike)."""
     sig = types.float32(types.float32)
 
     def codegen(context, builder, signature, args):
@@ -155,26 +154,6 @@ def spin_pause(typingctx):                                 # a spin-wait hint (x
             _x86(builder, "llvm.x86.sse2.pause", ir.VoidType())
         return context.get_dummy_value()
     return types.void(), codegen
-
-
-def _nibble(high):
-    @intrinsic
-    def nibble(typingctx, byte):                           # uint8 -> float32 of its low (high) 4 bits
-        """In 8-bit integers, then converted: numba's own `byte & 15` is int64 arithmetic, which LLVM
-        vectorizes 8 lanes to a 512-bit register (int4 GEMV measured 1.3x slower that way)."""
-        sig = types.float32(types.uint8)
-
-        def codegen(context, builder, signature, args):
-            bits = (builder.lshr(args[0], context.get_constant(types.uint8, 4)) if high
-                    else builder.and_(args[0], context.get_constant(types.uint8, 15)))
-            return builder.uitofp(bits, context.get_value_type(types.float32))
-        return sig, codegen
-    return nibble
-
-
-low_nibble, high_nibble = _nibble(False), _nibble(True)
-
-
 
 
 def _vector(bits, n):

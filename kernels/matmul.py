@@ -14,7 +14,7 @@ from numba.extending import overload
 from .. import quant
 
 from .activation import _gelu
-from .jit import DECODE_ROWS, GROUP, bands, dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits, high_nibble, inline, low_nibble, parallel, rint, serial, serial_exact
+from .jit import DECODE_ROWS, GROUP, bands, dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits, inline, parallel, rint, serial
 
 
 def widen(w, m, k):                                        # stored weight element -> float32 (numba-only; see overload)
@@ -295,8 +295,10 @@ def gemv_q4(x, bits, packed, scale, M, b, gelu):           # [N, K] (and its uin
 # measured on 2 cores at N = 128 and 512: int8/int4 1.3-2.4x on every GPT-2 124M shape; bf16 0.9-1.4x by
 # shape, 1.07-1.23x on the model's pp128 and pp512, 0.93x at 2048 rows (where the tiles stream x from L3).
 TILES_BELOW = 1024                                         # bf16 prefill on tiles below this many input rows, else widened for sgemm
-TILE_INPUT_BYTES, TILE_WEIGHT_BYTES = 512 << 10, 64 << 10  # a band's inputs in blocks of this much (in L2); its rows in chunks of this
-# much, each chunk against every input of a block (sweep at 128 and 2048 rows: 256 KiB each 0.93x and 0.87x)
+# A band's inputs in blocks of TILE_INPUT_BYTES (in L2), its rows in chunks of TILE_WEIGHT_BYTES, each chunk against every
+# input of a block. Against widening for sgemm, on the model at 128 and 2048 input rows: 512 KiB and 64 KiB 1.23x and
+# 0.93x; 256 KiB both 1.16x and 0.87x (rows outer: 0.84x at 2048); whole inputs and rows ~1.0x at 128 rows.
+TILE_INPUT_BYTES, TILE_WEIGHT_BYTES = 512 << 10, 64 << 10
 
 
 @serial
@@ -547,7 +549,7 @@ TRANSPOSED_BELOW = 512
 
 
 def _product(x, rows, b, then, out, c0, scratch, transposed=False):   # out's columns c0 .. c0 + len(rows) from x . rows^T + b
-    """scratch: the whole product's, N * M; these columns' share of it is used."""
+    """scratch: the whole product's (scratch_size(N, M)); these columns' share of it is used."""
     N, m, M = x.shape[0], rows.shape[0], out.shape[1]
     if transposed and N < TRANSPOSED_BELOW:                # yt [m, N]: rows c0 .. c0 + m of a [M, N] scratch
         yt = transposed_view(scratch, M, N)[c0 : c0 + m]
