@@ -16,6 +16,18 @@ def test_a_result_above_its_bound_says_the_bound_was_measured_low():
     assert "| 131% (!) |" in text and "the bound was measured low" in text
 
 
+@pytest.mark.parametrize("weights, test, mark", [("int4", "pp512", "(int)"), ("int8", "pp128-all", "(int)"), ("int8", "tg128", "(!)")])
+def test_integer_prompts_are_measured_against_sgemm_but_not_bounded_by_it(weights, test, mark):
+    """An int8/int4 prompt runs integer dots, which can pass the float32 sgemm ceiling without any
+    measuring error: its % is marked (int) and explained, never "(!) measured low"; its decode still is."""
+    r = report(131.0, 100.0)
+    r["results"][0].update(weights=weights, test=test)
+    text = bench.table(r)
+    assert f"| 131% {mark} |" in text
+    assert ("the float32 sgemm ceiling does not bound" in text) == (mark == "(int)")
+    assert ("measured low" in text) == (mark == "(!)")
+
+
 def test_a_result_within_its_bound_has_no_note():
     text = bench.table(report(50.0, 100.0))
     assert "| 50% |" in text and "measured low" not in text
