@@ -27,7 +27,7 @@ from ..model import forward_packed as spec_forward_packed
 from .activation import _gelu
 from .attention import attend_row
 from .jit import DECODE_ROWS, atomic_add, atomic_read, inline, parallel, prefetch4, serial, spin_pause, team
-from .matmul import BIAS, GELU, RESIDUAL, TILE_FROM, _dot_pairs, float_rows, matmul_rows
+from .matmul import BIAS, GELU, RESIDUAL, TILE_FROM, dot_pairs, float_rows, matmul_rows
 from .norm import layer_norm_rows
 
 
@@ -113,7 +113,7 @@ def _gemv_chunk(x, xd, w, b, out, c, R, then, stream):     # chunk c (R rows) of
         p = w.view(np.uint32)
         for m in range(m0, m1):
             for n in range(x.shape[0]):
-                out[n, m] = _dot_pairs(xd, n, p, m)
+                out[n, m] = dot_pairs(xd, n, p, m)
     else:
         float_rows(x, w, out, m0, m1)
     for m in range(m0, m1):

@@ -80,7 +80,7 @@ LOW, HIGH = np.uint32(16), np.uint32(0xFFFF0000)
 
 
 @inline
-def _dot_pairs(x, n, w, m):                                # x[n] (deinterleaved) . bf16 row m of pairs
+def dot_pairs(x, n, w, m):                                 # x[n] (deinterleaved) . bf16 row m of pairs
     h = w.shape[1]
     even, odd, row = x[n, :h], x[n, h:], w[m]             # slices: an index h + i would keep the loop scalar (wraparound)
     s = np.float32(0.0)
@@ -187,7 +187,7 @@ def gemv_pairs(x, w, b, gelu):                             # bf16 rows as pairs 
     out = np.empty((N, M), dtype=np.float32)
     for m in numba.prange(M):
         for n in range(N):
-            out[n, m] = _dot_pairs(x, n, w, m)
+            out[n, m] = dot_pairs(x, n, w, m)
         _bias(out, b, m, gelu)
     return out
 
