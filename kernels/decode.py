@@ -27,7 +27,7 @@ from ..model import forward_packed as spec_forward_packed
 from .activation import _gelu
 from .attention import attend_row
 from .jit import DECODE_ROWS, atomic_add, atomic_read, inline, parallel, prefetch4, serial, spin_pause, team
-from .matmul import BIAS, GELU, RESIDUAL, TILE_FROM, dot_pairs, float_rows, matmul_rows
+from .matmul import BIAS, GELU, RESIDUAL, TILE_FROM, bf16_inputs, dot_pairs, float_rows, matmul_rows
 from .norm import layer_norm_rows
 
 
@@ -96,13 +96,7 @@ def _pairs(w, N):
 
 @inline
 def _pair_inputs(x, w):                                    # x [N, K] deinterleaved (matmul.bf16_inputs) if w is read as pairs, else x
-    if not pairs(w, x.shape[0]):
-        return x
-    xd, h = np.empty_like(x), x.shape[1] // 2
-    for n in range(x.shape[0]):
-        for i in range(h):
-            xd[n, i], xd[n, h + i] = x[n, 2 * i], x[n, 2 * i + 1]
-    return xd
+    return bf16_inputs(x) if pairs(w, x.shape[0]) else x
 
 
 @inline

@@ -90,8 +90,14 @@ def dot_pairs(x, n, w, m):                                 # x[n] (deinterleaved
     return s
 
 
+@serial
 def bf16_inputs(x):                                        # [N, K] -> [N, K]: the even elements of each row, then the odd
-    return np.concatenate([x[:, 0::2], x[:, 1::2]], axis=1)
+    """Also called inside kernels.decode's region, by each thread for its own copy."""
+    xd, h = np.empty_like(x), x.shape[1] // 2
+    for n in range(x.shape[0]):
+        for i in range(h):
+            xd[n, i], xd[n, h + i] = x[n, 2 * i], x[n, 2 * i + 1]
+    return xd
 
 
 @inline
@@ -250,6 +256,24 @@ def _rounded_inputs(x, bits, blocks, offset):              # -> (xq, sx, xoff) f
 
 
 @inline
+def _groups_into(xq, sx, xoff, packed, scale, g0, g1, blocks, yt, dot, dot4):   # yt[8g + r, n] for groups g0 .. g1 (rows < M)
+    N, M = xq.shape[0], yt.shape[0]
+    for g in range(g0, g1):
+        rows = min(GROUP, M - GROUP * g)
+        n = 0
+        while n + 4 <= N:
+            v = dot4(packed, scale, g, xq, xoff, sx, n, blocks)
+            for r in range(rows):
+                for i in range(4):
+                    yt[GROUP * g + r, n + i] = v[GROUP * i + r]
+            n += 4
+        for i in range(n, N):
+            v = dot(packed, scale, g, xq, xoff, sx, i, blocks)
+            for r in range(rows):
+                yt[GROUP * g + r, i] = v[r]
+
+
+@inline
 def _gemv_groups(x, bits, packed, scale, M, b, gelu, blocks, offset, dot, dot4):   # gemv_q8 / gemv_q4's shared body
     """One task per group of 8 rows, its rows' block sums in the lanes of one vector (jit.dot_q8 /
     dot_q4), four inputs at a time sharing each block's loads (and int4's unpacking). Inputs are padded
@@ -258,19 +282,8 @@ def _gemv_groups(x, bits, packed, scale, M, b, gelu, blocks, offset, dot, dot4):
     xq, sx, xoff = _rounded_inputs(x, bits, blocks, offset)
     out = np.empty((N, M), dtype=np.float32)
     for g in numba.prange(packed.shape[0]):
-        rows = min(GROUP, M - GROUP * g)
-        n = 0
-        while n + 4 <= N:
-            v = dot4(packed, scale, g, xq, xoff, sx, n, blocks)
-            for i in range(4):
-                for r in range(rows):
-                    out[n + i, GROUP * g + r] = v[GROUP * i + r]
-            n += 4
-        for i in range(n, N):
-            v = dot(packed, scale, g, xq, xoff, sx, i, blocks)
-            for r in range(rows):
-                out[i, GROUP * g + r] = v[r]
-        for r in range(rows):
+        _groups_into(xq, sx, xoff, packed, scale, g, g + 1, blocks, out.T, dot, dot4)   # out.T: yt [M, N]
+        for r in range(min(GROUP, M - GROUP * g)):
             _bias(out, b, GROUP * g + r, gelu)
     return out
 
@@ -337,24 +350,6 @@ def rounded_rows(x, offset, blocks):                       # x [N, K] -> (xq, sx
     xoff = np.empty((N, blocks), np.int32)
     bands(lambda r: _round_band(x[r], bits[r], offset, xq[r], sx[r], xoff[r]), N)
     return xq, sx, xoff
-
-
-@inline
-def _groups_into(xq, sx, xoff, packed, scale, g0, g1, blocks, yt, dot, dot4):   # yt[8g + r, n] for groups g0 .. g1 (rows < M)
-    N, M = xq.shape[0], yt.shape[0]
-    for g in range(g0, g1):
-        rows = min(GROUP, M - GROUP * g)
-        n = 0
-        while n + 4 <= N:
-            v = dot4(packed, scale, g, xq, xoff, sx, n, blocks)
-            for r in range(rows):
-                for i in range(4):
-                    yt[GROUP * g + r, n + i] = v[GROUP * i + r]
-            n += 4
-        for i in range(n, N):
-            v = dot(packed, scale, g, xq, xoff, sx, i, blocks)
-            for r in range(rows):
-                yt[GROUP * g + r, i] = v[r]
 
 
 @serial
