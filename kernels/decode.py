@@ -27,7 +27,7 @@ from ..model import forward_packed as spec_forward_packed
 from .activation import _gelu
 from .attention import attend_row
 from .jit import DECODE_ROWS, atomic_add, atomic_read, inline, parallel, prefetch4, serial, spin_pause, team
-from .matmul import BIAS, GELU, RESIDUAL, TILE_FROM, bf16_inputs, dot_pairs, float_rows, matmul_rows
+from .matmul import BIAS, GELU, RESIDUAL, STREAM_AHEAD, TILE_FROM, bf16_inputs, dot_pairs, float_rows, matmul_rows
 from .norm import layer_norm_rows
 
 
@@ -100,8 +100,8 @@ def _pair_inputs(x, w):                                    # x [N, K] deinterlea
 
 
 @inline
-def _gemv_chunk(x, xd, w, b, out, c, R, then, stream):     # chunk c (R rows) of out = x . w^T + b, then: BIAS, GELU or RESIDUAL (into stream)
-    """xd: x from _pair_inputs."""
+def _gemv_chunk(x, xd, w, b, out, c, R, then, stream, ahead):   # chunk c (R rows) of out = x . w^T + b, then: BIAS, GELU or RESIDUAL (into stream)
+    """xd: x from _pair_inputs; ahead: float_rows' hint distance (bytes)."""
     m0, m1 = c * R, min(c * R + R, w.shape[0])
     if pairs(w, x.shape[0]):
         p = w.view(np.uint32)
@@ -109,7 +109,7 @@ def _gemv_chunk(x, xd, w, b, out, c, R, then, stream):     # chunk c (R rows) of
             for n in range(x.shape[0]):
                 out[n, m] = dot_pairs(xd, n, p, m)
     else:
-        float_rows(x, w, out, m0, m1)
+        float_rows(x, w, out, m0, m1, ahead)
     for m in range(m0, m1):
         for n in range(x.shape[0]):
             v = out[n, m] if b is None else out[n, m] + b[m]
@@ -138,7 +138,7 @@ def _chunks(kind, layer, head, B, chunk_bytes):            # how many chunks ker
 
 
 @serial
-def _kernels(x, bufs, layer, ln_f, head, lengths, scale, eps, chunk_bytes, sync, phase, last):   # one thread's share of a layer's kernels
+def _kernels(x, bufs, layer, ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync, phase, last):   # one thread's share of a layer's kernels
     """A layer's kernels (or, if last, the final LayerNorm and the head), counted in `sync` from kernel
     number `phase` on: claim chunks until none is left, then wait until every chunk is done. Its own
     function, compiled once per weight format: a step's worker that held it would compile again for
@@ -167,9 +167,9 @@ def _kernels(x, bufs, layer, ln_f, head, lengths, scale, eps, chunk_bytes, sync,
             elif kind == ATTEND:
                 attend_task(qkv, k, v, lengths, scale, a, c)
             elif kind == HEAD:
-                _gemv_chunk(h, xd, head, None, logits, c, R, BIAS, x)
+                _gemv_chunk(h, xd, head, None, logits, c, R, BIAS, x, ahead)
             else:                                          # one call site for a layer's four GEMVs: each inlined
-                _gemv_chunk(src, xd, w, bias, out, c, R, then, x)   # copy took seconds to compile
+                _gemv_chunk(src, xd, w, bias, out, c, R, then, x, ahead)   # copy took seconds to compile
             atomic_add(sync, (2 * phase + 1) * LINE, 1)
         while atomic_read(sync, (2 * phase + 1) * LINE) < n:
             spin_pause()
@@ -177,19 +177,20 @@ def _kernels(x, bufs, layer, ln_f, head, lengths, scale, eps, chunk_bytes, sync,
 
 
 @serial
-def _step_worker(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, sync):   # one thread's share of a decode step
+def _step_worker(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync):   # one thread's share of a decode step
     for l in range(len(layers)):
-        _kernels(x, bufs, layers[l], ln_f, head, lengths, scale, eps, chunk_bytes, sync, 7 * l, False)
-    _kernels(x, bufs, layers[-1], ln_f, head, lengths, scale, eps, chunk_bytes, sync, 7 * len(layers), True)   # (reads no layer)
+        _kernels(x, bufs, layers[l], ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync, 7 * l, False)
+    _kernels(x, bufs, layers[-1], ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync, 7 * len(layers), True)   # (reads no layer)
 
 
-def fused_step(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes):   # x [B, C] (the stream, in place) -> bufs' logits [B, V]
+def fused_step(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, ahead=0):   # x [B, C] (the stream, in place) -> bufs' logits [B, V]
     """layers: per layer (ln_1 w, b, c_attn w rows, b, attn c_proj w rows, b, ln_2 w, b, c_fc w rows, b,
     mlp c_proj w rows, b, cache keys, values); bufs: scratch (h, a [B, C], qkv [B, 3C], g [B, 4C], y [B, C])
-    and the logits [B, V]. Every kernel's chunks, then a barrier, on all threads. (A numba parallel
-    region cannot take tuples of arrays: the workers run nogil on the pool's Python threads, jit.team.)"""
+    and the logits [B, V]; ahead: float_rows' hint distance in bytes. Every kernel's chunks, then a barrier, on
+    all threads. (A numba parallel region cannot take tuples of arrays: the workers run nogil on the pool's
+    Python threads, jit.team.)"""
     sync = np.zeros(2 * LINE * (7 * len(layers) + 2), dtype=np.int64)   # per kernel: chunks claimed, chunks done
-    team(_step_worker, x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, sync)
+    team(_step_worker, x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync)
 
 
 def _region_weight(w):                                     # a prepared weight as fused_step reads it (float32, or bf16 bits), or None
@@ -232,7 +233,7 @@ def step(params, ids, cfg, cache):                         # [B, 1] ids, KVCache
         bufs = (np.empty((B, C), np.float32), np.empty((B, C), np.float32), np.empty((B, 3 * C), np.float32),
                 np.empty((B, 4 * C), np.float32), np.empty((B, C), np.float32), np.empty((B, head.shape[0]), np.float32))
         fused_step(x, bufs, layers, (params["ln_f"]["weight"], params["ln_f"]["bias"]), head, lengths, scale,
-                   np.float32(cfg.eps), CHUNK_BYTES)
+                   np.float32(cfg.eps), CHUNK_BYTES, STREAM_AHEAD if head.dtype == np.uint16 else 0)   # (bf16 only: see matmul)
         cache.advance(1)
         return bufs[-1][:, None]
     h, a = np.empty_like(x), np.empty_like(x)

@@ -94,13 +94,17 @@ def rint(typingctx, v):                                    # float32 -> float32 
     return sig, codegen
 
 
-def _prefetch_codegen(context, builder, signature, args):   # llvm.prefetch of args[0][args[1:]]'s cache line, for reading
-    arr = context.make_array(signature.args[0])(context, builder, args[0])
-    ptr = cgutils.get_item_pointer(context, builder, signature.args[0], arr, list(args[1:]))
-    i32 = ir.IntType(32)
-    _x86(builder, "llvm.prefetch.p0", ir.VoidType(), builder.bitcast(ptr, ir.IntType(8).as_pointer()),
-         ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1))
-    return context.get_dummy_value()
+def _prefetch_into(locality):                             # codegen: llvm.prefetch of args[0][args[1:]]'s cache line, for reading
+    """locality 3: into L1 (prefetcht0); 2: into L2 (prefetcht1). The address is the strides' sum, unchecked: an
+    index past its axis names a later line of a C-contiguous array (a prefetch never faults)."""
+    def codegen(context, builder, signature, args):
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], arr, list(args[1:]))
+        i32 = ir.IntType(32)
+        _x86(builder, "llvm.prefetch.p0", ir.VoidType(), builder.bitcast(ptr, ir.IntType(8).as_pointer()),
+             ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1))
+        return context.get_dummy_value()
+    return codegen
 
 
 def _c_array(a, ndim):
@@ -111,7 +115,16 @@ def _c_array(a, ndim):
 def prefetch4(typingctx, a, i, j, l, m):                   # a hint that a[i, j, l, m] will be read soon (no fault, no result)
     """(Prefetching weight rows ahead in the GEMVs measured no faster, or slower: the hardware's own
     prefetchers stream them.)"""
-    return (types.void(a, *[types.intp] * 4), _prefetch_codegen) if _c_array(a, 4) else None
+    return (types.void(a, *[types.intp] * 4), _prefetch_into(3)) if _c_array(a, 4) else None
+
+
+@intrinsic
+def prefetch_l2(typingctx, a, i, j):                       # a hint that a[i, j] (j may run past the row: see _prefetch_into) will be read
+    """Into L2, for a GEMV that streams weight rows against 4 or more inputs (see matmul.float_rows)."""
+    if not (isinstance(a, types.Array) and a.ndim == 2):
+        return None
+    nothing = lambda context, builder, signature, args: context.get_dummy_value()   # not C-contiguous: no hint
+    return types.void(a, types.intp, types.intp), _prefetch_into(2) if a.layout == "C" else nothing
 
 
 def _slot(context, builder, signature, args):            # pointer to args[0][args[1]] (a 1-D int64 array)
