@@ -200,14 +200,15 @@ def test_one_region_decode_step_equals_kernel_calls_in_any_chunks_on_any_threads
     every format above, and run here by taking the region away): GEMVs cut into 8-row chunks (last ones
     partial) or whole, rows past 4 inputs at a time and 4x4 tiles (WIDE), on one thread (every chunk on
     the calling thread) or two; bf16 below 4 inputs as uint32 pairs (decode.pairs), from 4 widened, with
-    hints ahead (matmul.STREAM_AHEAD; none for float32). Logits and the cache written. 1e-5: the same
-    kernels, summed in the same order."""
+    hints 2 lines ahead (matmul.STREAM_AHEAD, shortened so they land inside these small chunks; none for
+    float32). Logits and the cache written. 1e-5: the same kernels, summed in the same order."""
     from npgpt import quant, weights
     from npgpt.kernels import decode
 
     model = npgpt.Model(quant.quantize(weights.random_params(cfg, seed=3), fmt), cfg, backend="numba")
     calls, one_region, fused_step = [], decode.one_region, decode.fused_step
     monkeypatch.setattr(decode, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(decode, "STREAM_AHEAD", 128)
     monkeypatch.setattr(decode, "fused_step", lambda *a: calls.append(a[-2:]) or fused_step(*a))
     caches = [model.new_cache(batch=B), model.new_cache(batch=B)]
     for cache in caches:
@@ -220,8 +221,7 @@ def test_one_region_decode_step_equals_kernel_calls_in_any_chunks_on_any_threads
             want = model.forward(ids, cache=caches[0])
             monkeypatch.setattr(decode, "one_region", one_region)
             assert max_rel_err(model.forward(ids, cache=caches[1]), want) < 1e-5
-    ahead = decode.STREAM_AHEAD if fmt == "bf16" else 0
-    assert calls == [(chunk_bytes, ahead)] * 2             # the region ran both steps, the calls none
+    assert calls == [(chunk_bytes, 128 if fmt == "bf16" else 0)] * 2   # the region ran both steps, the calls none
     for i in range(cfg.n_layer):
         assert max_rel_err(caches[1].layer(i).k, caches[0].layer(i).k) < 1e-5
         assert max_rel_err(caches[1].layer(i).v, caches[0].layer(i).v) < 1e-5
