@@ -74,3 +74,26 @@ def test_p_0_skips_prefill_as_in_llama_bench(capsys):
     assert cli.main(["bench", "--config", "tiny", "--backend", "numba", "-p", "0", "-n", "4", "--reps", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
     assert [line.split("|")[7].strip() for line in rows] == ["tg4"]
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+def test_resident_memory_loads_the_kernels_of_the_checkpoints_format_and_depth_before_its_baseline(fmt, tmp_path, monkeypatch, capsys):
+    """rss_child (what `npgpt bench` runs in a fresh process per format) warms up on a tiny checkpoint of the
+    same weights format and layer count, loaded from a file as the measured one is, before it reads the
+    baseline: decode's region is compiled per format and layer count, arrays from a file are typed read-only,
+    and compiling them after the baseline counted 70-150 MiB of compilation as the model's."""
+    import json
+
+    import npgpt
+    from npgpt import api, quant, weights
+
+    cfg = npgpt.Config(n_vocab=97, n_ctx=32, n_embd=32, n_head=2, n_layer=3)
+    path = str(tmp_path / "m.safetensors")
+    weights.save(quant.quantize(weights.random_params(cfg, seed=1), fmt), path, cfg)
+    loaded, load = [], api.load
+    monkeypatch.setattr(api, "load", lambda p, **kw: loaded.append(load(p, **kw)) or loaded[-1])
+    bench.rss_child(path, fmt, tokens=2, n_layer=cfg.n_layer)
+    formats = [quant.format_of(m.params["h"][0]["attn"]["c_attn"]["weight_t"]) for m in loaded]
+    assert [m.config.n_layer for m in loaded] == [3, 3] and formats == [fmt, fmt]   # the warm-up, then the model
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["weights"] == fmt and row["model_mb"] == pytest.approx(row["rss_decoding_mb"] - row["rss_before_mb"])
