@@ -141,8 +141,8 @@ def row_tasks(N, K):                                       # does the float GEMV
 # From 4 inputs a streamed bf16 GEMV computes about as long as it reads, and the hardware's prefetchers, which
 # run a few lines ahead, leave each core waiting on memory, then computing: a hint per line, this many bytes
 # ahead and into L2, overlaps the two. Measured on 2 cores, 4 inputs, alternating in one process: 12 matrices
-# 2304x768 or 3072x768 streamed from memory (each core half of each) 1.2-1.7x; the decode step at batch 4
-# (kernels.decode, chunks of CHUNK_BYTES, no hint past a chunk's end) bf16 1.04-1.07x at 8-16 KiB ahead, but
+# 2304x768 or 3072x768 streamed from memory (each core half of each) 1.2-1.7x (once 0.97x); the decode step at
+# batch 4 (kernels.decode, chunks of CHUNK_BYTES, no hint past a chunk's end) bf16 1.02-1.07x at 8-16 KiB ahead, but
 # float32 0.91-0.95x at 4-32 KiB (twice the bytes for the same FMAs: it waits on memory either way, and the
 # hints, a guess, only add to the queue), so float32 gets none. Into L1, or past a chunk's end (into the other
 # core's rows), measured worse.
