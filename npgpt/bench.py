@@ -276,8 +276,8 @@ def rss_child(path, fmt, tokens=16, n_layer=1):
     before = _rss_mb()
     model = api.load(path, backend="numba", weights=fmt)
     model.generate(list(range(8)), max_new_tokens=tokens, temperature=0)
-    print(json.dumps({"weights": fmt, "rss_before_mb": before, "rss_decoding_mb": _rss_mb(),
-                      "model_mb": _rss_mb() - before}))
+    after = _rss_mb()                                      # read once: the two figures must agree
+    print(json.dumps({"weights": fmt, "rss_before_mb": before, "rss_decoding_mb": after, "model_mb": after - before}))
 
 
 def python_child(code, **kwargs):

@@ -76,7 +76,7 @@ def test_p_0_skips_prefill_as_in_llama_bench(capsys):
     assert [line.split("|")[7].strip() for line in rows] == ["tg4"]
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
 def test_resident_memory_loads_the_kernels_of_the_checkpoints_format_and_depth_before_its_baseline(fmt, tmp_path, monkeypatch, capsys):
     """rss_child (what `npgpt bench` runs in a fresh process per format) warms up on a tiny checkpoint of the
     same weights format and layer count, loaded from a file as the measured one is, before it reads the
