@@ -62,10 +62,17 @@ def decode_bytes_per_step(params):
 
 def flops_per_token(cfg, T, all_logits=True):
     """2 FLOP per matmul weight (blocks + LM head) plus causal attention's q.k and p.v at average length T/2.
-    Without all_logits the head runs once per sequence of T tokens."""
-    head = cfg.n_vocab * cfg.n_embd / (1 if all_logits else T)
-    matmul_weights = cfg.n_layer * 12 * cfg.n_embd**2 + head
-    return 2 * matmul_weights + cfg.n_layer * 2 * 2 * cfg.n_embd * (T + 1) / 2
+    Without all_logits (generation's prefill) only the last position's logits are wanted, and the work
+    that serves nothing else counts once per sequence of T tokens: the LM head, and the last block's
+    attention of its last query, projection and MLP (9 of its 12 C^2 weights; its c_attn still makes every
+    position's key and value). kernels.prefill runs just that; the numpy spec and torch run the last block
+    on every position, so their % of this bound is of the work the task needs."""
+    C, L = cfg.n_embd, cfg.n_layer
+    attend = 2 * 2 * C * (T + 1) / 2                       # one block's q.k and p.v per token
+    if all_logits:
+        return 2 * (L * 12 * C**2 + cfg.n_vocab * C) + L * attend
+    once = 9 * C**2 + cfg.n_vocab * C                      # weights the last position alone meets
+    return 2 * ((L - 1) * 12 * C**2 + 3 * C**2 + once / T) + (L - 1) * attend + 2 * 2 * C
 
 
 @dataclass

@@ -308,9 +308,11 @@ def test_fused_prefill_equals_the_spec(tiny_params, fmt, B, past, T, monkeypatch
     ref, fused = npgpt.Model(params, TINY), npgpt.Model(params, TINY, backend="numba")
     ids = rng.integers(0, TINY.n_vocab, size=(B, past + T))
     monkeypatch.setattr(kernels, "spec_forward", None)     # the numba model must take the fused path
-    if past == 0:                                          # no cache: every position's logits
+    if past == 0:                                          # no cache: every position's logits, and the last one's
         got, want = fused.forward(ids), ref.forward(ids)
         assert got.shape == want.shape == (B, T, TINY.n_vocab) and max_rel_err(got, want) < tol
+        got, want = fused.forward(ids, last=True), ref.forward(ids, last=True)
+        assert got.shape == want.shape == (B, 1, TINY.n_vocab) and max_rel_err(got, want) < tol
     caches = [ref.new_cache(batch=B), fused.new_cache(batch=B)]
     if past:
         for m, cache in zip((ref, fused), caches):
@@ -322,6 +324,28 @@ def test_fused_prefill_equals_the_spec(tiny_params, fmt, B, past, T, monkeypatch
     for i in range(TINY.n_layer):
         for a, b in ((caches[0].layer(i).k, caches[1].layer(i).k), (caches[0].layer(i).v, caches[1].layer(i).v)):
             assert max_rel_err(b[:, :, : past + T], a[:, :, : past + T]) < tol
+
+
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_fused_prefill_of_the_last_logits_runs_the_last_blocks_projection_and_mlp_on_each_rows_last_position(tiny_params, with_cache, monkeypatch):
+    """last=True: the last block's c_proj, c_fc and MLP c_proj see B rows, every other product B*T; its
+    c_attn still sees every position (their keys and values go into the cache). Values: the test above."""
+    from npgpt.kernels import matmul, prefill
+
+    fused = npgpt.Model(tiny_params, TINY, backend="numba")
+    seen = []
+    for name in ("matmul_into", "matmul_rows"):
+        real = getattr(prefill, name)
+        monkeypatch.setattr(prefill, name, lambda x, w, *a, real=real, **k: seen.append((id(w), x.shape[0])) or real(x, w, *a, **k))
+    B, T = 3, 20
+    ids = rng.integers(0, TINY.n_vocab, size=(B, T))
+    fused.forward(ids, cache=fused.new_cache(batch=B) if with_cache else None, last=True)
+    last = fused.params["h"][-1]
+    small = {id(last["attn"]["c_proj"]["weight_t"]), id(last["mlp"]["c_fc"]["weight_t"]), id(last["mlp"]["c_proj"]["weight_t"]),
+             id(fused.params["lm_head"]["weight"])}
+    assert len(seen) == 4 * TINY.n_layer + 1
+    assert sorted(n for w, n in seen if w in small) == [B] * 4
+    assert all(n == B * T for w, n in seen if w not in small)
 
 
 def test_fused_prefill_takes_one_sequence_and_leaves_ragged_rows_to_the_spec(tiny_params):
