@@ -259,7 +259,7 @@ def _dot_group(fmt, inputs=1, isa="native"):
     @intrinsic
     def dot(typingctx, w, d, g, xq, xoff, sx, n, blocks):
         """Group g of 8 rows (w [G, bytes per block * blocks] uint8; d: int4 [G, 8 * blocks] block scales,
-        int8 [G, 8] row scales) against inputs n .. n + inputs - 1 (int8 levels xq [N, 32 * blocks], block
+        float16 as their uint16 bits (widened in the loop, vcvtph2ps) or float32, int8 [G, 8] row scales) against inputs n .. n + inputs - 1 (int8 levels xq [N, 32 * blocks], block
         scales sx [N, blocks], and xoff [N, blocks] int32: the stored values' offset (8 for int4's q + 8,
         128 for int8's q + 128) times each block's sum of levels). For each input and row r of the group:
         sum over blocks j of sx[j] * (q[r, block j] . xq[block j]) times the scale(s) of row r.
@@ -270,16 +270,19 @@ def _dot_group(fmt, inputs=1, isa="native"):
         work (convert, scale, add) is done once for 8 rows, with no horizontal sum at all. int4: 4 runs of
         32 bytes a block, each holding two runs of nibbles (inputs 8i .. 8i + 3 low, 8i + 4 .. 8i + 7
         high); int8: 8 runs (inputs 4i .. 4i + 3). Returns 8 * inputs floats, input by input."""
-        if not all(_c_array(a, 2) and a.dtype == t for a, t in ((w, types.uint8), (d, types.float32), (xq, types.int8),
+        if not all(_c_array(a, 2) and a.dtype == t for a, t in ((w, types.uint8), (xq, types.int8),
                                                                (xoff, types.int32), (sx, types.float32))):
             return None
+        if not (_c_array(d, 2) and (d.dtype == types.float32 or (int4 and d.dtype == types.uint16))):
+            return None
+        half = d.dtype == types.uint16                     # int4 block scales as float16 bits
         sig = types.UniTuple(types.float32, GROUP * inputs)(w, d, types.intp, xq, xoff, sx, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
             w, d, g, xq, xoff, sx, n, blocks = args
             t = signature.args
             i32, b32, f32 = _vector(32, 8), _vector(8, 32), _vector(0, 8)
-            row, dg = _row(builder, context, t[0], w, g, ir.IntType(8)), _row(builder, context, t[1], d, g, ir.FloatType())
+            row, dg = _row(builder, context, t[0], w, g, ir.IntType(8)), _row(builder, context, t[1], d, g, ir.IntType(16) if half else ir.FloatType())
             rows = [builder.add(n, ir.Constant(n.type, i)) for i in range(inputs)]
             qs = [_row(builder, context, t[3], xq, r, ir.IntType(8)) for r in rows]
             offs = [_row(builder, context, t[4], xoff, r, ir.IntType(32)) for r in rows]
@@ -295,7 +298,11 @@ def _dot_group(fmt, inputs=1, isa="native"):
                     packed = [_block_loader(builder, row, 32, builder.add(base, const(32 * i))) for i in range(4)]
                     runs = [(builder.and_(p, ir.Constant(b32, [15] * 32)), 8 * i) for i, p in enumerate(packed)]
                     runs += [(builder.lshr(p, ir.Constant(b32, [4] * 32)), 8 * i + 4) for i, p in enumerate(packed)]
-                    scale = load8(dg, builder.mul(j, const(GROUP)))   # the 8 rows' scales of block j
+                    if half:                               # 8 float16 -> float32 (vcvtph2ps with F16C)
+                        h8 = builder.load(builder.bitcast(builder.gep(dg, [builder.mul(j, const(GROUP))]), _vector(16, 8).as_pointer()), align=2)
+                        scale = builder.fpext(builder.bitcast(h8, ir.VectorType(ir.HalfType(), 8)), f32)
+                    else:
+                        scale = load8(dg, builder.mul(j, const(GROUP)))   # the 8 rows' scales of block j
                 else:
                     runs = [(_block_loader(builder, row, 32, builder.add(base, const(32 * i))), 4 * i) for i in range(8)]
                 at = builder.mul(j, const(32))

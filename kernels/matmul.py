@@ -629,24 +629,27 @@ def int8_unrows(w):                                        # quant.Int8Rows -> (
 
 # int4 (quant.Int4Rows): rows interleaved in groups of 8, so one 32-byte load holds 8 weights of each of 8
 # rows (see jit.dot_q4).
-def int4_rows(q, scale):                                   # int8 rows [M, K] in [-8, 7], float32 scale [M, blocks] -> quant.Int4Rows
-    """Rows past M (to a whole group) and inputs past K (to a whole block) are padding: q = 0, scale 0."""
+def int4_rows(q, scale):                                   # int8 rows [M, K] in [-8, 7], scale [M, blocks] -> quant.Int4Rows
+    """Rows past M (to a whole group) and inputs past K (to a whole block) are padding: q = 0, scale 0.
+    float16 scales are kept as their bits (uint16: numba has no float16 arrays; jit.dot_q4 widens them),
+    float32 ones (older files) as they are."""
     M, K = q.shape
     G, blocks = -(-M // GROUP), -(-K // Q8)
     u = quant.offset_nibbles(q, G * GROUP, blocks * Q8).reshape(G, GROUP, blocks, 4, 2, 4)   # g, r, j, i, half, c
     u = u.transpose(0, 2, 3, 1, 4, 5)                      # g, j, i, r, half, c: k = 32j + 8i + 4 half + c
     packed = u[..., 0, :] | (u[..., 1, :] << 4)
-    s = np.zeros((G * GROUP, blocks), np.float32)
+    s = np.zeros((G * GROUP, blocks), np.float16 if scale.dtype == np.float16 else np.float32)
     s[:M] = scale
-    s = s.reshape(G, GROUP, blocks).transpose(0, 2, 1)
-    return quant.Int4Rows(np.ascontiguousarray(packed).reshape(G, blocks * 128), np.ascontiguousarray(s).reshape(G, -1), M, K)
+    s = np.ascontiguousarray(s.reshape(G, GROUP, blocks).transpose(0, 2, 1)).reshape(G, -1)
+    return quant.Int4Rows(np.ascontiguousarray(packed).reshape(G, blocks * 128), s.view(np.uint16) if s.dtype == np.float16 else s, M, K)
 
 
 def int4_unrows(w):                                        # quant.Int4Rows -> (q int8 rows [M, K], scale [M, blocks])
     G, blocks = w.packed.shape[0], w.scale.shape[1] // GROUP
     p = w.packed.reshape(G, blocks, 4, GROUP, 4)
     u = np.stack([p & 15, p >> 4], axis=4).transpose(0, 3, 1, 2, 4, 5).reshape(G * GROUP, blocks * Q8)
-    scale = w.scale.reshape(G, blocks, GROUP).transpose(0, 2, 1).reshape(G * GROUP, blocks)
+    scale = w.scale.view(np.float16) if w.scale.dtype == np.uint16 else w.scale
+    scale = scale.reshape(G, blocks, GROUP).transpose(0, 2, 1).reshape(G * GROUP, blocks)
     return (np.ascontiguousarray(u[: w.n_out, : w.n_in].view(np.int8) - np.int8(8)),
             np.ascontiguousarray(scale[: w.n_out, : -(-w.n_in // Q8)]))
 

@@ -7,8 +7,9 @@ broadcast over q: [1, out] for a Conv1D weight [in, out], [V, 1] for the LM head
 an int8 (and int4) matmul are rounded too, as llama.cpp's q8_0 does (round_to_q8): each block of 32
 inputs to int8 levels of its own scale, so the kernels multiply integers by integers.
 int4: block-wise symmetric, as llama.cpp's q4_0: each block of 32 consecutive inputs of an output
-channel has one float32 scale d = (its value of largest magnitude) / -8, and w ~= q * d with q in
-[-8, 7]. The spec keeps q unpacked (Int4, the weight's shape). Checkpoint files keep two per byte in
+channel has one float16 scale d = (its value of largest magnitude) / -8, rounded to float16, and w ~= q * d
+with q in [-8, 7]: 18 bytes a block, as q4_0's (files written before float16 scales keep their float32
+ones, which every path still reads). The spec keeps q unpacked (Int4, the weight's shape). Checkpoint files keep two per byte in
 q4_0's order (pack4: rows [out, in]; in each block of 32, byte i holds q + 8 of input i in its low
 nibble and of input 16 + i in its high one); the kernels interleave rows in groups of 8 instead (Int4Rows). An int4
 matmul rounds its inputs as int8's does (round_to_q8), as llama.cpp's q4_0 meets q8_0 inputs.
@@ -56,7 +57,7 @@ class Int8(NamedTuple):
 
 class Int4(NamedTuple):
     q: np.ndarray                                          # int8 in [-8, 7], the weight's shape
-    scale: np.ndarray                                      # float32: the weight's shape, the input axis in blocks of 32
+    scale: np.ndarray                                      # float16 (float32 in older files): the weight's shape, the input axis in blocks of 32
     axis: int                                              # the input axis: 0 for Conv1D [in, out], 1 for the LM head [V, C]
     shape = _Q_SHAPE
     nbytes = _Q_NBYTES
@@ -87,7 +88,7 @@ class Int4Rows(NamedTuple):
     of row 8g + r at input 32j + 8i + c in its low nibble and at input 32j + 8i + 4 + c in its high one.
     The 8 rows' scales of block j are scale[g, 8j : 8j + 8]."""
     packed: np.ndarray                                     # uint8 [groups, 128 * blocks]
-    scale: np.ndarray                                      # float32 [groups, 8 * blocks]
+    scale: np.ndarray                                      # [groups, 8 * blocks]: float16 bits (uint16), or float32 (older files)
     n_out: int
     n_in: int
     shape = _ROWS_SHAPE
@@ -149,9 +150,10 @@ def dequantize(w):                                         # stored weight -> fl
         return (w.bits.astype(np.uint32) << 16).view(np.float32)
     if isinstance(w, Int8):
         return w.q.astype(np.float32) * w.scale
-    if isinstance(w, Int4):                                # each scale covers 32 inputs
+    if isinstance(w, Int4):                                # each scale covers 32 inputs (float16 widens exactly)
         n = w.q.shape[w.axis]
-        return w.q.astype(np.float32) * np.repeat(w.scale, INT4_BLOCK, axis=w.axis).take(np.arange(n), axis=w.axis)
+        scale = np.repeat(w.scale.astype(np.float32), INT4_BLOCK, axis=w.axis).take(np.arange(n), axis=w.axis)
+        return w.q.astype(np.float32) * scale
     return w
 
 
@@ -175,8 +177,13 @@ def to_int4(w, axis):                                      # float32 -> Int4, bl
     blocks = np.zeros(w.shape[:-1] + (-(-n // INT4_BLOCK), INT4_BLOCK), np.float32)
     blocks.reshape(w.shape[:-1] + (-1,))[..., :n] = w     # the last block zero-padded
     peak = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]   # signed
-    scale = np.where(peak != 0, peak / -8.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(blocks / scale[..., None]), -8, 7).astype(np.int8).reshape(w.shape[:-1] + (-1,))[..., :n]
+    if np.abs(peak).max(initial=0) / 8 > np.finfo(np.float16).max:
+        raise InputError(f"int4 scales are float16 (as q4_0's): weights up to {8 * float(np.finfo(np.float16).max):.0f} in "
+                         f"magnitude; this one holds {float(np.abs(peak).max()):.3g}")
+    with np.errstate(under="ignore"):
+        scale = (peak / np.float32(-8.0)).astype(np.float16)   # a block below float16's range (|w| < 5e-7 throughout) -> 0
+    scale[scale == 0] = 1.0                                # ... and its q = 0
+    q = np.clip(np.rint(blocks / scale.astype(np.float32)[..., None]), -8, 7).astype(np.int8).reshape(w.shape[:-1] + (-1,))[..., :n]
     return Int4(np.ascontiguousarray(np.moveaxis(q, -1, axis)), np.ascontiguousarray(np.moveaxis(scale, -1, axis)), axis)
 
 

@@ -68,7 +68,8 @@ def test_int4_rows_keep_every_weight_and_scale(n_out, n_in):
     u = lambda r, k: int(w.q[r, k]) + 8 if r < n_out and k < n_in else 8   # stored nibble; padding is q = 0
     r, j, i, c = min(n_out - 1, 6), blocks - 1, 2, 1       # byte 4r + c of run i of block j: inputs 32j + 8i + c and + 4
     assert rows.packed[0, 128 * j + 32 * i + 4 * r + c] == u(r, 32 * j + 8 * i + c) | (u(r, 32 * j + 8 * i + 4 + c) << 4)
-    assert rows.scale[0, 8 * j + r] == w.scale[r, j]
+    assert w.scale.dtype == np.float16 and rows.scale.dtype == np.uint16   # float16, kept as its bits for numba
+    assert rows.scale.view(np.float16)[0, 8 * j + r] == w.scale[r, j]
     assert np.all(rows.scale.reshape(groups, blocks, 8).transpose(0, 2, 1).reshape(-1, blocks)[n_out:] == 0)   # padding rows
     back = kernels.unprepare({"h": [], "lm_head": {"weight": rows}})["lm_head"]["weight"]
     assert np.array_equal(back.q, w.q) and np.array_equal(back.scale, w.scale)
@@ -147,14 +148,15 @@ def test_integer_dots_with_and_without_avx2_equal_the_exact_sum(M, K):
         assert np.all(np.abs(got - exact) <= 1e-6 * scale)
 
     q4 = rng.integers(-8, 8, size=(M, K)).astype(np.int8)
-    d = rng.uniform(0.001, 1.0, size=(M, blocks)).astype(np.float32)
-    exact = (q4[None].astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]
-    magnitude = np.abs((q4[None] + 8).astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]   # the stored q + 8's
-    exact, scale = (exact * sx[:, None]).sum(-1), (magnitude * sx[:, None]).sum(-1)
-    packed = matmul.int4_rows(q4, d)
-    for dot, inputs in ((jit.dot_q4, 1), (jit.dot_q4x4, 4), *((dot, 1) for dot in jit.dot_q4_isa.values())):
-        got = rows_of(dot, inputs)(packed.packed, packed.scale, xq, (8 * levels).astype(np.int32), sx, M, blocks)
-        assert np.all(np.abs(got - exact) <= 1e-6 * scale)
+    for d in (rng.uniform(0.001, 1.0, size=(M, blocks)).astype(np.float32), rng.uniform(0.001, 1.0, size=(M, blocks)).astype(np.float16)):
+        exact = (q4[None].astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]   # float16 scales (as their bits) too
+        magnitude = np.abs((q4[None] + 8).astype(np.float64) * xq[:, None]).reshape(4, M, blocks, 32).sum(-1) * d[None]   # the stored q + 8's
+        exact, scale = (exact * sx[:, None]).sum(-1), (magnitude * sx[:, None]).sum(-1)
+        packed = matmul.int4_rows(q4, d)
+        assert packed.scale.dtype == (np.uint16 if d.dtype == np.float16 else np.float32)
+        for dot, inputs in ((jit.dot_q4, 1), (jit.dot_q4x4, 4), *((dot, 1) for dot in jit.dot_q4_isa.values())):
+            got = rows_of(dot, inputs)(packed.packed, packed.scale, xq, (8 * levels).astype(np.int32), sx, M, blocks)
+            assert np.all(np.abs(got - exact) <= 1e-6 * scale)
 
 
 @pytest.mark.parametrize("n_in", [64, 60, 33])            # whole int4 blocks, a partial last block, an odd input count
@@ -267,7 +269,7 @@ def test_numba_int4_model_holds_packed_nibbles_and_saves_back_the_same_values(ti
     for name, w in weights.flatten(model.params).items():
         if name.endswith("weight_t") or name == "lm_head.weight":
             assert isinstance(w, quant.Int4Rows) and w.packed.dtype == np.uint8, name
-            assert w.nbytes == 8 * -(-w.shape[0] // 8) * -(-w.shape[1] // 32) * (16 + 4), name   # 16 bytes of nibbles + a float32 scale per 32 inputs, rows in 8s
+            assert w.nbytes == 8 * -(-w.shape[0] // 8) * -(-w.shape[1] // 32) * (16 + 2), name   # 16 bytes of nibbles + a float16 scale per 32 inputs (q4_0's 18), rows in 8s
     model.save(tmp_path)                                   # unpacked again from the kernels' layout, then packed into the file
     back = npgpt.load(tmp_path)
     for name, w in weights.flatten(params).items():
@@ -307,7 +309,45 @@ def test_int4_checkpoint_stores_packed_rows_and_block_scales(tmp_path, tiny_file
     assert c_attn.dtype == "U8" and c_attn.shape == (180, 32) and f.tensors["h.0.attn.c_attn.weight_scale"].shape == (180, 2)
     assert head.dtype == "U8" and head.shape == (1000, 32) and f.tensors["lm_head.weight_scale"].shape == (1000, 2)
     assert f.metadata["npgpt.weights"] == "int4" and f.metadata["npgpt.int4_block"] == "32"
+    assert f.tensors["h.0.attn.c_attn.weight_scale"].dtype == f.tensors["lm_head.weight_scale"].dtype == "F16"   # as q4_0's
     assert npgpt.load(out).weights == "int4"
+
+
+def test_an_int4_checkpoint_with_float32_scales_loads_them_as_stored_and_runs_on_both_backends(tmp_path, tiny_file):
+    """Files quantized before scales were float16 hold F32 ones: they load as float32 (not rounded to
+    float16: the model computes what it computed when it was written), the kernels read them as they are
+    (jit.dot_q4 takes either), and the numba model equals the spec on them as on float16 ones (1e-2, as
+    test_fused_prefill_equals_the_spec: an input rounded to the neighbouring int8 level)."""
+    out = tmp_path / "int4" / "model.safetensors"
+    out.parent.mkdir()
+    assert main(["quantize", str(tiny_file), str(out), "--dtype", "int4"]) == 0
+    scales = [n for n in weights.SafetensorsFile(out).tensors if n.endswith("_scale")]
+    older = np.float32(1 + 2.0**-15)                       # a factor no float16 scale times it is a float16 again
+    _rewrite(out, lambda t: t.update({n: ("F32", t[n][1].astype(np.float32) * older) for n in scales}))
+    spec_model, fused = npgpt.load(out), npgpt.load(out, backend="numba")
+    w, stored = spec_model.params["h"][0]["attn"]["c_attn"]["weight"], weights.SafetensorsFile(out).array("h.0.attn.c_attn.weight_scale")
+    assert w.scale.dtype == np.float32 and np.array_equal(w.scale, stored.T)
+    assert not np.array_equal(w.scale.astype(np.float16).astype(np.float32), w.scale)   # not float16 values: none was rounded
+    assert fused.params["h"][0]["attn"]["c_attn"]["weight_t"].scale.dtype == np.float32
+    ids = rng.integers(0, TINY.n_vocab, size=(2, 24))
+    assert max_rel_err(fused.forward(ids), spec_model.forward(ids)) < 1e-2   # prefill
+    caches = [spec_model.new_cache(batch=2), fused.new_cache(batch=2)]
+    for m, cache in zip((spec_model, fused), caches):
+        m.forward(ids, cache=cache)
+    step = [m.forward(ids[:, :1], cache=cache) for m, cache in zip((spec_model, fused), caches)]   # decode
+    assert max_rel_err(step[1], step[0]) < 1e-2
+
+
+def test_int4_scales_are_float16_and_a_weight_beyond_its_range_is_refused():
+    w = rng.standard_normal((64, 3), dtype=np.float32)
+    w[:32, 1] *= np.float32(1e-8)                          # a block whose scale is below float16's smallest: stored as zeros
+    q = quant.to_int4(w, 0)
+    assert q.scale.dtype == np.float16 and np.all(q.q[:32, 1] == 0) and np.all(np.isfinite(quant.dequantize(q)))
+    assert np.abs(quant.dequantize(q)[:32, 1]).max() == 0 and np.abs(w[:32, 1]).max() < 1e-7
+    assert np.abs(q.q[32:, 1]).max() == 8 and q.scale[1, 1] != 0   # the block below it is quantized as usual
+    w[5, 2] = np.float32(6e5)                              # / 8 > 65504, float16's largest
+    with pytest.raises(npgpt.InputError, match="int4 scales are float16"):
+        quant.to_int4(w, 0)
 
 
 def test_int8_checkpoint_loads_as_int8_by_default_and_names_its_scales(tmp_path, tiny_file):
@@ -365,7 +405,9 @@ def _rewrite(path, change=lambda tensors: None, metadata=None):   # a checkpoint
 @pytest.mark.parametrize("fmt, change, metadata, message", [
     ("int4", lambda t: t.pop("h.0.attn.c_attn.weight_scale"), None, "int4 tensor 'h.0.attn.c_attn.weight' has no 'h.0.attn.c_attn.weight_scale'"),
     ("int4", lambda t: t.update({"h.0.mlp.c_fc.weight_scale": ("F32", np.ones((240, 1), np.float32))}), None,
-     r"'h.0.mlp.c_fc.weight_scale' is F32 \(240, 1\); int4 scales must be F32 \(240, 2\)"),
+     r"'h.0.mlp.c_fc.weight_scale' is F32 \(240, 1\); int4 scales must be F16 \(or F32\) \(240, 2\)"),
+    ("int4", lambda t: t.update({"h.0.mlp.c_fc.weight_scale": ("I32", np.ones((240, 2), np.int32))}), None,
+     r"'h.0.mlp.c_fc.weight_scale' is I32 \(240, 2\); int4 scales must be F16 \(or F32\) \(240, 2\)"),
     ("int4", lambda t: t.update({"h.1.mlp.c_proj.weight": ("U8", np.zeros((60, 16), np.uint8))}), None,
      r"'h.1.mlp.c_proj.weight' has shape \(60, 16\)"),
     ("int4", lambda t: None, {"npgpt.int4_block": "64"}, "int4 blocks of 64 inputs; npgpt reads blocks of 32"),

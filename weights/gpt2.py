@@ -236,9 +236,9 @@ def stored_weight(st, t, name, stored, path, shape=None):
         n_out, n_in = shape if name == "lm_head.weight" else shape[::-1]   # the weight's own shape (the packed one is checked)
         s = st.tensors[scale_name]
         want = (n_out, -(-n_in // quant.INT4_BLOCK))
-        if s.dtype != "F32" or s.shape != want:
-            raise CheckpointError(f"{path}: tensor '{s.name}' is {s.dtype} {s.shape}; int4 scales must be F32 {want}")
-        q, scale = quant.unpack4(st.array(t.name), n_in), st.array(s.name)
+        if s.dtype not in ("F16", "F32") or s.shape != want:   # F16 as q4_0's; F32 in files written before that
+            raise CheckpointError(f"{path}: tensor '{s.name}' is {s.dtype} {s.shape}; int4 scales must be F16 (or F32) {want}")
+        q, scale = quant.unpack4(st.array(t.name), n_in), st.array(s.name)   # the scales as stored, not widened
         if name == "lm_head.weight":                       # [V, C]: rows already
             return quant.Int4(q, np.ascontiguousarray(scale), 1)
         return quant.Int4(np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T), 0)
@@ -309,8 +309,8 @@ def save(params, path, cfg=None, *, dtype="F32", prefix="", metadata=None, confi
          architecture="GPT2LMHeadModel"):
     """Write params in HF layout. A head tied to wte is not written; float32 arrays are stored as
     `dtype`; bf16 weights as BF16, int8 weights as I8 `name` plus F32 `name_scale` (one per output
-    channel), int4 weights as U8 `name` (packed rows [out, 16 * blocks], quant.pack4) plus F32
-    `name_scale` [out, blocks]. `extra`: {name: float32 array} written as named, unprefixed (a task
+    channel), int4 weights as U8 `name` (packed rows [out, 16 * blocks], quant.pack4) plus F16
+    `name_scale` [out, blocks] (F32 for float32 scales, read from a file written before F16 ones). `extra`: {name: float32 array} written as named, unprefixed (a task
     head). `cfg` also writes config.json beside the file (see write_config; `config_base`: other keys
     to keep)."""
     if dtype not in FLOAT_DTYPES:
@@ -327,7 +327,8 @@ def save(params, path, cfg=None, *, dtype="F32", prefix="", metadata=None, confi
             tensors[key], tensors[key + "_scale"] = ("I8", a.q), ("F32", a.scale.ravel())
         elif isinstance(a, quant.Int4):                    # rows [out, in], two inputs a byte; scales [out, blocks]
             q, scale = (a.q, a.scale) if a.axis == 1 else (a.q.T, a.scale.T)
-            tensors[key], tensors[key + "_scale"] = ("U8", quant.pack4(q)), ("F32", np.ascontiguousarray(scale))
+            scale_dtype = "F16" if scale.dtype == np.float16 else "F32"
+            tensors[key], tensors[key + "_scale"] = ("U8", quant.pack4(q)), (scale_dtype, np.ascontiguousarray(scale))
             int4_meta["npgpt.int4_block"] = quant.INT4_BLOCK
         else:
             tensors[key] = (dtype, narrow(a, dtype))
