@@ -1,5 +1,6 @@
 """bf16, int8 and int4 weights: the formats, the kernels that read them, checkpoints that store them."""
 
+import functools
 import os
 
 import numpy as np
@@ -111,27 +112,31 @@ def test_prefill_rounds_int8_inputs_bit_for_bit_as_the_spec(shape, offset):
     assert np.array_equal(xoff, offset * xq.reshape(shape[0], blocks, 32).astype(np.int32).sum(-1))
 
 
+@functools.cache
+def _rows_of(dot, inputs):                                 # every group of rows against 4 inputs, `inputs` at a time
+    """One compiled function per dot (kept across test cases: each compiles once per argument types)."""
+    import numba
+
+    @numba.njit
+    def f(packed, d, xq, xoff, sx, M, blocks):
+        out = np.empty((4, packed.shape[0] * 8), np.float32)
+        for g in range(packed.shape[0]):
+            for n in range(0, 4, inputs):
+                v = dot(packed, d, g, xq, xoff, sx, n, blocks)
+                for i in range(inputs):
+                    for r in range(8):
+                        out[n + i, 8 * g + r] = v[8 * i + r]
+        return out[:, :M]
+    return f
+
+
 @pytest.mark.parametrize("M, K", [(7, 64), (33, 128), (300, 768), (5, 3072), (9, 32 * 3)])   # partial groups; an odd block count: the tail
 def test_integer_dots_with_and_without_avx2_equal_the_exact_sum(M, K):
     """jit.dot_q8 / dot_q8x4 / dot_q4 / dot_q4x4 (AVX512-VNNI or AVX2 when the CPU has them), and each on
     every instruction path this CPU can run (VNNI, AVX2 alone, plain vector IR), against float64: block
     dots are exact integers, so only the float32 scaling and sums differ (~1e-7 relative; bounded by
     1e-6 of the sum of the terms' magnitudes)."""
-    import numba
     from npgpt.kernels import jit
-
-    def rows_of(dot, inputs):                             # every group of rows against 4 inputs, `inputs` at a time
-        @numba.njit
-        def f(packed, d, xq, xoff, sx, M, blocks):
-            out = np.empty((4, packed.shape[0] * 8), np.float32)
-            for g in range(packed.shape[0]):
-                for n in range(0, 4, inputs):
-                    v = dot(packed, d, g, xq, xoff, sx, n, blocks)
-                    for i in range(inputs):
-                        for r in range(8):
-                            out[n + i, 8 * g + r] = v[8 * i + r]
-            return out[:, :M]
-        return f
 
     blocks = K // 32
     sx = rng.uniform(0.001, 1.0, size=(4, blocks)).astype(np.float32)
@@ -144,7 +149,7 @@ def test_integer_dots_with_and_without_avx2_equal_the_exact_sum(M, K):
     exact, scale = (prods * sx[:, None]).sum(-1) * w.scale.T, (magnitude * sx[:, None]).sum(-1) * w.scale.T
     rows = kernels.head_rows(w)
     for dot, inputs in ((jit.dot_q8, 1), (jit.dot_q8x4, 4), *((dot, 1) for dot in jit.dot_q8_isa.values())):
-        got = rows_of(dot, inputs)(rows.packed, rows.scale, xq, (128 * levels).astype(np.int32), sx, M, blocks)
+        got = _rows_of(dot, inputs)(rows.packed, rows.scale, xq, (128 * levels).astype(np.int32), sx, M, blocks)
         assert np.all(np.abs(got - exact) <= 1e-6 * scale)
 
     q4 = rng.integers(-8, 8, size=(M, K)).astype(np.int8)
@@ -155,7 +160,7 @@ def test_integer_dots_with_and_without_avx2_equal_the_exact_sum(M, K):
         packed = matmul.int4_rows(q4, d)
         assert packed.scale.dtype == (np.uint16 if d.dtype == np.float16 else np.float32)
         for dot, inputs in ((jit.dot_q4, 1), (jit.dot_q4x4, 4), *((dot, 1) for dot in jit.dot_q4_isa.values())):
-            got = rows_of(dot, inputs)(packed.packed, packed.scale, xq, (8 * levels).astype(np.int32), sx, M, blocks)
+            got = _rows_of(dot, inputs)(packed.packed, packed.scale, xq, (8 * levels).astype(np.int32), sx, M, blocks)
             assert np.all(np.abs(got - exact) <= 1e-6 * scale)
 
 
