@@ -420,13 +420,32 @@ def serialized():
     return _SERIALIZE
 
 
+_PASS = threading.local()                                  # the pass this thread runs: [has it held BLAS at one thread?]
+
+
 @contextlib.contextmanager
 def blas_per_band():
     """What a forward pass on the kernels runs inside (npgpt.Model enters this): BLAS held at one thread
-    (switching it per call cost ~1.5x on prefill GEMMs; outside this context `bands` still switches),
-    and, on numba's workqueue layer only, one forward pass at a time."""
-    with serialized(), _BLAS_LIMIT:
-        yield
+    from the pass's first band to its end (switching it per call cost ~1.5x on prefill GEMMs; outside
+    this context `bands` still switches), so a pass without bands, a decode step, which calls no BLAS,
+    never switches it (the switch and its undoing were ~70 us of a step's Python, its caches cold); and,
+    on numba's workqueue layer only, one forward pass at a time."""
+    with serialized():
+        outer, held = getattr(_PASS, "held", None), [False]
+        _PASS.held = held
+        try:
+            yield
+        finally:
+            _PASS.held = outer
+            if held[0]:
+                _BLAS_LIMIT.__exit__()
+
+
+def _hold_blas():                                          # a band is about to run: inside a pass, hold BLAS at 1 thread to its end
+    held = getattr(_PASS, "held", None)
+    if held is not None and not held[0]:
+        _BLAS_LIMIT.__enter__()
+        held[0] = True
 
 
 def team(worker, *args):                                   # worker(*args) on every thread at once, the calling one too
@@ -449,6 +468,7 @@ def bands(fn, n, inline_upto=DECODE_ROWS):                 # fn(slice) over rang
     The calling thread takes the first band itself, so a hand-off wakes one thread fewer (an idle
     hand-off measured ~70 us either way; the model's prefill within noise, 0.96-1.05x).
     Decode-sized work (n <= inline_upto) runs inline: waking threads would cost more than it saves."""
+    _hold_blas()
     P = 1 if n <= inline_upto else min(numba.get_num_threads(), n)
     if P == 1:
         fn(slice(0, n))

@@ -20,6 +20,10 @@ def blas_threads():
     return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
 
 
+def a_band():                                              # a pass's first band holds BLAS at one thread for the rest of the pass
+    jit.bands(lambda rows: None, 64, inline_upto=1)
+
+
 def test_blas_limit_is_held_until_the_last_concurrent_forward_leaves():
     """A enters, B enters, A leaves while B still runs: B must keep BLAS at 1 thread; after B, the
     original limit is back. (A per-thread limit restored A's original while B was still inside.)"""
@@ -28,6 +32,7 @@ def test_blas_limit_is_held_until_the_last_concurrent_forward_leaves():
 
     def a():
         with jit.blas_per_band():
+            a_band()
             steps[0].set()
             steps[1].wait()
         steps[2].set()
@@ -35,6 +40,7 @@ def test_blas_limit_is_held_until_the_last_concurrent_forward_leaves():
     def b():
         steps[0].wait()
         with jit.blas_per_band():
+            a_band()
             steps[1].set()
             steps[2].wait()
             seen["while_b_inside"] = blas_threads()
@@ -62,6 +68,22 @@ def test_concurrent_forwards_leave_blas_as_they_found_it(tiny_params):
             w.join()
         assert blas_threads() == {2}
     assert len(results) == 20 and all(np.array_equal(r, expected) for r in results)
+
+
+def test_a_decode_step_leaves_blas_alone_and_a_prefill_holds_it_at_one_thread_until_it_ends(tiny_params, monkeypatch):
+    """BLAS is held at one thread from a pass's first band: a prefill's products run in bands, a decode
+    step calls no BLAS and never switches it (nor restores it)."""
+    model = npgpt.Model(tiny_params, TINY, backend="numba")
+    cache = model.new_cache(batch=1)
+    model.forward(np.arange(20)[None], cache=cache)        # compiled before anything is counted
+    sets, real = [], jit._BlasLimit._set
+    monkeypatch.setattr(jit._BlasLimit, "_set", staticmethod(lambda lib, n: sets.append(n) or real(lib, n)))
+    with threadpool_limits(limits=2, user_api="blas"):
+        model.forward(np.array([[3]]), cache=cache)        # a decode step
+        assert sets == [] and blas_threads() == {2}
+        model.forward(np.arange(20)[None], cache=model.new_cache(batch=1))   # a prefill: to 1 (per BLAS library) once, then back
+        half = len(sets) // 2
+        assert half > 0 and sets == [1] * half + [2] * half and blas_threads() == {2}
 
 
 WORKQUEUE_CHILD = """
