@@ -259,9 +259,10 @@ def _dot_group(fmt, inputs=1, isa="native"):
     @intrinsic
     def dot(typingctx, w, d, g, xq, xoff, sx, n, blocks):
         """Group g of 8 rows (w [G, bytes per block * blocks] uint8; d: int4 [G, 8 * blocks] block scales,
-        float16 as their uint16 bits (widened in the loop, vcvtph2ps) or float32, int8 [G, 8] row scales) against inputs n .. n + inputs - 1 (int8 levels xq [N, 32 * blocks], block
-        scales sx [N, blocks], and xoff [N, blocks] int32: the stored values' offset (8 for int4's q + 8,
-        128 for int8's q + 128) times each block's sum of levels). For each input and row r of the group:
+        float16 as their uint16 bits (widened in the loop, vcvtph2ps) or float32, int8 [G, 8] row scales)
+        against inputs n .. n + inputs - 1 (int8 levels xq [N, 32 * blocks], block scales sx [N, blocks],
+        and xoff [N, blocks] int32: the stored values' offset (8 for int4's q + 8, 128 for int8's q + 128)
+        times each block's sum of levels). For each input and row r of the group:
         sum over blocks j of sx[j] * (q[r, block j] . xq[block j]) times the scale(s) of row r.
 
         The layout puts 4 consecutive weights of row r in int32 lane r of each 32-byte run: one vpdpbusd

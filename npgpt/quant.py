@@ -7,10 +7,10 @@ broadcast over q: [1, out] for a Conv1D weight [in, out], [V, 1] for the LM head
 an int8 (and int4) matmul are rounded too, as llama.cpp's q8_0 does (round_to_q8): each block of 32
 inputs to int8 levels of its own scale, so the kernels multiply integers by integers.
 int4: block-wise symmetric, as llama.cpp's q4_0: each block of 32 consecutive inputs of an output
-channel has one float16 scale d = (its value of largest magnitude) / -8, rounded to float16, and w ~= q * d
-with q in [-8, 7]: 18 bytes a block, as q4_0's (files written before float16 scales keep their float32
-ones, which every path still reads). The spec keeps q unpacked (Int4, the weight's shape). Checkpoint files keep two per byte in
-q4_0's order (pack4: rows [out, in]; in each block of 32, byte i holds q + 8 of input i in its low
+channel has one scale d = (its value of largest magnitude) / -8, rounded to float16, and w ~= q * d with
+q in [-8, 7]: 18 bytes a block, as q4_0's (files written before float16 scales keep their float32 ones,
+which every path still reads). The spec keeps q unpacked (Int4, the weight's shape). Checkpoint files
+keep two per byte in q4_0's order (pack4: rows [out, in]; in each block of 32, byte i holds q + 8 of input i in its low
 nibble and of input 16 + i in its high one); the kernels interleave rows in groups of 8 instead (Int4Rows). An int4
 matmul rounds its inputs as int8's does (round_to_q8), as llama.cpp's q4_0 meets q8_0 inputs.
 Embeddings, LayerNorm and biases stay float32; only matmul weights change format.
@@ -181,7 +181,7 @@ def to_int4(w, axis):                                      # float32 -> Int4, bl
         raise InputError(f"int4 scales are float16 (as q4_0's): weights up to {8 * float(np.finfo(np.float16).max):.0f} in "
                          f"magnitude; this one holds {float(np.abs(peak).max()):.3g}")
     with np.errstate(under="ignore"):
-        scale = (peak / np.float32(-8.0)).astype(np.float16)   # a block below float16's range (|w| < 5e-7 throughout) -> 0
+        scale = (peak / np.float32(-8.0)).astype(np.float16)   # a block below float16's range (every |w| < 2.4e-7) -> 0
     scale[scale == 0] = 1.0                                # ... and its q = 0
     q = np.clip(np.rint(blocks / scale.astype(np.float32)[..., None]), -8, 7).astype(np.int8).reshape(w.shape[:-1] + (-1,))[..., :n]
     return Int4(np.ascontiguousarray(np.moveaxis(q, -1, axis)), np.ascontiguousarray(np.moveaxis(scale, -1, axis)), axis)

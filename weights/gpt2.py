@@ -310,8 +310,8 @@ def save(params, path, cfg=None, *, dtype="F32", prefix="", metadata=None, confi
     """Write params in HF layout. A head tied to wte is not written; float32 arrays are stored as
     `dtype`; bf16 weights as BF16, int8 weights as I8 `name` plus F32 `name_scale` (one per output
     channel), int4 weights as U8 `name` (packed rows [out, 16 * blocks], quant.pack4) plus F16
-    `name_scale` [out, blocks] (F32 for float32 scales, read from a file written before F16 ones). `extra`: {name: float32 array} written as named, unprefixed (a task
-    head). `cfg` also writes config.json beside the file (see write_config; `config_base`: other keys
+    `name_scale` [out, blocks] (F32 for float32 scales, read from a file written before F16 ones).
+    `extra`: {name: float32 array} written as named, unprefixed (a task head). `cfg` also writes config.json beside the file (see write_config; `config_base`: other keys
     to keep)."""
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {FLOAT_DTYPES}")
