@@ -330,7 +330,7 @@ def test_fused_prefill_equals_the_spec(tiny_params, fmt, B, past, T, monkeypatch
 def test_fused_prefill_of_the_last_logits_runs_the_last_blocks_projection_and_mlp_on_each_rows_last_position(tiny_params, with_cache, monkeypatch):
     """last=True: the last block's c_proj, c_fc and MLP c_proj see B rows, every other product B*T; its
     c_attn still sees every position (their keys and values go into the cache). Values: the test above."""
-    from npgpt.kernels import matmul, prefill
+    from npgpt.kernels import prefill
 
     fused = npgpt.Model(tiny_params, TINY, backend="numba")
     seen = []
