@@ -30,7 +30,7 @@ from ..model import forward_packed as spec_forward_packed
 from .activation import _gelu
 from .attention import attend_row
 from .jit import DECODE_ROWS, atomic_add, atomic_read, inline, parallel, prefetch4, serial, spin_pause, team
-from .matmul import BIAS, GELU, RESIDUAL, STREAM_AHEAD, TILE_FROM, bf16_inputs, dot_pairs, float_rows, matmul_rows
+from .matmul import BIAS, GELU, RESIDUAL, STREAM_AHEAD, bf16_bits, bf16_rows, float_rows, matmul_rows
 from .norm import layer_norm_rows
 
 
@@ -85,37 +85,38 @@ def chunk_rows(w, chunk_bytes):                            # weight rows in a GE
     return max(8, r - r % 8)
 
 
-def pairs(w, N):                                          # read bf16 rows w as uint32 pairs against N inputs? (numba-only; see overload)
+def region_inputs(x, w):                                   # a GEMV's inputs as the region's kernel for w reads them (numba-only; see overload)
     raise NotImplementedError
 
 
-@overload(pairs)
-def _pairs(w, N):
-    """As matmul_rows: bf16 rows of an even length below TILE_FROM inputs (matmul.gemv_pairs; 1.1-1.2x a
-    GEMV). float32: never (decided when the region compiles)."""
+@overload(region_inputs)
+def _region_inputs(x, w):
+    """bf16 rows: x's bf16 bits (matmul.bf16_bits; the bf16 matmul's rounding); float32: x itself. Decided
+    when the region compiles."""
     if w.dtype == types.uint16:
-        return lambda w, N: N < TILE_FROM and w.shape[1] % 2 == 0
-    return lambda w, N: False
+        return lambda x, w: bf16_bits(x)
+    return lambda x, w: x
+
+
+def weight_rows(xd, w, out, m0, m1, ahead):                # out[:, m0:m1] = xd . w[m0:m1]^T (numba-only; see overload)
+    raise NotImplementedError
+
+
+@overload(weight_rows)
+def _weight_rows(xd, w, out, m0, m1, ahead):
+    """bf16: matmul.bf16_rows (both bf16); float32: matmul.float_rows."""
+    if w.dtype == types.uint16:
+        return lambda xd, w, out, m0, m1, ahead: bf16_rows(xd, w, out, m0, m1, ahead)
+    return lambda xd, w, out, m0, m1, ahead: float_rows(xd, w, out, m0, m1, ahead)
 
 
 @inline
-def _pair_inputs(x, w):                                    # x [N, K] deinterleaved (matmul.bf16_inputs) if w is read as pairs, else x
-    return bf16_inputs(x) if pairs(w, x.shape[0]) else x
-
-
-@inline
-def _gemv_chunk(x, xd, w, b, out, c, R, then, stream, ahead):   # chunk c (R rows) of out = x . w^T + b, then: BIAS, GELU or RESIDUAL (into stream)
-    """xd: x from _pair_inputs; ahead: float_rows' hint distance (bytes)."""
+def _gemv_chunk(xd, w, b, out, c, R, then, stream, ahead):   # chunk c (R rows) of out = x . w^T + b, then: BIAS, GELU or RESIDUAL (into stream)
+    """xd: the inputs from region_inputs; ahead: the hint distance (bytes) of float_rows and bf16_rows."""
     m0, m1 = c * R, min(c * R + R, w.shape[0])
-    if pairs(w, x.shape[0]):
-        p = w.view(np.uint32)
-        for m in range(m0, m1):
-            for n in range(x.shape[0]):
-                out[n, m] = dot_pairs(xd, n, p, m)
-    else:
-        float_rows(x, w, out, m0, m1, ahead)
+    weight_rows(xd, w, out, m0, m1, ahead)
     for m in range(m0, m1):
-        for n in range(x.shape[0]):
+        for n in range(out.shape[0]):
             v = out[n, m] if b is None else out[n, m] + b[m]
             if then == RESIDUAL:
                 stream[n, m] += v
@@ -157,7 +158,7 @@ def _kernels(x, bufs, layer, ln_f, head, lengths, scale, eps, chunk_bytes, ahead
         bias = b_attn if kind == QKV else b_proj if kind == PROJ else b_fc if kind == FC else b_fcp   # (not the head's)
         out = qkv if kind == QKV else g if kind == FC else logits if kind == HEAD else y
         then = RESIDUAL if kind == PROJ or kind == FC_PROJ else GELU if kind == FC else BIAS
-        xd = _pair_inputs(src, w) if kind in GEMVS else src   # this thread's own copy
+        xd = region_inputs(src if kind in GEMVS else src[:0], w)   # (bf16: this thread's own copy)
         while True:
             c = atomic_add(sync, 2 * LINE * phase, 1)
             if c >= n:
@@ -171,9 +172,9 @@ def _kernels(x, bufs, layer, ln_f, head, lengths, scale, eps, chunk_bytes, ahead
             elif kind == ATTEND:
                 attend_task(qkv, k, v, lengths, scale, a, c)
             elif kind == HEAD:
-                _gemv_chunk(h, xd, head, None, logits, c, R, BIAS, x, ahead)
+                _gemv_chunk(xd, head, None, logits, c, R, BIAS, x, ahead)
             else:                                          # one call site for a layer's four GEMVs: each inlined
-                _gemv_chunk(src, xd, w, bias, out, c, R, then, x, ahead)   # copy took seconds to compile
+                _gemv_chunk(xd, w, bias, out, c, R, then, x, ahead)   # copy took seconds to compile
             atomic_add(sync, (2 * phase + 1) * LINE, 1)
         while atomic_read(sync, (2 * phase + 1) * LINE) < n:
             spin_pause()
@@ -224,6 +225,17 @@ def is_step(ids, cache):                                   # a [B, 1] step on a 
             and ids.shape[0] <= DECODE_ROWS)
 
 
+def layer_tail(x, a, layer, eps, h):                       # a layer past its attention, on rows: x [B, C] += ..., in place
+    """a: attention's output [B, C]; h: scratch [B, C]. The projection into the stream, LayerNorm, the
+    MLP's two GEMVs (GELU in the first, the second adding into the stream): kernel by kernel (step's
+    int8 and int4 path, and prefill's last block on each row's last position)."""
+    attn, mlp = layer["attn"], layer["mlp"]
+    x += matmul_rows(a, attn["c_proj"]["weight_t"], attn["c_proj"]["bias"])
+    layer_norm_rows(x, layer["ln_2"]["weight"], layer["ln_2"]["bias"], eps, h)
+    g = matmul_rows(h, mlp["c_fc"]["weight_t"], mlp["c_fc"]["bias"], gelu=True)   # [B, 4C], GELU in the GEMV
+    x += matmul_rows(g, mlp["c_proj"]["weight_t"], mlp["c_proj"]["bias"])
+
+
 def step(params, ids, cfg, cache):                         # [B, 1] ids, KVCache of B rows -> logits [B, 1, V]
     cache.check(cfg)
     ids, _ = check_ids(ids, cfg, past=int(cache.lengths.max()), batch=cache.batch)
@@ -242,13 +254,10 @@ def step(params, ids, cfg, cache):                         # [B, 1] ids, KVCache
         return bufs[-1][:, None]
     h, a = np.empty_like(x), np.empty_like(x)
     for i, layer in enumerate(params["h"]):
-        kv, attn, mlp = cache.layer(i), layer["attn"], layer["mlp"]
+        kv, attn = cache.layer(i), layer["attn"]
         layer_norm_rows(x, layer["ln_1"]["weight"], layer["ln_1"]["bias"], cfg.eps, h)
         attend_step(matmul_rows(h, attn["c_attn"]["weight_t"], attn["c_attn"]["bias"]), kv.k, kv.v, lengths, scale, a)
-        x += matmul_rows(a, attn["c_proj"]["weight_t"], attn["c_proj"]["bias"])
-        layer_norm_rows(x, layer["ln_2"]["weight"], layer["ln_2"]["bias"], cfg.eps, h)
-        g = matmul_rows(h, mlp["c_fc"]["weight_t"], mlp["c_fc"]["bias"], gelu=True)   # [B, 4C], GELU in the GEMV
-        x += matmul_rows(g, mlp["c_proj"]["weight_t"], mlp["c_proj"]["bias"])
+        layer_tail(x, a, layer, cfg.eps, h)
     cache.advance(1)
     layer_norm_rows(x, params["ln_f"]["weight"], params["ln_f"]["bias"], cfg.eps, h)
     return matmul_rows(h, params["lm_head"]["weight"])[:, None]

@@ -23,6 +23,7 @@ import numpy as np
 from ..inputs import check_ids
 
 from .attention import prefill_heads
+from .decode import layer_tail
 from .jit import DECODE_ROWS, bands
 from .matmul import BIAS, GELU, RESIDUAL, matmul_into, matmul_rows, scratch_size
 from .norm import inline_rows, layer_norm_rows
@@ -64,15 +65,10 @@ def _last_positions(x, qkv, a, layer, kv, past, B, T, H, scale, eps):   # the la
     only as keys and values: they go into the cache (and are attended to) as always, but only each row's
     last query attends, and the projection, LayerNorm and MLP run on B rows instead of B*T (at GPT-2's
     shapes 9/12 of the block's products and most of its attention; llama.cpp skips the same MLP rows)."""
-    attn, mlp = layer["attn"], layer["mlp"]
     _attend(qkv, kv, past, B, T, H, scale, a, queries=1)
     ends = np.arange(1, B + 1) * T - 1                     # each row's last position in [B*T]
     x = x[ends]                                            # [B, C], a copy
-    x += matmul_rows(a[ends], attn["c_proj"]["weight_t"], attn["c_proj"]["bias"])
-    h = np.empty_like(x)
-    layer_norm_rows(x, layer["ln_2"]["weight"], layer["ln_2"]["bias"], eps, h)
-    g = matmul_rows(h, mlp["c_fc"]["weight_t"], mlp["c_fc"]["bias"], gelu=True)
-    x += matmul_rows(g, mlp["c_proj"]["weight_t"], mlp["c_proj"]["bias"])
+    layer_tail(x, a[ends], layer, eps, np.empty_like(x))   # as a decode step's
     return x
 
 

@@ -32,7 +32,7 @@ def softmax(x):                                            # [..., S] -> [..., S
 
 
 def linear(x, weight, bias):                               # [..., in], [in, out], [out] -> [..., out]
-    return activations(x, weight) @ dequantize(weight) + bias   # int8/int4: inputs on int8 levels; weights as float32 (npgpt.quant)
+    return activations(x, weight) @ dequantize(weight) + bias   # inputs rounded as the format says (npgpt.quant); weights as float32
 
 
 def causal_mask(T, S, lengths=None):                       # -> [T, S], or [B, 1, T, S] for rows of their own lengths [B]

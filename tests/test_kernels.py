@@ -165,12 +165,13 @@ def test_fused_decode_step_equals_the_spec_on_rows_of_different_lengths(tiny_par
     """kernels.decode.step against npgpt.model.forward: logits and the keys and values it writes, two
     steps running, rows holding 3, 5, 7, ... positions (each attends to its own). 1e-4: twelve kernels
     in a row, each within TOL of its spec function (int4 GEMV sums x * (q + 8), then subtracts 8 * sum x).
-    int8/int4: 1e-2, as in test_quant: an input rounded to the other int8 level moves by 1/127 of its block's peak."""
+    int8/int4: 1e-2, as in test_quant: an input rounded to the other int8 level moves by 1/127 of its block's peak;
+    bf16 too: an input within float32 rounding of a bf16 tie rounds either way, a step of 2**-8 of it."""
     from npgpt import quant
     from npgpt.kernels import decode
 
     params = quant.quantize(tiny_params, fmt)
-    tol = 1e-2 if fmt in ("int8", "int4") else 1e-4
+    tol = 1e-2 if fmt in ("bf16", "int8", "int4") else 1e-4
     ref, fused = npgpt.Model(params, TINY), npgpt.Model(params, TINY, backend="numba")
     prompts = [rng.integers(0, TINY.n_vocab, size=(1, 3 + 2 * b)) for b in range(B)]
     caches = [ref.new_cache(batch=B), fused.new_cache(batch=B)]
@@ -199,7 +200,7 @@ def test_one_region_decode_step_equals_kernel_calls_in_any_chunks_on_any_threads
     """kernels.decode.fused_step against the same step as a kernel call each (tested against the spec in
     every format above, and run here by taking the region away): GEMVs cut into 8-row chunks (last ones
     partial) or whole, rows past 4 inputs at a time and 4x4 tiles (WIDE), on one thread (every chunk on
-    the calling thread) or two; bf16 below 4 inputs as uint32 pairs (decode.pairs), from 4 widened, with
+    the calling thread) or two; bf16 rows and inputs as uint32 pairs (matmul.bf16_rows), from 4 inputs with
     hints 2 lines ahead (matmul.STREAM_AHEAD, shortened so they land inside these small chunks; none for
     float32). Logits and the cache written. 1e-5: the same kernels, summed in the same order."""
     from npgpt import quant, weights
@@ -297,14 +298,14 @@ def test_fused_prefill_equals_the_spec(tiny_params, fmt, B, past, T, monkeypatch
     """kernels.prefill against npgpt.model.forward: T new tokens (more than decode-sized; query blocks
     shrunk to 16, so several run and the last is partial) on B rows that already hold `past` positions
     (or none, and then also with no cache at all). Logits of every position and of the last, and the keys
-    and values written. Tolerances as the fused decode step's: 1e-4 fp32/bf16 (a dozen kernels in a row,
-    each within TOL of its spec function), 1e-2 int8/int4 (an input rounded to the neighbouring int8 level)."""
+    and values written. Tolerances as the fused decode step's: 1e-4 fp32 (a dozen kernels in a row, each
+    within TOL of its spec function), 1e-2 bf16/int8/int4 (an input rounded to the neighbouring level)."""
     from npgpt import quant
     from npgpt.kernels import prefill
 
     monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
     params = quant.quantize(tiny_params, fmt)
-    tol = 1e-2 if fmt in ("int8", "int4") else 1e-4
+    tol = 1e-2 if fmt in ("bf16", "int8", "int4") else 1e-4
     ref, fused = npgpt.Model(params, TINY), npgpt.Model(params, TINY, backend="numba")
     ids = rng.integers(0, TINY.n_vocab, size=(B, past + T))
     monkeypatch.setattr(kernels, "spec_forward", None)     # the numba model must take the fused path
@@ -330,13 +331,13 @@ def test_fused_prefill_equals_the_spec(tiny_params, fmt, B, past, T, monkeypatch
 def test_fused_prefill_of_the_last_logits_runs_the_last_blocks_projection_and_mlp_on_each_rows_last_position(tiny_params, with_cache, monkeypatch):
     """last=True: the last block's c_proj, c_fc and MLP c_proj see B rows, every other product B*T; its
     c_attn still sees every position (their keys and values go into the cache). Values: the test above."""
-    from npgpt.kernels import prefill
+    from npgpt.kernels import decode, prefill
 
     fused = npgpt.Model(tiny_params, TINY, backend="numba")
     seen = []
-    for name in ("matmul_into", "matmul_rows"):
-        real = getattr(prefill, name)
-        monkeypatch.setattr(prefill, name, lambda x, w, *a, real=real, **k: seen.append((id(w), x.shape[0])) or real(x, w, *a, **k))
+    for module, name in ((prefill, "matmul_into"), (prefill, "matmul_rows"), (decode, "matmul_rows")):   # (decode.layer_tail: the last block's)
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda x, w, *a, real=real, **k: seen.append((id(w), x.shape[0])) or real(x, w, *a, **k))
     B, T = 3, 20
     ids = rng.integers(0, TINY.n_vocab, size=(B, T))
     fused.forward(ids, cache=fused.new_cache(batch=B) if with_cache else None, last=True)
@@ -388,7 +389,7 @@ def test_prefill_widened_tiles_reuse_one_buffer_per_thread_across_shapes(monkeyp
         bf = quant.to_bf16(w)
         out = np.full((rows, M), np.nan, np.float32)
         matmul.matmul_into(x, bf, out, b, matmul.BIAS)
-        assert max_rel_err(out, x @ quant.dequantize(bf).T + b) < 1e-5
+        assert max_rel_err(out, quant.round_to_bf16(x) @ quant.dequantize(bf).T + b) < 1e-5   # inputs on bf16's values, as the spec
 
 
 @pytest.mark.parametrize("m, n", [(37, 45), (16, 3), (5, 130)])   # a 16-column block and a tail, only blocks, only a tail
