@@ -347,33 +347,35 @@ def _bf16_dp(context, isa):                               # emit AVX512-BF16's v
     return isa == "native" and "+avx512bf16" in _features(context) and "+avx512vl" in _features(context)
 
 
-def _dot_bf16(inputs, isa="native"):
-    """The dot of one bf16 row with `inputs` bf16 inputs, as pairs (quant.BF16 bits viewed as uint32)."""
+def _dot_bf16(inputs, isa="native", rows=1):
+    """The dots of `rows` bf16 rows with `inputs` bf16 inputs, as pairs (quant.BF16 bits viewed as uint32)."""
 
     @intrinsic
     def dot(typingctx, w, m, x, n, ahead):
-        """Row m of w [M, K/2] against rows n .. n + inputs - 1 of x [N, K/2] (both uint32, each holding
-        elements 2i (low half) and 2i + 1 (high half) of a bf16 row), over the whole runs of 8 pairs
-        (the caller adds the last K/2 % 8 pairs): one float32 per input, the products exact and summed
-        in float32. With AVX512-BF16, vdpbf16ps: 16 products of bf16 pairs added into 8 float32 lanes,
+        """Rows m .. m + rows - 1 of w [M, K/2] against rows n .. n + inputs - 1 of x [N, K/2] (both
+        uint32, each holding elements 2i (low half) and 2i + 1 (high half) of a bf16 row), over the whole
+        runs of 8 pairs (the caller adds the last K/2 % 8 pairs): one float32 per (row, input), row by row,
+        the products exact and summed in float32. A tile of 4 rows by 4 inputs (prefill) loads each
+        weight run and input run once for 4 dots. With AVX512-BF16, vdpbf16ps: 16 products of bf16 pairs added into 8 float32 lanes,
         one instruction per run and input (widening the weights and FMA-ing four inputs, as float_rows
         does, took 5 instructions for 8 products per input: 1.4-2x slower from 4 inputs). Else the same
         sums in plain IR (`u << 16` and `u & 0xFFFF0000` are both halves' float32 bits). ahead: > 0, a
         hint per cache line that w's data this many bytes on will be read (into L2)."""
         if not (_c_array(w, 2) and _c_array(x, 2) and w.dtype == types.uint32 and x.dtype == types.uint32):
             return None
-        sig = types.UniTuple(types.float32, inputs)(w, types.intp, x, types.intp, types.intp)
+        sig = types.UniTuple(types.float32, rows * inputs)(w, types.intp, x, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
             w, m, x, n, ahead = args
             t = signature.args
             i32, f32 = _vector(32, 8), _vector(0, 8)
-            row = _row(builder, context, t[0], w, m, ir.IntType(32))
-            xs = [_row(builder, context, t[2], x, builder.add(n, ir.Constant(n.type, r)), ir.IntType(32)) for r in range(inputs)]
+            ws = [_row(builder, context, t[0], w, builder.add(m, ir.Constant(m.type, r)), ir.IntType(32)) for r in range(rows)]
+            xs = [_row(builder, context, t[2], x, builder.add(n, ir.Constant(n.type, i)), ir.IntType(32)) for i in range(inputs)]
+            row = ws[0]
             half = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, w).shape)[1]   # K/2
             const = lambda v: ir.Constant(half.type, v)
-            chains = 2 if inputs >= 4 else 4                 # accumulators per input: vdpbf16ps waits on its sum
-            accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(chains)] for _ in range(inputs)]
+            chains = max(1, 8 // (rows * inputs))           # accumulators per dot: vdpbf16ps waits on its sum
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(chains)] for _ in range(rows * inputs)]
             dp = _bf16_dp(context, isa)
             vdpbf16ps = ir.InlineAsm(ir.FunctionType(f32, [f32, i32, i32]), "vdpbf16ps $3, $2, $0", "=v,0,v,v")
             load = lambda p, at: builder.load(builder.bitcast(builder.gep(p, [at]), i32.as_pointer()), align=4)
@@ -390,16 +392,19 @@ def _dot_bf16(inputs, isa="native"):
                     with builder.if_then(hint):
                         line = builder.gep(builder.bitcast(builder.gep(row, [at]), ir.IntType(8).as_pointer()), [ahead])
                         _x86(builder, "llvm.prefetch.p0", ir.VoidType(), line, ir.Constant(i32s, 0), ir.Constant(i32s, 2), ir.Constant(i32s, 1))
-                u = load(row, at)
-                wl, wh = (None, None) if dp else halves(u)
-                for xr, acc in zip(xs, accs):
-                    v, a = load(xr, at), acc[c]
-                    if dp:
-                        builder.store(builder.call(vdpbf16ps, [builder.load(a), u, v]), a)
-                    else:
-                        xl, xh = halves(v)             # two FMAs (the flags let LLVM contract each multiply and add)
-                        even = builder.fadd(builder.load(a), builder.fmul(wl, xl, flags=FMA), flags=FMA)
-                        builder.store(builder.fadd(even, builder.fmul(wh, xh, flags=FMA), flags=FMA), a)
+                us = [load(wr, at) for wr in ws]
+                wides = [halves(u) for u in us] if not dp else None
+                for i, xr in enumerate(xs):
+                    v = load(xr, at)
+                    xl, xh = (None, None) if dp else halves(v)
+                    for r in range(rows):
+                        a = accs[r * inputs + i][c]
+                        if dp:
+                            builder.store(builder.call(vdpbf16ps, [builder.load(a), us[r], v]), a)
+                        else:                          # two FMAs (the flags let LLVM contract each multiply and add)
+                            wl, wh = wides[r]
+                            even = builder.fadd(builder.load(a), builder.fmul(wl, xl, flags=FMA), flags=FMA)
+                            builder.store(builder.fadd(even, builder.fmul(wh, xh, flags=FMA), flags=FMA), a)
 
             runs = builder.udiv(half, const(8))
             with cgutils.for_range(builder, builder.udiv(runs, const(chains))) as loop:
@@ -422,8 +427,8 @@ def _dot_bf16(inputs, isa="native"):
     return dot
 
 
-dot_bf16, dot_bf16x4 = _dot_bf16(1), _dot_bf16(4)
-dot_bf16_isa = {isa: (_dot_bf16(1, isa), _dot_bf16(4, isa)) for isa in ("native", "generic")}   # for tests: each path on this CPU
+dot_bf16, dot_bf16x4, dot_bf16_4x4 = _dot_bf16(1), _dot_bf16(4), _dot_bf16(4, rows=4)
+dot_bf16_isa = {isa: (_dot_bf16(1, isa), _dot_bf16(4, isa), _dot_bf16(4, isa, rows=4)) for isa in ("native", "generic")}   # for tests: each path
 dot_q8, dot_q8x4, dot_q4, dot_q4x4 = _dot_group("int8"), _dot_group("int8", 4), _dot_group("int4"), _dot_group("int4", 4)
 dot_q8_isa = {isa: _dot_group("int8", isa=isa) for isa in ISAS}   # for tests: each instruction path on this CPU
 dot_q4_isa = {isa: _dot_group("int4", isa=isa) for isa in ISAS}

@@ -2,10 +2,8 @@
 see kernels.prepare): decode streams the rows once on every core, four rows against four inputs at a
 time when a batch has four or more (bf16: a row against four bf16 inputs, as pairs; int8 and int4: a group
 of 8 rows against each input, in integers);
-prefill gives each core a band of output columns: a single-threaded sgemm on float32 (and on bf16
-widened from 1024 input rows), decode's own tiles and integer dots on the rest."""
-
-import threading
+prefill gives each core a band of output columns: a single-threaded sgemm on float32, 4x4 tiles of bf16
+pairs and integer dots on the rest."""
 
 import numba
 import numpy as np
@@ -15,7 +13,7 @@ from numba.extending import overload
 from .. import quant
 
 from .activation import _gelu
-from .jit import (DECODE_ROWS, GROUP, bands, bits_of_f32, dot_bf16, dot_bf16x4, dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits,
+from .jit import (DECODE_ROWS, GROUP, bands, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4, dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits,
                   inline, parallel, prefetch_l2, rint, serial)
 
 
@@ -88,25 +86,17 @@ def _bf16_of(v):                                           # float32 -> its bf16
 
 
 @serial
-def bf16_bits(x):                                          # float32 [N, K] -> uint16 [N, K], each value's bf16 (as quant.round_to_bf16)
-    """Also called inside kernels.decode's region, by each thread for its own copy."""
-    out = np.empty(x.shape, np.uint16)
+def bf16_bits_into(x, out):                                # float32 [N, K] -> out uint16 [N, K], each value's bf16 (as quant.round_to_bf16)
     for n in range(x.shape[0]):
         for k in range(x.shape[1]):
             out[n, k] = _bf16_of(x[n, k])
-    return out
 
 
 @serial
-def round_bf16_into(x, out):                               # float32 [N, K] -> out [N, K]: each value rounded to bf16 (in float32)
-    for n in range(x.shape[0]):
-        for k in range(x.shape[1]):
-            out[n, k] = f32_from_bits(np.uint32(_bf16_of(x[n, k])) << np.uint32(16))
-
-
-def round_bf16(x):                                         # [N, K] -> a new [N, K] rounded to bf16, bands of rows on every core
-    out = np.empty(x.shape, np.float32)
-    bands(lambda r: round_bf16_into(x[r], out[r]), x.shape[0])
+def bf16_bits(x):                                          # float32 [N, K] -> a new uint16 [N, K] (bf16_bits_into)
+    """Also called inside kernels.decode's region, by each thread for its own copy."""
+    out = np.empty(x.shape, np.uint16)
+    bf16_bits_into(x, out)
     return out
 
 
@@ -250,6 +240,40 @@ def gemv(x, w, b, gelu):                                   # [N, K] x [M, K] row
     return out
 
 
+@inline
+def _bf16_tail(xb, w, n, m, k0):                           # the products of xb[n] and w[m] from input k0 on, widened
+    s = np.float32(0.0)
+    for k in range(k0, xb.shape[1]):
+        s += widen(xb, n, k) * widen(w, m, k)
+    return s
+
+
+@inline
+def bf16_tiles(xb, w, out, m0, m1):                        # out[:, m0:m1] = xb . w[m0:m1]^T, both bf16 bits: 4x4 tiles (prefill)
+    """4 rows against 4 inputs at a time (jit.dot_bf16_4x4: each run of pairs loaded once for 4 dots);
+    what tiles do not cover (the last N % 4 inputs, M % 4 rows) and K odd: bf16_rows."""
+    N, K = xb.shape
+    if K % 2 == 1:
+        bf16_rows(xb, w, out, m0, m1)
+        return
+    xp, wp = xb.view(np.uint32), w.view(np.uint32)
+    tail = K // 16 * 16
+    m = m0
+    while m + 4 <= m1:
+        n = 0
+        while n + 4 <= N:
+            t = dot_bf16_4x4(wp, m, xp, n, 0)
+            for r in range(4):
+                for i in range(4):
+                    out[n + i, m + r] = t[4 * r + i] if tail == K else t[4 * r + i] + _bf16_tail(xb, w, n + i, m + r, tail)
+            n += 4
+        if n < N:
+            bf16_rows(xb[n:], w, out[n:], m, m + 4)
+        m += 4
+    if m < m1:
+        bf16_rows(xb, w, out, m, m1)
+
+
 @parallel
 def gemv_bf16(xb, w, b, gelu):                             # bf16 inputs and rows (bits: bf16_bits, quant.BF16) (+ b) -> [N, M]
     """A weight row a task, against every input (bf16_rows)."""
@@ -364,14 +388,16 @@ def gemv_q4(x, bits, packed, scale, M, b, gelu):           # [N, K] (and its uin
     return _gemv_groups(x, bits, packed, scale, M, b, gelu, scale.shape[1] // GROUP, 8, dot_q4, dot_q4x4)
 
 
-# Prefill's bf16 (below TILES_BELOW input rows), int8 and int4 products run decode's kernels: float_rows' 4x4
-# tiles, and the integer dots of a group of 8 rows against 4 inputs. Each band writes its rows of the
+# Prefill's bf16, int8 and int4 products run decode's kernels: 4x4 tiles of bf16 pairs (vdpbf16ps), and the
+# integer dots of a group of 8 rows against 4 inputs. Each band writes its rows of the
 # product transposed, yt [M, N] (transposed_view), read back by finish_band: a tile's or a group's rows of
 # yt are whole lines, where its columns of out [N, M] sit a row apart (at M = 3072, a row is 12 KiB, and
 # every one fell in the same set of L1: c_fc ran at half speed). Against widening tiles of rows for sgemm,
-# measured on 2 cores at N = 128 and 512: int8/int4 1.3-2.4x on every GPT-2 124M shape; bf16 0.9-1.4x by
-# shape, 1.07-1.23x on the model's pp128 and pp512, 0.93x at 2048 rows (where the tiles stream x from L3).
-TILES_BELOW = 1024                                         # bf16 prefill on tiles below this many input rows, else widened for sgemm
+# measured on 2 cores at N = 128 and 512: int8/int4 1.3-2.4x on every GPT-2 124M shape. bf16: float32 4x4
+# tiles (widening each weight) ran the model's pp128 and pp512 1.07-1.23x the widened sgemm but 0.93x at
+# 2048 rows, so from 1024 rows it widened for sgemm; the bf16 tiles on vdpbf16ps ran 1.19x and 1.38x the
+# float32 tiles at pp128 and pp512, and 1.16x, 1.14x, 1.17x the widened sgemm at 4 x 512, 2 x 1024 and
+# 8 x 512 rows (alternating in one process), so bf16 prefill runs on them at every size.
 # A band's inputs in blocks of TILE_INPUT_BYTES (in L2), its rows in chunks of TILE_WEIGHT_BYTES, each chunk against every
 # input of a block. Against widening for sgemm, on the model at 128 and 2048 input rows: 512 KiB and 64 KiB 1.23x and
 # 0.93x; 256 KiB both 1.16x and 0.87x (rows outer: 0.84x at 2048); whole inputs and rows ~1.0x at 128 rows.
@@ -379,24 +405,26 @@ TILE_INPUT_BYTES, TILE_WEIGHT_BYTES = 512 << 10, 64 << 10
 
 
 @serial
-def _float_band(x, w, m0, m1, out, nb, mb):                # out[:, m0:m1] = x . w[m0:m1]^T, blocks of nb inputs, chunks of mb rows
-    """out: the transposed product's view (yt.T). Inputs outer: a block of x stays in L2 while the band's
+def _bf16_band(xb, w, m0, m1, out, nb, mb):                # out[:, m0:m1] = xb . w[m0:m1]^T, blocks of nb inputs, chunks of mb rows
+    """out: the transposed product's view (yt.T). Inputs outer: a block of xb stays in L2 while the band's
     rows stream past it."""
-    N = x.shape[0]
+    N = xb.shape[0]
     for n0 in range(0, N, nb):
         n1 = min(n0 + nb, N)
         for c0 in range(m0, m1, mb):
-            float_rows(x[n0:n1], w, out[n0:n1], c0, min(c0 + mb, m1))
+            bf16_tiles(xb[n0:n1], w, out[n0:n1], c0, min(c0 + mb, m1))
 
 
-def _tiled_product(x, w, out, b, then, scratch):           # matmul_into for bf16 rows on float_rows' tiles
+def _tiled_product(x, w, out, b, then, scratch):           # matmul_into for bf16 rows on 4x4 tiles of bf16 pairs
     N, K = x.shape
+    xb = np.empty((N, K), np.uint16)                       # the inputs' bf16 bits, bands of rows on every core
+    bands(lambda r: bf16_bits_into(x[r], xb[r]), N)
     yt, rows = transposed_view(scratch, w.shape[0], N), w.bits
     nb = max(4, TILE_INPUT_BYTES // (4 * K) // 4 * 4)
     mb = max(4, TILE_WEIGHT_BYTES // (rows.itemsize * K) // 4 * 4)
 
     def band(cols):
-        _float_band(x, rows, cols.start, cols.stop, yt.T, nb, mb)
+        _bf16_band(xb, rows, cols.start, cols.stop, yt.T, nb, mb)
         finish_band(yt[cols], b[cols], then, out, cols.start, True)
     bands(band, w.shape[0], inline_upto=1)
 
@@ -441,13 +469,6 @@ def _integer_product(x, w, out, b, then, scratch):         # matmul_into for qua
     bands(band, w.packed.shape[0], inline_upto=1)
 
 
-@serial
-def widen_tile(bits, out):                                 # bf16 bits [m, K] -> out float32 [m, K]
-    for m in range(bits.shape[0]):
-        for k in range(bits.shape[1]):
-            out[m, k] = widen(bits, m, k)
-
-
 @parallel
 def _transpose_into(a, out):                               # [R, C] -> out [C, R]
     R, C = a.shape
@@ -474,12 +495,6 @@ def transpose(a):                                          # [R, C] -> [C, R], c
     out = np.empty(a.shape[::-1], dtype=a.dtype)
     _transpose_into(a, out)
     return out
-
-
-# bf16 rows widened at a time for sgemm (from TILES_BELOW input rows): twice as many as x has rows (each sgemm call packs all of x
-# again: at 2048 rows of x, 256-row tiles cost bf16 ~8%), at least 256 (a small tile stays in L2: at 128 rows
-# of x, 2048-row tiles cost ~4%), at most 6 MiB of float32. Interleaved in one process, medians of 7.
-PREFILL_TILE_ROWS, PREFILL_TILE_BYTES = 256, 6 << 20
 
 
 def matmul_rows(x, w, b=None, gelu=False):                 # [..., K] x [M, K] rows (+ [M]) -> [..., M], GELU'd if gelu
@@ -528,10 +543,8 @@ def matmul_into(x, w, out, b, then=BIAS, scratch=None):   # x [N, K] . w rows [M
     scratch = np.empty(scratch_size(N, M), np.float32) if scratch is None else scratch
     if isinstance(w, (quant.Int8Rows, quant.Int4Rows)):
         return _integer_product(x, w, out, b, then, scratch)
-    if isinstance(w, quant.BF16):
-        x = round_bf16(x)                                  # inputs on bf16's values, as the spec
-        if N < TILES_BELOW:
-            return _tiled_product(x, w, out, b, then, scratch)
+    if isinstance(w, quant.BF16):                          # (inputs on bf16's values, as the spec)
+        return _tiled_product(x, w, out, b, then, scratch)
     bands(lambda cols: _gemm_band(x, w, b, then, out, cols, scratch), M, inline_upto=1)
 
 
@@ -622,31 +635,8 @@ def _product(x, rows, b, then, out, c0, scratch, transposed=False):   # out's co
     finish_band(y, b, then, out, c0, False)
 
 
-_TILES = threading.local()
-
-
-def _tile(size):                                           # this thread's float32 buffer of `size` elements, kept between calls
-    """Where a band's widened rows go: a fresh array per band and product meant fresh pages to fault
-    in each time (up to PREFILL_TILE_BYTES); each thread that runs bands keeps one, the largest it needed."""
-    buf = getattr(_TILES, "buf", None)
-    if buf is None or buf.size < size:
-        buf = _TILES.buf = np.empty(size, np.float32)
-    return buf[:size]
-
-
-def _gemm_band(x, w, b, then, out, cols, scratch):         # out's columns `cols` from x [N, K] . w[cols]^T + b[cols]
-    """bf16 rows (from TILES_BELOW input rows) are widened one tile at a time (PREFILL_TILE_ROWS), so no float32
-    copy of W exists."""
-    if isinstance(w, np.ndarray):
-        _product(x, w[cols], b[cols], then, out, cols.start, scratch, transposed=True)
-    else:
-        step = max(1, min(PREFILL_TILE_BYTES // (4 * x.shape[1]), max(PREFILL_TILE_ROWS, 2 * x.shape[0])))
-        tile = _tile(min(step, cols.stop - cols.start) * x.shape[1]).reshape(-1, x.shape[1])
-        for t0 in range(cols.start, cols.stop, step):
-            t1 = min(t0 + step, cols.stop)
-            part = tile[: t1 - t0]
-            widen_tile(w.bits[t0:t1], part)
-            _product(x, part, b[t0:t1], then, out, t0, scratch)
+def _gemm_band(x, w, b, then, out, cols, scratch):         # out's columns `cols` from x [N, K] . w[cols]^T + b[cols] (float32 rows)
+    _product(x, w[cols], b[cols], then, out, cols.start, scratch, transposed=True)
 
 
 # int8 (quant.Int8Rows) and int4 (quant.Int4Rows): rows interleaved in groups of 8, so one 32-byte load holds

@@ -378,20 +378,6 @@ def test_prefill_product_on_bands_equals_the_spec(rows, then):
     assert max_rel_err(out, want) < 1e-5
 
 
-def test_prefill_widened_tiles_reuse_one_buffer_per_thread_across_shapes(monkeypatch):
-    """bf16 rows widened into a buffer each thread keeps (matmul._tile; from TILES_BELOW input rows, 0
-    here): products of other widths and lengths in turn, larger and smaller than the last, each equal to
-    the same product on the widened weights (1e-5: sgemm's order of sums)."""
-    from npgpt import quant
-    monkeypatch.setattr(matmul, "TILES_BELOW", 0)
-    for rows, K, M in [(20, 300, 70), (40, 37, 500), (300, 400, 600), (20, 300, 70), (130, 64, 9)]:   # grows at the third
-        x, w, b = randn(rows, K), randn(M, K), randn(M)
-        bf = quant.to_bf16(w)
-        out = np.full((rows, M), np.nan, np.float32)
-        matmul.matmul_into(x, bf, out, b, matmul.BIAS)
-        assert max_rel_err(out, quant.round_to_bf16(x) @ quant.dequantize(bf).T + b) < 1e-5   # inputs on bf16's values, as the spec
-
-
 @pytest.mark.parametrize("m, n", [(37, 45), (16, 3), (5, 130)])   # a 16-column block and a tail, only blocks, only a tail
 @pytest.mark.parametrize("transposed", [False, True])
 def test_prefill_finish_writes_only_its_band_and_equals_numpy(m, n, transposed):

@@ -22,7 +22,7 @@ IDS = rng.integers(0, TINY.n_vocab, size=(2, 29))
 
 
 def test_bf16_inputs_round_to_nearest_even_in_the_spec_and_the_kernels():
-    """A bf16 matmul's inputs (quant.round_to_bf16, matmul.bf16_bits and round_bf16_into): ties to even,
+    """A bf16 matmul's inputs (quant.round_to_bf16, matmul.bf16_bits): ties to even,
     inf stays inf, a NaN stays a NaN, the largest finite float rounds up to inf (as to_bf16)."""
     big = np.float32(np.finfo(np.float32).max)
     x = np.array([[1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-9), np.inf, -np.inf, np.nan, big, 0.0, -0.0]], np.float32)
@@ -32,12 +32,8 @@ def test_bf16_inputs_round_to_nearest_even_in_the_spec_and_the_kernels():
     bits = matmul.bf16_bits(x)
     assert bits.dtype == np.uint16
     np.testing.assert_array_equal((bits.astype(np.uint32) << 16).view(np.float32), spec_x)
-    out = np.empty_like(x)
-    matmul.round_bf16_into(x, out)
-    np.testing.assert_array_equal(out, spec_x)
     r = rng.standard_normal((5, 333), dtype=np.float32)
     np.testing.assert_array_equal(matmul.bf16_bits(r), quant.to_bf16(r).bits)
-    np.testing.assert_array_equal(matmul.round_bf16(r), quant.round_to_bf16(r))
 
 
 @functools.cache
@@ -48,22 +44,26 @@ def _caller(dot):                                          # a compiled function
 @pytest.mark.parametrize("isa", ["native", "generic"])
 @pytest.mark.parametrize("runs", [1, 3, 8, 13])              # runs of 8 pairs: fewer and more than the 2 or 4 accumulators
 def test_bf16_dot_on_every_instruction_path(isa, runs):
-    """jit.dot_bf16 (one input) and dot_bf16x4 (four) on each path this CPU has (native: vdpbf16ps with
-    AVX512-BF16, else the plain IR; generic: always the plain IR) against float64 sums of the same bf16
-    values, rows and inputs at offsets: 1e-6 relative to the sum of |products| (float32 sums)."""
+    """jit.dot_bf16 (one input), dot_bf16x4 (four) and dot_bf16_4x4 (four rows by four inputs) on each
+    path this CPU has (native: vdpbf16ps with AVX512-BF16, else the plain IR; generic: always the plain
+    IR) against float64 sums of the same bf16 values, rows and inputs at offsets: 1e-6 relative to the
+    sum of |products| (float32 sums)."""
     from npgpt.kernels import jit
-    one, four = jit.dot_bf16_isa[isa]
+    one, four, tile = jit.dot_bf16_isa[isa]
     K = 16 * runs
-    w, x = quant.to_bf16(rng.standard_normal((3, K), dtype=np.float32)).bits, quant.to_bf16(rng.standard_normal((6, K), dtype=np.float32)).bits
+    w, x = quant.to_bf16(rng.standard_normal((6, K), dtype=np.float32)).bits, quant.to_bf16(rng.standard_normal((6, K), dtype=np.float32)).bits
     wide = lambda b: (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    products = wide(x)[:, None, :] * wide(w)[None, :, :]   # [6, 3, K]
+    products = wide(x)[:, None, :] * wide(w)[None, :, :]   # [6 inputs, 6 rows, K]
     want, scale = products.sum(-1), np.abs(products).sum(-1)
     wp, xp = w.view(np.uint32), x.view(np.uint32)
+    close = lambda got, n, m: abs(got - want[n, m]) <= 1e-6 * scale[n, m]
     for m in range(3):
         for ahead in (0, 256):
-            assert abs(_caller(one)(wp, m, xp, 5, ahead)[0] - want[5, m]) <= 1e-6 * scale[5, m]
+            assert close(_caller(one)(wp, m, xp, 5, ahead)[0], 5, m)
             got = _caller(four)(wp, m, xp, 1, ahead)
-            assert all(abs(got[i] - want[1 + i, m]) <= 1e-6 * scale[1 + i, m] for i in range(4))
+            assert all(close(got[i], 1 + i, m) for i in range(4))
+        got = _caller(tile)(wp, m, xp, 2, 0)               # row by row: rows m .. m + 3, inputs 2 .. 5
+        assert all(close(got[4 * r + i], 2 + i, m + r) for r in range(4) for i in range(4))
 
 
 def test_bf16_keeps_upper_half_rounded_to_nearest_even():
@@ -80,14 +80,6 @@ def test_int8_is_symmetric_per_output_channel(axis, shape):
     assert q.q.dtype == np.int8 and np.abs(q.q.astype(int)).max() == 127
     assert q.scale.shape == ((1, shape[1]) if axis == 1 else (shape[0], 1))
     assert np.all(np.abs(quant.dequantize(q) - w) <= q.scale / 2 * (1 + 1e-6))   # rounding error only
-
-
-@pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (64, 33)])
-def test_prefill_widening_gives_exactly_the_reference_values(n_out, n_in):
-    w = quant.to_bf16(rng.standard_normal((n_out, n_in), dtype=np.float32))
-    out = np.empty(w.shape, np.float32)
-    matmul.widen_tile(w.bits, out)
-    assert np.array_equal(out, quant.dequantize(w))
 
 
 @pytest.mark.parametrize("n_out, n_in", [(37, 60), (130, 96), (1, 1), (16, 128)])   # partial groups and blocks, whole ones
@@ -251,19 +243,6 @@ def test_linear_with_gelu_equals_the_spec(fmt, rows):
     layer = kernels.transpose_linear({"weight": w, "bias": b})
     assert max_rel_err(matmul.matmul_rows(x, layer["weight_t"], b, gelu=True), spec.gelu(spec.linear(x, w, b))) < 1e-5
     assert max_rel_err(matmul.matmul_rows(x, layer["weight_t"], None, gelu=True), spec.gelu(spec.linear(x, w, np.zeros(301, np.float32)))) < 1e-5
-
-
-def test_prefill_widens_bf16_rows_tile_by_tile(monkeypatch):
-    """From TILES_BELOW input rows (set to 0 here) bf16 rows are widened for sgemm in tiles: of 50 rows
-    here (by default at least 256), several per band and a partial last one, each widened into the same
-    buffer before its sgemm."""
-    monkeypatch.setattr(matmul, "TILES_BELOW", 0)
-    monkeypatch.setattr(matmul, "PREFILL_TILE_ROWS", 50)
-    monkeypatch.setattr(matmul, "PREFILL_TILE_BYTES", 4 * 180 * 50)
-    x, b = rng.standard_normal((40, 180), dtype=np.float32), rng.standard_normal(301, dtype=np.float32)
-    w = quant.to_bf16(rng.standard_normal((180, 301), dtype=np.float32) * np.float32(0.1))
-    got = matmul.linear(x, **kernels.transpose_linear({"weight": w, "bias": b}))
-    assert max_rel_err(got, spec.linear(x, w, b)) < 1e-5
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
