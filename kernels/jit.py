@@ -12,6 +12,7 @@ LayerNorm kernel 30x slower right after a multi-threaded sgemm).
 """
 
 import contextlib
+import hashlib
 import os
 import sys
 import tempfile
@@ -56,9 +57,44 @@ def choose_cache_dir(package_dir, env=os.environ):
     return None
 
 
-_cache_dir = choose_cache_dir(os.path.dirname(os.path.abspath(__file__)))
+def drop_stale_caches(package_dir):
+    """numba checks a cached function against its own source file only, so a kernel it compiled with
+    code inlined from another file (kernels.decode's region holds matmul's and jit's) stays as it was
+    when only that other file changes: after a `git pull` in an editable install, old math, silently.
+    So the caches beside the kernels (their __pycache__) are dropped whenever any kernels/*.py differs
+    from what they were compiled from (a hash kept beside them). (An installed upgrade rewrites every
+    file, which numba catches itself.) Returns whether the stamp was (re)written."""
+    cache = os.path.join(package_dir, "__pycache__")
+    digest = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(package_dir) if n.endswith(".py")):
+        with open(os.path.join(package_dir, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read())
+    stamp, path = digest.hexdigest(), os.path.join(cache, "npgpt-kernels.sha256")
+    try:
+        with open(path) as f:
+            if f.read() == stamp:
+                return False
+    except OSError:
+        pass
+    try:
+        os.makedirs(cache, exist_ok=True)                  # (a fresh checkout: the stamp before numba's first cache)
+        for name in os.listdir(cache):
+            if name.endswith((".nbi", ".nbc")):
+                os.remove(os.path.join(cache, name))
+        with tempfile.NamedTemporaryFile("w", dir=cache, delete=False) as f:
+            f.write(stamp)
+        os.replace(f.name, path)
+    except OSError:                                        # not ours to change
+        return False
+    return True
+
+
+_package_dir = os.path.dirname(os.path.abspath(__file__))
+_cache_dir = choose_cache_dir(_package_dir)
 if _cache_dir:                                            # an installed, read-only package: cache=True would fail at import
     numba.config.CACHE_DIR = _cache_dir
+elif not os.environ.get("NUMBA_CACHE_DIR"):               # numba caches beside the kernels
+    drop_stale_caches(_package_dir)
 
 # nogil on parallel kernels too: while the model runs, other Python threads (a server's event loop) run
 parallel = numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)

@@ -159,6 +159,27 @@ def test_numba_cache_dir_falls_back_when_package_is_read_only(tmp_path, monkeypa
     assert choose_cache_dir(str(tmp_path), env={}) is None
 
 
+def test_kernel_caches_are_dropped_when_any_kernel_source_changes(tmp_path):
+    """numba checks a cached kernel against its own file only; jit.drop_stale_caches drops every numba
+    cache file beside the kernels when any kernels/*.py changes (a kernel inlined from another file),
+    and only then; other files stay."""
+    from npgpt.kernels.jit import drop_stale_caches
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    cache = tmp_path / "__pycache__"
+    assert drop_stale_caches(str(tmp_path)) and [p.name for p in cache.iterdir()] == ["npgpt-kernels.sha256"]   # a fresh checkout
+    (cache / "npgpt-kernels.sha256").unlink()
+    fill = lambda: [(cache / n).write_text("") for n in ("a.f-3.py311.nbi", "a.f-3.py311.1.nbc", "a.cpython-311.pyc")]
+    fill()
+    assert drop_stale_caches(str(tmp_path))               # no record of the sources: dropped
+    assert sorted(p.name for p in cache.iterdir()) == ["a.cpython-311.pyc", "npgpt-kernels.sha256"]
+    fill()
+    assert not drop_stale_caches(str(tmp_path)) and len(list(cache.glob("*.nb?"))) == 2   # the same sources: kept
+    (tmp_path / "b.py").write_text("y = 3\n")             # another file than the cached function's
+    assert drop_stale_caches(str(tmp_path)) and not list(cache.glob("*.nb?"))
+
+
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("B", [1, 3, 5])
 def test_fused_decode_step_equals_the_spec_on_rows_of_different_lengths(tiny_params, fmt, B, monkeypatch):
