@@ -104,15 +104,16 @@ def weight_rows(xd, w, out, m0, m1, ahead):                # out[:, m0:m1] = xd 
 
 @overload(weight_rows)
 def _weight_rows(xd, w, out, m0, m1, ahead):
-    """bf16: matmul.bf16_rows (both bf16); float32: matmul.float_rows."""
+    """bf16: matmul.bf16_rows (both bf16), hinting `ahead` bytes on; float32: matmul.float_rows (no hints:
+    see matmul.STREAM_AHEAD)."""
     if w.dtype == types.uint16:
         return lambda xd, w, out, m0, m1, ahead: bf16_rows(xd, w, out, m0, m1, ahead)
-    return lambda xd, w, out, m0, m1, ahead: float_rows(xd, w, out, m0, m1, ahead)
+    return lambda xd, w, out, m0, m1, ahead: float_rows(xd, w, out, m0, m1)
 
 
 @inline
 def _gemv_chunk(xd, w, b, out, c, R, then, stream, ahead):   # chunk c (R rows) of out = x . w^T + b, then: BIAS, GELU or RESIDUAL (into stream)
-    """xd: the inputs from region_inputs; ahead: the hint distance (bytes) of float_rows and bf16_rows."""
+    """xd: the inputs from region_inputs; ahead: bf16_rows' hint distance (bytes)."""
     m0, m1 = c * R, min(c * R + R, w.shape[0])
     weight_rows(xd, w, out, m0, m1, ahead)
     for m in range(m0, m1):
@@ -191,7 +192,7 @@ def _step_worker(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, 
 def fused_step(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, ahead=0):   # x [B, C] (the stream, in place) -> bufs' logits [B, V]
     """layers: per layer (ln_1 w, b, c_attn w rows, b, attn c_proj w rows, b, ln_2 w, b, c_fc w rows, b,
     mlp c_proj w rows, b, cache keys, values); bufs: scratch (h, a [B, C], qkv [B, 3C], g [B, 4C], y [B, C])
-    and the logits [B, V]; ahead: float_rows' hint distance in bytes. Every kernel's chunks, then a barrier, on
+    and the logits [B, V]; ahead: bf16_rows' hint distance in bytes. Every kernel's chunks, then a barrier, on
     all threads. (A numba parallel region cannot take tuples of arrays: the workers run nogil on the pool's
     Python threads, jit.team.)"""
     sync = np.zeros(2 * LINE * (7 * len(layers) + 2), dtype=np.int64)   # per kernel: chunks claimed, chunks done

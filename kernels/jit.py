@@ -152,18 +152,9 @@ def _c_array(a, ndim):
 
 @intrinsic
 def prefetch4(typingctx, a, i, j, l, m):                   # a hint that a[i, j, l, m] will be read soon (no fault, no result)
-    """(Weight rows are hinted only where it measured faster: bf16 from 4 inputs, into L2, prefetch_l2 and
-    matmul.STREAM_AHEAD. Elsewhere the hardware's own prefetchers stream them, and hints measured slower.)"""
+    """(Weight rows are hinted only where it measured faster: bf16 from 4 inputs, into L2, dot_bf16's `ahead`
+    and matmul.STREAM_AHEAD. Elsewhere the hardware's own prefetchers stream them, and hints measured slower.)"""
     return (types.void(a, *[types.intp] * 4), _prefetch_into(3)) if _c_array(a, 4) else None
-
-
-@intrinsic
-def prefetch_l2(typingctx, a, i, j):                       # a hint that a[i, j] (j may run past the row: see _prefetch_into) will be read
-    """Into L2, for a GEMV that streams weight rows against 4 or more inputs (see matmul.float_rows)."""
-    if not (isinstance(a, types.Array) and a.ndim == 2):
-        return None
-    nothing = lambda context, builder, signature, args: context.get_dummy_value()   # not C-contiguous: no hint
-    return types.void(a, types.intp, types.intp), _prefetch_into(2) if a.layout == "C" else nothing
 
 
 def _slot(context, builder, signature, args):            # pointer to args[0][args[1]] (a 1-D int64 array)

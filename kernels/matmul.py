@@ -14,7 +14,7 @@ from .. import quant
 
 from .activation import _gelu
 from .jit import (DECODE_ROWS, GROUP, bands, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4, dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits,
-                  inline, parallel, prefetch_l2, rint, serial)
+                  inline, parallel, rint, serial)
 
 
 def widen(w, m, k):                                        # stored weight element -> float32 (numba-only; see overload)
@@ -174,34 +174,24 @@ def row_tasks(N, K):                                       # does the float GEMV
 
 # From 4 inputs a streamed bf16 GEMV computes about as long as it reads, and the hardware's prefetchers, which
 # run a few lines ahead, leave each core waiting on memory, then computing: a hint per line, this many bytes
-# ahead and into L2, overlaps the two. Measured on 2 cores, 4 inputs, alternating in one process: 12 matrices
-# 2304x768 or 3072x768 streamed from memory (each core half of each) 1.2-1.7x (once 0.97x); the decode step at
-# batch 4 (kernels.decode, chunks of CHUNK_BYTES, no hint past a chunk's end) bf16 1.02-1.07x at 8-16 KiB ahead, but
-# float32 0.91-0.95x at 4-32 KiB (twice the bytes for the same FMAs: it waits on memory either way, and the
-# hints, a guess, only add to the queue), so float32 gets none. Into L1, or past a chunk's end (into the other
-# core's rows), measured worse.
+# ahead and into L2 (jit.dot_bf16's `ahead`), overlaps the two. Measured on 2 cores, 4 inputs, alternating in one
+# process, when bf16 rows still met float32 inputs: 12 matrices 2304x768 or 3072x768 streamed from memory (each core
+# half of each) 1.2-1.7x (once 0.97x); the decode step at batch 4 (kernels.decode, chunks of CHUNK_BYTES, no hint
+# past a chunk's end) bf16 1.02-1.07x at 8-16 KiB ahead, but float32 0.91-0.95x at 4-32 KiB (twice the bytes for
+# the same FMAs: it waits on memory either way, and the hints, a guess, only add to the queue), so float32 gets
+# none. Into L1, or past a chunk's end (into the other core's rows), measured worse. On bf16 pairs (vdpbf16ps) a
+# lone GEMV against 4 inputs ran 1.17x without hints, 1.41-1.46x with them at 4-8 KiB (against the float32-input
+# kernel with its hints).
 STREAM_AHEAD = 8 << 10
 
 
 @inline
-def _ahead(w, m, end, ahead):                              # hint the lines `ahead` elements past row m of w into L2, short of row `end`
-    K = w.shape[1]
-    for k in range(0, min(K, (end - m) * K - ahead), 64 // w.itemsize):
-        prefetch_l2(w, m, k + ahead)
-
-
-@inline
-def float_rows(x, w, out, m0, m1, ahead=0):                # out[:, m0:m1] = x . w[m0:m1]^T (widened); N < 4 or K small: a row at a time
-    """Rows m0 .. m1 of a float32 or bf16 GEMV against all N inputs: a row against 4 inputs at a time
-    while the inputs fit in L1 (or there are fewer than 4), else 4x4 tiles (what neither covers: dots).
-    ahead: w comes from memory (a decode GEMV): a row against 4 inputs first hints the lines this many bytes
-    on, short of row m1 (STREAM_AHEAD; 0: none)."""
+def float_rows(x, w, out, m0, m1):                         # out[:, m0:m1] = x . w[m0:m1]^T (widened); N < 4 or K small: a row at a time
+    """Rows m0 .. m1 of a float32 GEMV (or bf16 rows widened) against all N inputs: a row against 4 inputs
+    at a time while the inputs fit in L1 (or there are fewer than 4), else 4x4 tiles (what neither covers: dots)."""
     N = x.shape[0]
-    ahead = ahead // w.itemsize if N >= TILE_FROM else 0
     if row_tasks(N, x.shape[1]):
         for m in range(m0, m1):
-            if ahead:
-                _ahead(w, m, m1, ahead)
             n = 0
             while n + 4 <= N:
                 _dot_1x4(x, n, w, m, out)
