@@ -30,7 +30,8 @@ from ..model import forward_packed as spec_forward_packed
 from .activation import _gelu
 from .attention import attend_row
 from .jit import DECODE_ROWS, atomic_add, atomic_read, inline, parallel, prefetch4, serial, spin_pause, team
-from .matmul import BIAS, GELU, RESIDUAL, STREAM_AHEAD, bf16_bits, bf16_rows, float_rows, matmul_rows
+from . import jit
+from .matmul import BIAS, GELU, RESIDUAL, STREAM_AHEAD, bf16_bits, bf16_gemv_rows, bf16_split, float_rows, matmul_rows
 from .norm import layer_norm_rows
 
 
@@ -91,10 +92,12 @@ def region_inputs(x, w):                                   # a GEMV's inputs as 
 
 @overload(region_inputs)
 def _region_inputs(x, w):
-    """bf16 rows: x's bf16 bits (matmul.bf16_bits; the bf16 matmul's rounding); float32: x itself. Decided
-    when the region compiles."""
+    """bf16 rows: x rounded to bf16 (the bf16 matmul's rounding), as matmul.bf16_inputs: its bits with
+    vdpbf16ps (jit.BF16_PAIRS), else float32 in split order; float32: x itself. Decided when the region compiles."""
     if w.dtype == types.uint16:
-        return lambda x, w: bf16_bits(x)
+        if jit.BF16_PAIRS:
+            return lambda x, w: bf16_bits(x)
+        return lambda x, w: bf16_split(x)
     return lambda x, w: x
 
 
@@ -104,10 +107,10 @@ def weight_rows(xd, w, out, m0, m1, ahead):                # out[:, m0:m1] = xd 
 
 @overload(weight_rows)
 def _weight_rows(xd, w, out, m0, m1, ahead):
-    """bf16: matmul.bf16_rows (both bf16), hinting `ahead` bytes on; float32: matmul.float_rows (no hints:
-    see matmul.STREAM_AHEAD)."""
+    """bf16: matmul.bf16_gemv_rows (bf16 pairs, or split inputs), hinting `ahead` bytes on; float32:
+    matmul.float_rows (no hints: see matmul.STREAM_AHEAD)."""
     if w.dtype == types.uint16:
-        return lambda xd, w, out, m0, m1, ahead: bf16_rows(xd, w, out, m0, m1, ahead)
+        return lambda xd, w, out, m0, m1, ahead: bf16_gemv_rows(xd, w, out, m0, m1, ahead)
     return lambda xd, w, out, m0, m1, ahead: float_rows(xd, w, out, m0, m1)
 
 

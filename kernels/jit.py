@@ -454,7 +454,96 @@ def _dot_bf16(inputs, isa="native", rows=1):
     return dot
 
 
+def _dot_bf16_split(rows, inputs):
+    """The dots of `rows` bf16 rows with `inputs` float32 inputs in split order: plain IR, for CPUs without
+    vdpbf16ps (AVX2 has 16 vector registers: dot_bf16_4x4's plain-IR path there spills its 16 sums and
+    ran bf16 prompts at 0.3x float32)."""
+
+    @intrinsic
+    def dot(typingctx, w, m, xs, n, ahead):
+        """Rows m .. m + rows - 1 of w [M, K/2] (uint32 bf16 pairs, as dot_bf16) against rows n ..
+        n + inputs - 1 of xs [N, K] (float32, each run of 16 inputs stored as its 8 even elements, then its 8
+        odd ones: matmul.bf16_split_into), over the whole runs of 8 pairs: one float32 per (row, input), row
+        by row. A weight run is widened once (`u << 16`, `u & 0xFFFF0000`: its even and odd elements'
+        float32 bits) for every input; each input's run is loaded once for every row (dot_bf16's plain IR
+        widens every input's run again for each row). 3 rows by 3 inputs (prefill): 9 sums, 6 input halves
+        and a widened row fit AVX2's 16 registers (one core, GPT-2's prefill shapes at 128 and 512 inputs:
+        3x3 80-87 GFLOP/s, 4x2 74-79, 2x4 66-82, 4x3 and 3x4 ~40 (spills), OpenBLAS's float32 sgemm 89-95).
+        Fewer than 8 dots: even and odd elements in sums of their own, and runs taken in turn by 8 // (2 dots)
+        sets of sums (a sum waits on one FMA a run, not two, and 8 are in flight). ahead: as dot_bf16's."""
+        if not (_c_array(w, 2) and _c_array(xs, 2) and w.dtype == types.uint32 and xs.dtype == types.float32):
+            return None
+        sig = types.UniTuple(types.float32, rows * inputs)(w, types.intp, xs, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            w, m, x, n, ahead = args
+            t = signature.args
+            i32, f32 = _vector(32, 8), _vector(0, 8)
+            ws = [_row(builder, context, t[0], w, builder.add(m, ir.Constant(m.type, r)), ir.IntType(32)) for r in range(rows)]
+            xs = [_row(builder, context, t[2], x, builder.add(n, ir.Constant(n.type, i)), ir.FloatType()) for i in range(inputs)]
+            half = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, w).shape)[1]   # K/2
+            const = lambda v: ir.Constant(half.type, v)
+            halves = 2 if rows * inputs < 8 else 1         # even and odd elements in sums of their own
+            chains = max(1, 8 // (2 * rows * inputs))       # and sets of sums taking runs in turn: 8 sums in all
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(halves * chains)]
+                    for _ in range(rows * inputs)]
+            load = lambda p, at, typ: builder.load(builder.bitcast(builder.gep(p, [at]), typ.as_pointer()), align=4)
+            hint = builder.icmp_signed(">", ahead, ir.Constant(ahead.type, 0))
+            i32s = ir.IntType(32)
+
+            def run(j, c):                                 # run j of 8 pairs into chain c of every dot
+                at_w, at_x = builder.mul(j, const(8)), builder.mul(j, const(16))
+                odd_run = builder.trunc(j, ir.IntType(1))
+                with builder.if_then(builder.and_(hint, builder.not_(odd_run))):   # a 64-byte line every other run
+                    line = builder.gep(builder.bitcast(builder.gep(ws[0], [at_w]), ir.IntType(8).as_pointer()), [ahead])
+                    _x86(builder, "llvm.prefetch.p0", ir.VoidType(), line, ir.Constant(i32s, 0), ir.Constant(i32s, 2), ir.Constant(i32s, 1))
+                xv = [(load(p, at_x, f32), load(p, builder.add(at_x, const(8)), f32)) for p in xs]
+                for r in range(rows):
+                    u = load(ws[r], at_w, i32)
+                    even = builder.bitcast(builder.shl(u, ir.Constant(i32, [16] * 8)), f32)
+                    odd = builder.bitcast(builder.and_(u, ir.Constant(i32, [-(1 << 16)] * 8)), f32)
+                    for i in range(inputs):
+                        e, o = accs[r * inputs + i][halves * c], accs[r * inputs + i][halves * c + halves - 1]
+                        s = builder.fadd(builder.load(e), builder.fmul(even, xv[i][0], flags=FMA), flags=FMA)
+                        if halves == 2:
+                            builder.store(s, e)
+                            s = builder.load(o)
+                        builder.store(builder.fadd(s, builder.fmul(odd, xv[i][1], flags=FMA), flags=FMA), o)
+
+            runs = builder.udiv(half, const(8))
+            with cgutils.for_range(builder, builder.udiv(runs, const(chains))) as loop:
+                for c in range(chains):
+                    run(builder.add(builder.mul(loop.index, const(chains)), const(c)), c)
+            with cgutils.for_range(builder, runs, start=builder.mul(builder.udiv(runs, const(chains)), const(chains))) as loop:
+                run(loop.index, 0)
+            totals = []
+            for acc in accs:
+                v = builder.load(acc[0])
+                for a in acc[1:]:
+                    v = builder.fadd(v, builder.load(a))
+                lanes = [builder.extract_element(v, ir.Constant(i32s, l)) for l in range(8)]
+                while len(lanes) > 1:                      # a tree: (0+4), (1+5), ...
+                    h = len(lanes) // 2
+                    lanes = [builder.fadd(lanes[l], lanes[l + h]) for l in range(h)]
+                totals.append(lanes[0])
+            return context.make_tuple(builder, signature.return_type, totals)
+        return sig, codegen
+    return dot
+
+
+def _host_features():
+    from numba.core.registry import cpu_target
+    return getattr(cpu_target.target_context.codegen(), "_tm_features", "").split(",")
+
+
+# bf16 prompts: 4x4 tiles of bf16 pairs where the CPU has vdpbf16ps, else 3x3 tiles against float32 inputs in
+# split order (the weights widened in registers). Decided here for the Python side (which layout to prepare);
+# the intrinsics decide again for themselves when they compile, from the same features.
+BF16_PAIRS = "+avx512bf16" in _host_features() and "+avx512vl" in _host_features()
+
 dot_bf16, dot_bf16x4, dot_bf16_4x4 = _dot_bf16(1), _dot_bf16(4), _dot_bf16(4, rows=4)
+dot_bf16s_3x3, dot_bf16s_3x1, dot_bf16s_1x4, dot_bf16s_1x1 = (_dot_bf16_split(3, 3), _dot_bf16_split(3, 1), _dot_bf16_split(1, 4),
+                                                              _dot_bf16_split(1, 1))
 dot_bf16_isa = {isa: (_dot_bf16(1, isa), _dot_bf16(4, isa), _dot_bf16(4, isa, rows=4)) for isa in ("native", "generic")}   # for tests: each path
 dot_q8, dot_q8x4, dot_q4, dot_q4x4 = _dot_group("int8"), _dot_group("int8", 4), _dot_group("int4"), _dot_group("int4", 4)
 dot_q8_isa = {isa: _dot_group("int8", isa=isa) for isa in ISAS}   # for tests: each instruction path on this CPU

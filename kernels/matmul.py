@@ -3,7 +3,7 @@ see kernels.prepare): decode streams the rows once on every core, four rows agai
 time when a batch has four or more (bf16: a row against four bf16 inputs, as pairs; int8 and int4: a group
 of 8 rows against each input, in integers);
 prefill gives each core a band of output columns: a single-threaded sgemm on float32, 4x4 tiles of bf16
-pairs and integer dots on the rest."""
+pairs (3x3 tiles of widened bf16 rows without AVX512-BF16) and integer dots on the rest."""
 
 import numba
 import numpy as np
@@ -13,8 +13,10 @@ from numba.extending import overload
 from .. import quant
 
 from .activation import _gelu
-from .jit import (DECODE_ROWS, GROUP, bands, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4, dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits,
-                  inline, parallel, rint, serial)
+from . import jit
+from .jit import (DECODE_ROWS, GROUP, bands, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16s_1x1, dot_bf16s_1x4, dot_bf16s_3x1, dot_bf16s_3x3,
+                  dot_bf16x4,
+                  dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits, inline, parallel, rint, serial)
 
 
 def widen(w, m, k):                                        # stored weight element -> float32 (numba-only; see overload)
@@ -264,14 +266,127 @@ def bf16_tiles(xb, w, out, m0, m1):                        # out[:, m0:m1] = xb 
         bf16_rows(xb, w, out, m, m1)
 
 
+@serial
+def bf16_split_into(x, out):                               # float32 [N, K] -> out float32 [N, K]: x rounded to bf16, in split order
+    """Each whole run of 16 inputs (k = 16j .. 16j + 15) as its 8 even elements, then its 8 odd ones, the
+    order jit.dot_bf16s_* multiply a run of bf16 weight pairs in; the last K % 16 in their own order."""
+    runs = x.shape[1] // 16
+    for n in range(x.shape[0]):
+        for j in range(runs):
+            for l in range(8):
+                out[n, 16 * j + l] = f32_from_bits(np.uint32(_bf16_of(x[n, 16 * j + 2 * l])) << np.uint32(16))
+                out[n, 16 * j + 8 + l] = f32_from_bits(np.uint32(_bf16_of(x[n, 16 * j + 2 * l + 1])) << np.uint32(16))
+        for k in range(16 * runs, x.shape[1]):
+            out[n, k] = f32_from_bits(np.uint32(_bf16_of(x[n, k])) << np.uint32(16))
+
+
+@serial
+def bf16_split(x):                                         # float32 [N, K] -> a new float32 [N, K] (bf16_split_into)
+    """Also called inside kernels.decode's region, by each thread for its own copy."""
+    out = np.empty(x.shape, np.float32)
+    bf16_split_into(x, out)
+    return out
+
+
+def bf16_inputs(x):                                        # x [N, K] as a bf16 matmul's GEMV reads it: bf16 bits or split float32
+    return bf16_bits(x) if jit.BF16_PAIRS else bf16_split(x)
+
+
+@inline
+def _split_tail(xs, w, n, m):                              # xs[n] . w[m] over the last K % 16 inputs (widened; xs in split order)
+    s = np.float32(0.0)
+    for k in range(xs.shape[1] // 16 * 16, xs.shape[1]):
+        s += xs[n, k] * widen(w, m, k)
+    return s
+
+
+@inline
+def _split_widened(xs, w, out, m0, m1):                    # out[:, m0:m1] = xs . w[m0:m1]^T, one widened product at a time (K odd)
+    for m in range(m0, m1):
+        for n in range(xs.shape[0]):
+            s = np.float32(0.0)
+            for j in range(xs.shape[1] // 16):
+                for l in range(8):
+                    s += xs[n, 16 * j + l] * widen(w, m, 16 * j + 2 * l) + xs[n, 16 * j + 8 + l] * widen(w, m, 16 * j + 2 * l + 1)
+            out[n, m] = s + _split_tail(xs, w, n, m)
+
+
+@inline
+def bf16_split_tiles(xs, w, out, m0, m1):                  # out[:, m0:m1] = xs . w[m0:m1]^T: split float32 inputs, bf16 rows (bits)
+    """3 rows against 3 inputs at a time (jit.dot_bf16s_3x3), the last N % 3 inputs 3 rows at a time, the
+    last (m1 - m0) % 3 rows one dot at a time; K odd (no pairs): widened dots of the two in split order."""
+    N, K = xs.shape
+    if K % 2 == 1:
+        _split_widened(xs, w, out, m0, m1)
+        return
+    wp = w.view(np.uint32)
+    whole = K % 16 == 0
+    m = m0
+    while m + 3 <= m1:
+        n = 0
+        while n + 3 <= N:
+            t = dot_bf16s_3x3(wp, m, xs, n, 0)
+            for r in range(3):
+                for i in range(3):
+                    out[n + i, m + r] = t[3 * r + i] if whole else t[3 * r + i] + _split_tail(xs, w, n + i, m + r)
+            n += 3
+        while n < N:
+            t = dot_bf16s_3x1(wp, m, xs, n, 0)
+            for r in range(3):
+                out[n, m + r] = t[r] if whole else t[r] + _split_tail(xs, w, n, m + r)
+            n += 1
+        m += 3
+    for m in range(m, m1):
+        for n in range(N):
+            (s,) = dot_bf16s_1x1(wp, m, xs, n, 0)
+            out[n, m] = s if whole else s + _split_tail(xs, w, n, m)
+
+
+@inline
+def bf16_split_rows(xs, w, out, m0, m1, ahead=0):          # out[:, m0:m1] = xs . w[m0:m1]^T: split float32 inputs, bf16 rows (bits)
+    """bf16_rows for inputs in split order (bf16_split_into; CPUs without vdpbf16ps): each row against four
+    inputs at a time (jit.dot_bf16s_1x4), then one at a time; K odd: one widened product at a time."""
+    N, K = xs.shape
+    if K % 2 == 1:
+        _split_widened(xs, w, out, m0, m1)
+        return
+    wp = w.view(np.uint32)
+    whole = K % 16 == 0
+    hint = ahead if N >= TILE_FROM else 0
+    for m in range(m0, m1):
+        a = hint if (m1 - m) * 2 * K > hint else 0
+        n = 0
+        while n + 4 <= N:
+            s0, s1, s2, s3 = dot_bf16s_1x4(wp, m, xs, n, a)
+            out[n, m], out[n + 1, m], out[n + 2, m], out[n + 3, m] = s0, s1, s2, s3
+            n += 4
+        while n < N:
+            (out[n, m],) = dot_bf16s_1x1(wp, m, xs, n, a)
+            n += 1
+        for n in range(N if not whole else 0):
+            out[n, m] += _split_tail(xs, w, n, m)
+
+
+def bf16_gemv_rows(xd, w, out, m0, m1, ahead=0):           # out[:, m0:m1] = xd . w[m0:m1]^T, bf16 rows (numba-only; see overload)
+    raise NotImplementedError
+
+
+@overload(bf16_gemv_rows)
+def _bf16_gemv_rows(xd, w, out, m0, m1, ahead=0):
+    """xd from bf16_inputs: bf16 bits (uint16: bf16_rows) or float32 in split order (bf16_split_rows)."""
+    if xd.dtype == types.uint16:
+        return lambda xd, w, out, m0, m1, ahead=0: bf16_rows(xd, w, out, m0, m1, ahead)
+    return lambda xd, w, out, m0, m1, ahead=0: bf16_split_rows(xd, w, out, m0, m1, ahead)
+
+
 @parallel
-def gemv_bf16(xb, w, b, gelu):                             # bf16 inputs and rows (bits: bf16_bits, quant.BF16) (+ b) -> [N, M]
-    """A weight row a task, against every input (bf16_rows)."""
-    N = xb.shape[0]
+def gemv_bf16(xd, w, b, gelu):                             # bf16 inputs (bf16_inputs) and rows (bits: quant.BF16) (+ b) -> [N, M]
+    """A weight row a task, against every input (bf16_gemv_rows)."""
+    N = xd.shape[0]
     M = w.shape[0]
     out = np.empty((N, M), dtype=np.float32)
     for m in numba.prange(M):
-        bf16_rows(xb, w, out, m, m + 1)
+        bf16_gemv_rows(xd, w, out, m, m + 1)
         _bias(out, b, m, gelu)
     return out
 
@@ -405,16 +520,38 @@ def _bf16_band(xb, w, m0, m1, out, nb, mb):                # out[:, m0:m1] = xb 
             bf16_tiles(xb[n0:n1], w, out[n0:n1], c0, min(c0 + mb, m1))
 
 
-def _tiled_product(x, w, out, b, then, scratch):           # matmul_into for bf16 rows on 4x4 tiles of bf16 pairs
+@serial
+def _split_band(xs, w, m0, m1, out, nb, mb):               # _bf16_band on bf16_split_tiles: xs float32 in split order
+    N = xs.shape[0]
+    for n0 in range(0, N, nb):
+        n1 = min(n0 + nb, N)
+        for c0 in range(m0, m1, mb):
+            bf16_split_tiles(xs[n0:n1], w, out[n0:n1], c0, min(c0 + mb, m1))
+
+
+def _tiled_product(x, w, out, b, then, scratch, pairs=None):   # matmul_into for bf16 rows: tiles of bf16 pairs or split ones
+    """pairs: 4x4 tiles of bf16 pairs (jit.dot_bf16_4x4: vdpbf16ps); else 3x3 tiles of widened rows against
+    float32 inputs in split order (jit.dot_bf16s_3x3). None: pairs where the CPU has vdpbf16ps
+    (jit.BF16_PAIRS). Both multiply the inputs' bf16 values exactly, summed in float32. On an AVX2 Zen 3,
+    alternating in one process: the split tiles ran bf16 prompts ~3x the pairs' plain-IR path."""
     N, K = x.shape
-    xb = np.empty((N, K), np.uint16)                       # the inputs' bf16 bits, bands of rows on every core
-    bands(lambda r: bf16_bits_into(x[r], xb[r]), N)
+    pairs = jit.BF16_PAIRS if pairs is None else pairs
     yt, rows = transposed_view(scratch, w.shape[0], N), w.bits
-    nb = max(4, TILE_INPUT_BYTES // (4 * K) // 4 * 4)
-    mb = max(4, TILE_WEIGHT_BYTES // (rows.itemsize * K) // 4 * 4)
+    if pairs:
+        xb = np.empty((N, K), np.uint16)                   # the inputs' bf16 bits, bands of rows on every core
+        bands(lambda r: bf16_bits_into(x[r], xb[r]), N)
+        nb = max(4, TILE_INPUT_BYTES // (4 * K) // 4 * 4)
+        mb = max(4, TILE_WEIGHT_BYTES // (rows.itemsize * K) // 4 * 4)
+        tiles = lambda cols: _bf16_band(xb, rows, cols.start, cols.stop, yt.T, nb, mb)
+    else:
+        xs = np.empty((N, K), np.float32)                  # the inputs' bf16 values in split order
+        bands(lambda r: bf16_split_into(x[r], xs[r]), N)
+        nb = max(3, TILE_INPUT_BYTES // 2 // (4 * K) // 3 * 3)   # (float32 inputs: the pairs' block in bytes)
+        mb = max(3, TILE_WEIGHT_BYTES // (rows.itemsize * K) // 3 * 3)
+        tiles = lambda cols: _split_band(xs, rows, cols.start, cols.stop, yt.T, nb, mb)
 
     def band(cols):
-        _bf16_band(xb, rows, cols.start, cols.stop, yt.T, nb, mb)
+        tiles(cols)
         finish_band(yt[cols], b[cols], then, out, cols.start, True)
     bands(band, w.shape[0], inline_upto=1)
 
@@ -498,7 +635,7 @@ def matmul_rows(x, w, b=None, gelu=False):                 # [..., K] x [M, K] r
         elif isinstance(w, quant.Int8Rows):
             y = gemv_q8(x2, x2.view(np.uint32), w.packed, w.scale, w.n_out, b, gelu)
         elif isinstance(w, quant.BF16):
-            y = gemv_bf16(bf16_bits(x2), w.bits, b, gelu)
+            y = gemv_bf16(bf16_inputs(x2), w.bits, b, gelu)
         else:
             y = gemv(x2, w, b, gelu)
     else:

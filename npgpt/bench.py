@@ -192,8 +192,9 @@ def run(*, weights_path=None, config="gpt2", backends=("numpy", "numba"), prompt
     if reps < 1:
         raise InputError(f"--reps {reps}: need at least 1")
     numba.set_num_threads(threads)
+    from .kernels import jit
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
-                          "numba_threading_layer": None}, "jit": {}, "results": []}
+                          "numba_threading_layer": None, "bf16_pairs": jit.BF16_PAIRS}, "jit": {}, "results": []}
     with threadpool_limits(limits=threads):
         log(f"measuring machine ceilings ({threads} threads) ...")
         report["ceilings"] = ceilings = before = measure_ceilings()
@@ -322,6 +323,8 @@ def table(report):
         pct = 100 * r["tokens_per_s"] / r["bound"]
         kind = r["weights"] if r["test"].startswith("pp") and r["weights"] in ("bf16", "int8", "int4") else None
         kind = {"bf16": "bf16", "int8": "int", "int4": "int"}.get(kind)   # npgpt's own dots, not sgemm: sgemm is no bound
+        if kind == "bf16" and not report["machine"].get("bf16_pairs"):
+            kind = None                                    # (without vdpbf16ps bf16 prompts run float32 FMAs: sgemm's bound)
         above |= pct > 100 and not kind
         own |= {kind} - {None}
         mark = f" ({kind})" if kind else " (!)" if pct > 100 else ""
@@ -330,9 +333,9 @@ def table(report):
     c = report["ceilings"]
     rows.append("")
     if "bf16" in own:
-        rows.append("(bf16) bf16 prompts multiply bf16 pairs in npgpt's own tiles (vdpbf16ps with AVX512-BF16: twice "
-                    "a float32 FMA's products an instruction), which the float32 sgemm ceiling does not bound: their % "
-                    "is of that ceiling, and may pass 100")
+        rows.append("(bf16) bf16 prompts multiply bf16 pairs in npgpt's own tiles (vdpbf16ps, AVX512-BF16 on this CPU: "
+                    "twice a float32 FMA's products an instruction), which the float32 sgemm ceiling does not bound: "
+                    "their % is of that ceiling, and may pass 100")
     if "int" in own:
         rows.append("(int) int8/int4 prompts multiply int8 levels in integer dot instructions (VNNI, or AVX2), which "
                     "the float32 sgemm ceiling does not bound: their % is of that ceiling, and may pass 100")

@@ -66,6 +66,65 @@ def test_bf16_dot_on_every_instruction_path(isa, runs):
         assert all(close(got[4 * r + i], 2 + i, m + r) for r in range(4) for i in range(4))
 
 
+def test_bf16_split_inputs_hold_each_run_of_16_as_its_evens_then_its_odds():
+    """matmul.bf16_split (inputs of the dots for CPUs without vdpbf16ps): x rounded to bf16 as the spec
+    rounds it, each whole run of 16 reordered, the last K % 16 as they are."""
+    x = rng.standard_normal((3, 37), dtype=np.float32)
+    xs, r = matmul.bf16_split(x), quant.round_to_bf16(x)
+    np.testing.assert_array_equal(xs[:, :32].reshape(3, 2, 2, 8), r[:, :32].reshape(3, 2, 8, 2).transpose(0, 1, 3, 2))
+    np.testing.assert_array_equal(xs[:, 32:], r[:, 32:])
+
+
+@functools.cache
+def _split_caller(dot):
+    return numba.njit(lambda wp, m, xs, n, ahead: dot(wp, m, xs, n, ahead))
+
+
+@pytest.mark.parametrize("runs", [1, 3, 8, 13])              # runs of 8 pairs: fewer and more than the 4 sets of sums
+def test_bf16_split_dots_on_widened_rows_equal_float64_sums(runs):
+    """jit.dot_bf16s_3x3, 3x1, 1x4 and 1x1 (plain IR: bf16 rows widened in registers against float32 inputs
+    in split order) against float64 sums of the same bf16 values, rows and inputs at offsets, with and
+    without the prefetch hint: 1e-6 relative to the sum of |products| (exact products, float32 sums of
+    at most 13 terms a lane)."""
+    from npgpt.kernels import jit
+    K = 16 * runs
+    w, x = quant.to_bf16(rng.standard_normal((7, K), dtype=np.float32)), rng.standard_normal((7, K), dtype=np.float32)
+    wide, xr = quant.dequantize(w).astype(np.float64), quant.round_to_bf16(x).astype(np.float64)
+    products = xr[:, None, :] * wide[None, :, :]            # [7 inputs, 7 rows, K]
+    want, scale = products.sum(-1), np.abs(products).sum(-1)
+    wp, xs = w.bits.view(np.uint32), matmul.bf16_split(x)
+    for dot, rows, inputs in ((jit.dot_bf16s_3x3, 3, 3), (jit.dot_bf16s_3x1, 3, 1), (jit.dot_bf16s_1x4, 1, 4), (jit.dot_bf16s_1x1, 1, 1)):
+        for m, n, ahead in ((0, 0, 0), (4, 3, 0), (2, 3, 256)):
+            got = _split_caller(dot)(wp, m, xs, n, ahead)
+            for r in range(rows):
+                for i in range(inputs):
+                    assert abs(got[r * inputs + i] - want[n + i, m + r]) <= 1e-6 * scale[n + i, m + r], (rows, inputs, m, n)
+
+
+@pytest.mark.parametrize("pairs", [True, False])
+@pytest.mark.parametrize("N, K, M", [(7, 33, 10), (13, 48, 11), (37, 100, 29), (130, 256, 64), (2, 1, 5), (5, 2, 3)])
+def test_bf16_products_on_either_path_equal_the_spec(pairs, N, K, M, monkeypatch):
+    """Prefill's tiles (matmul._tiled_product: 4x4 tiles of bf16 pairs, or 3x3 split tiles as on CPUs
+    without vdpbf16ps) and the GEMV (matmul_rows: bf16 bits or split inputs) on odd shapes (partial tiles,
+    K odd, K % 16 left over) against the spec's product of the rounded inputs and the widened weights, with
+    a bias and then GELU: 1e-6 relative to the sum of |terms| (exact products, float32 sums; GELU: + 1e-5 of the
+    value, the kernels' GELU against the spec's in float32). Whichever path
+    this CPU takes natively, both run (the other in plain IR)."""
+    from npgpt.kernels import jit
+    monkeypatch.setattr(jit, "BF16_PAIRS", pairs)
+    x = rng.standard_normal((N, K), dtype=np.float32)
+    w, b = quant.to_bf16(rng.standard_normal((M, K), dtype=np.float32)), rng.standard_normal(M, dtype=np.float32)
+    xr, wide = quant.activations(x, w).astype(np.float64), quant.dequantize(w).astype(np.float64)
+    want, scale = xr @ wide.T + b, np.abs(xr) @ np.abs(wide).T + np.abs(b)
+    for then in (matmul.BIAS, matmul.GELU):
+        out = np.full((N, M), np.nan, np.float32)
+        matmul._tiled_product(x, w, out, b, then, np.empty(matmul.scratch_size(N, M), np.float32))
+        ref = want if then == matmul.BIAS else spec.gelu(want.astype(np.float32)).astype(np.float64)
+        assert np.all(np.abs(out - ref) <= 1e-6 * scale + (0 if then == matmul.BIAS else 1e-5 * np.abs(ref))), then
+    got = matmul.matmul_rows(x[:5], w, b)                  # decode-sized: the GEMV, four inputs at a time, then one
+    assert got.shape == (min(N, 5), M) and np.all(np.abs(got - want[:5]) <= 1e-6 * scale[:5])
+
+
 def test_bf16_keeps_upper_half_rounded_to_nearest_even():
     x = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -2.5, 3.0e38], dtype=np.float32)   # 3e38 = 0x7F61B1E6
     up = np.array([0x7F620000], np.uint32).view(np.float32)[0]                           # its low half > 0x8000
