@@ -57,14 +57,23 @@ def choose_cache_dir(package_dir, env=os.environ):
     return None
 
 
-def drop_stale_caches(package_dir):
+def kernel_cache_dir(package_dir, cache_dir=None):        # where numba keeps the compiled kernels of package_dir
+    """Beside them (their __pycache__), or under a cache directory (NUMBA_CACHE_DIR, or choose_cache_dir's)
+    in the subdirectory numba's own locator names for that source directory."""
+    if not cache_dir:
+        return os.path.join(package_dir, "__pycache__")
+    from numba.core.caching import _CacheLocator
+    return os.path.join(cache_dir, _CacheLocator.get_suitable_cache_subpath(os.path.join(package_dir, "jit.py")))
+
+
+def drop_stale_caches(package_dir, cache=None):
     """numba checks a cached function against its own source file only, so a kernel it compiled with
     code inlined from another file (kernels.decode's region holds matmul's and jit's) stays as it was
     when only that other file changes: after a `git pull` in an editable install, old math, silently.
-    So the caches beside the kernels (their __pycache__) are dropped whenever any kernels/*.py differs
-    from what they were compiled from (a hash kept beside them). (An installed upgrade rewrites every
-    file, which numba catches itself.) Returns whether the stamp was (re)written."""
-    cache = os.path.join(package_dir, "__pycache__")
+    So the kernels' numba caches (in `cache`: kernel_cache_dir's, by default beside them) are dropped
+    whenever any kernels/*.py differs from what they were compiled from (a hash kept with them).
+    Returns whether the stamp was (re)written."""
+    cache = cache or kernel_cache_dir(package_dir)
     digest = hashlib.sha256()
     for name in sorted(n for n in os.listdir(package_dir) if n.endswith(".py")):
         with open(os.path.join(package_dir, name), "rb") as f:
@@ -93,8 +102,7 @@ _package_dir = os.path.dirname(os.path.abspath(__file__))
 _cache_dir = choose_cache_dir(_package_dir)
 if _cache_dir:                                            # an installed, read-only package: cache=True would fail at import
     numba.config.CACHE_DIR = _cache_dir
-elif not os.environ.get("NUMBA_CACHE_DIR"):               # numba caches beside the kernels
-    drop_stale_caches(_package_dir)
+drop_stale_caches(_package_dir, kernel_cache_dir(_package_dir, numba.config.CACHE_DIR))   # (NUMBA_CACHE_DIR's too)
 
 # nogil on parallel kernels too: while the model runs, other Python threads (a server's event loop) run
 parallel = numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, error_model="numpy", cache=True)

@@ -2,6 +2,7 @@
 block, head_dim 10, n_embd 60/180, batch 3). Tolerance: fp32 max-abs relative to max(1, max|ref|);
 the kernels sum in a different order (vectorized partial sums), so results differ in the last bits."""
 
+import os
 import numba
 import numpy as np
 import pytest
@@ -178,6 +179,32 @@ def test_kernel_caches_are_dropped_when_any_kernel_source_changes(tmp_path):
     assert not drop_stale_caches(str(tmp_path)) and len(list(cache.glob("*.nb?"))) == 2   # the same sources: kept
     (tmp_path / "b.py").write_text("y = 3\n")             # another file than the cached function's
     assert drop_stale_caches(str(tmp_path)) and not list(cache.glob("*.nb?"))
+
+
+def test_stale_kernel_caches_are_dropped_in_a_user_chosen_numba_cache_dir_too(tmp_path, monkeypatch):
+    """With NUMBA_CACHE_DIR set, numba keeps the kernels' caches under it, in a subdirectory named for the
+    kernels' directory: jit.kernel_cache_dir names the same one numba's locator uses for a kernel (checked
+    by compiling one there), and a changed kernel source drops what is cached there too."""
+    from numba.core import caching
+    from npgpt.kernels import jit
+
+    locator = getattr(caching, "UserProvidedCacheLocator", None) or caching._UserProvidedCacheLocator   # (numba < 0.61's name)
+
+    src = tmp_path / "kernels"
+    src.mkdir()
+    (src / "jit.py").write_text("def f():\n    return 1\n")
+    namespace = {}
+    exec(compile((src / "jit.py").read_text(), str(src / "jit.py"), "exec"), namespace)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "numba-cache"))
+    where = locator.from_function(namespace["f"], str(src / "jit.py")).get_cache_path()
+    assert where == jit.kernel_cache_dir(str(src), str(tmp_path / "numba-cache"))
+    assert jit.kernel_cache_dir(str(src)) == str(src / "__pycache__")
+    assert jit.drop_stale_caches(str(src), where)          # the first stamp (creates the directory)
+    for name in ("jit.f-1.py311.nbi", "jit.f-1.py311.1.nbc"):
+        open(os.path.join(where, name), "w").close()
+    assert not jit.drop_stale_caches(str(src), where) and len(os.listdir(where)) == 3
+    (src / "jit.py").write_text("def f():\n    return 2\n")
+    assert jit.drop_stale_caches(str(src), where) and os.listdir(where) == ["npgpt-kernels.sha256"]
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
