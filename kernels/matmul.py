@@ -14,9 +14,8 @@ from .. import quant
 
 from .activation import _gelu
 from . import jit
-from .jit import (DECODE_ROWS, GROUP, bands, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16s_1x1, dot_bf16s_1x4, dot_bf16s_3x1, dot_bf16s_3x3,
-                  dot_bf16x4,
-                  dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits, inline, parallel, rint, serial)
+from .jit import (DECODE_ROWS, GROUP, bands, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4, dot_bf16s_1x1, dot_bf16s_1x4,
+                  dot_bf16s_3x1, dot_bf16s_3x3, dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits, inline, parallel, rint, serial)
 
 
 def widen(w, m, k):                                        # stored weight element -> float32 (numba-only; see overload)
@@ -533,7 +532,8 @@ def _tiled_product(x, w, out, b, then, scratch, pairs=None):   # matmul_into for
     """pairs: 4x4 tiles of bf16 pairs (jit.dot_bf16_4x4: vdpbf16ps); else 3x3 tiles of widened rows against
     float32 inputs in split order (jit.dot_bf16s_3x3). None: pairs where the CPU has vdpbf16ps
     (jit.BF16_PAIRS). Both multiply the inputs' bf16 values exactly, summed in float32. On an AVX2 Zen 3,
-    alternating in one process: the split tiles ran bf16 prompts ~3x the pairs' plain-IR path."""
+    alternating in one process: the split tiles ran bf16 prompts 2.5x the pairs' plain-IR path, 0.81-0.89x
+    fp32's sgemm."""
     N, K = x.shape
     pairs = jit.BF16_PAIRS if pairs is None else pairs
     yt, rows = transposed_view(scratch, w.shape[0], N), w.bits
