@@ -31,7 +31,7 @@ from .activation import _gelu
 from .attention import attend_row
 from .jit import DECODE_ROWS, atomic_add, atomic_read, inline, parallel, prefetch4, serial, spin_pause, team
 from . import jit
-from .matmul import BIAS, GELU, RESIDUAL, STREAM_AHEAD, bf16_bits, bf16_gemv_rows, bf16_split, float_rows, matmul_rows
+from .matmul import BIAS, GELU, RESIDUAL, STREAM_AHEAD, bf16_bits, bf16_rows, bf16_split, float_rows, matmul_rows
 from .norm import layer_norm_rows
 
 
@@ -107,10 +107,10 @@ def weight_rows(xd, w, out, m0, m1, ahead):                # out[:, m0:m1] = xd 
 
 @overload(weight_rows)
 def _weight_rows(xd, w, out, m0, m1, ahead):
-    """bf16: matmul.bf16_gemv_rows (bf16 pairs, or split inputs), hinting `ahead` bytes on; float32:
+    """bf16: matmul.bf16_rows (bf16 pairs, or split inputs), hinting `ahead` bytes on; float32:
     matmul.float_rows (no hints: see matmul.STREAM_AHEAD)."""
     if w.dtype == types.uint16:
-        return lambda xd, w, out, m0, m1, ahead: bf16_gemv_rows(xd, w, out, m0, m1, ahead)
+        return lambda xd, w, out, m0, m1, ahead: bf16_rows(xd, w, out, m0, m1, ahead)
     return lambda xd, w, out, m0, m1, ahead: float_rows(xd, w, out, m0, m1)
 
 

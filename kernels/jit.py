@@ -378,6 +378,34 @@ def _dot_group(fmt, inputs=1, isa="native"):
 FMA = ("contract",)                                        # fast-math flags of IR built here: a multiply and its add may fuse
 
 
+def _hint_l2(builder, line):                               # a hint that the cache line at `line` (i8*) will be read (into L2)
+    i32 = ir.IntType(32)
+    _x86(builder, "llvm.prefetch.p0", ir.VoidType(), line, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1))
+
+
+def _runs_in_turn(builder, runs, chains, run):             # run(j, c) for j < runs, chain c = j % chains (the rest on chain 0)
+    const = lambda v: ir.Constant(runs.type, v)
+    with cgutils.for_range(builder, builder.udiv(runs, const(chains))) as loop:
+        for c in range(chains):
+            run(builder.add(builder.mul(loop.index, const(chains)), const(c)), c)
+    with cgutils.for_range(builder, runs, start=builder.mul(builder.udiv(runs, const(chains)), const(chains))) as loop:
+        run(loop.index, 0)
+
+
+def _totals(builder, accs):                                # per dot, its <8 x float> sums (allocas) -> one float32
+    totals = []
+    for acc in accs:
+        v = builder.load(acc[0])
+        for a in acc[1:]:
+            v = builder.fadd(v, builder.load(a))
+        lanes = [builder.extract_element(v, ir.Constant(ir.IntType(32), l)) for l in range(8)]
+        while len(lanes) > 1:                              # a tree: (0+4), (1+5), ...
+            h = len(lanes) // 2
+            lanes = [builder.fadd(lanes[l], lanes[l + h]) for l in range(h)]
+        totals.append(lanes[0])
+    return totals
+
+
 def _bf16_dp(context, isa):                               # emit AVX512-BF16's vdpbf16ps (on 256-bit registers)?
     return isa == "native" and "+avx512bf16" in _features(context) and "+avx512vl" in _features(context)
 
@@ -415,7 +443,6 @@ def _dot_bf16(inputs, isa="native", rows=1):
             vdpbf16ps = ir.InlineAsm(ir.FunctionType(f32, [f32, i32, i32]), "vdpbf16ps $3, $2, $0", "=v,0,v,v")
             load = lambda p, at: builder.load(builder.bitcast(builder.gep(p, [at]), i32.as_pointer()), align=4)
             hint = builder.icmp_signed(">", ahead, ir.Constant(ahead.type, 0))
-            i32s = ir.IntType(32)
 
             def halves(v):                                 # 8 pairs -> (elements 2i, elements 2i + 1) as float32
                 return (builder.bitcast(builder.shl(v, ir.Constant(i32, [16] * 8)), f32),
@@ -426,7 +453,7 @@ def _dot_bf16(inputs, isa="native", rows=1):
                 if c % 2 == 0:                             # a 64-byte line every other run
                     with builder.if_then(hint):
                         line = builder.gep(builder.bitcast(builder.gep(row, [at]), ir.IntType(8).as_pointer()), [ahead])
-                        _x86(builder, "llvm.prefetch.p0", ir.VoidType(), line, ir.Constant(i32s, 0), ir.Constant(i32s, 2), ir.Constant(i32s, 1))
+                        _hint_l2(builder, line)
                 us = [load(wr, at) for wr in ws]
                 wides = [halves(u) for u in us] if not dp else None
                 for i, xr in enumerate(xs):
@@ -441,23 +468,8 @@ def _dot_bf16(inputs, isa="native", rows=1):
                             even = builder.fadd(builder.load(a), builder.fmul(wl, xl, flags=FMA), flags=FMA)
                             builder.store(builder.fadd(even, builder.fmul(wh, xh, flags=FMA), flags=FMA), a)
 
-            runs = builder.udiv(half, const(8))
-            with cgutils.for_range(builder, builder.udiv(runs, const(chains))) as loop:
-                for c in range(chains):
-                    run(builder.add(builder.mul(loop.index, const(chains)), const(c)), c)
-            with cgutils.for_range(builder, runs, start=builder.mul(builder.udiv(runs, const(chains)), const(chains))) as loop:
-                run(loop.index, 0)
-            totals = []
-            for acc in accs:
-                v = builder.load(acc[0])
-                for a in acc[1:]:
-                    v = builder.fadd(v, builder.load(a))
-                lanes = [builder.extract_element(v, ir.Constant(i32s, l)) for l in range(8)]
-                while len(lanes) > 1:                      # a tree: (0+4), (1+5), ...
-                    h = len(lanes) // 2
-                    lanes = [builder.fadd(lanes[l], lanes[l + h]) for l in range(h)]
-                totals.append(lanes[0])
-            return context.make_tuple(builder, signature.return_type, totals)
+            _runs_in_turn(builder, builder.udiv(half, const(8)), chains, run)
+            return context.make_tuple(builder, signature.return_type, _totals(builder, accs))
         return sig, codegen
     return dot
 
@@ -499,14 +511,13 @@ def _dot_bf16_split(rows, inputs):
                     for _ in range(rows * inputs)]
             load = lambda p, at, typ: builder.load(builder.bitcast(builder.gep(p, [at]), typ.as_pointer()), align=4)
             hint = builder.icmp_signed(">", ahead, ir.Constant(ahead.type, 0))
-            i32s = ir.IntType(32)
 
             def run(j, c):                                 # run j of 8 pairs into chain c of every dot
                 at_w, at_x = builder.mul(j, const(8)), builder.mul(j, const(16))
                 odd_run = builder.trunc(j, ir.IntType(1))
                 with builder.if_then(builder.and_(hint, builder.not_(odd_run))):   # a 64-byte line every other run
                     line = builder.gep(builder.bitcast(builder.gep(ws[0], [at_w]), ir.IntType(8).as_pointer()), [ahead])
-                    _x86(builder, "llvm.prefetch.p0", ir.VoidType(), line, ir.Constant(i32s, 0), ir.Constant(i32s, 2), ir.Constant(i32s, 1))
+                    _hint_l2(builder, line)
                 xv = [(load(p, at_x, f32), load(p, builder.add(at_x, const(8)), f32)) for p in xs]
                 for r in range(rows):
                     u = load(ws[r], at_w, i32)
@@ -520,23 +531,8 @@ def _dot_bf16_split(rows, inputs):
                             s = builder.load(o)
                         builder.store(builder.fadd(s, builder.fmul(odd, xv[i][1], flags=FMA), flags=FMA), o)
 
-            runs = builder.udiv(half, const(8))
-            with cgutils.for_range(builder, builder.udiv(runs, const(chains))) as loop:
-                for c in range(chains):
-                    run(builder.add(builder.mul(loop.index, const(chains)), const(c)), c)
-            with cgutils.for_range(builder, runs, start=builder.mul(builder.udiv(runs, const(chains)), const(chains))) as loop:
-                run(loop.index, 0)
-            totals = []
-            for acc in accs:
-                v = builder.load(acc[0])
-                for a in acc[1:]:
-                    v = builder.fadd(v, builder.load(a))
-                lanes = [builder.extract_element(v, ir.Constant(i32s, l)) for l in range(8)]
-                while len(lanes) > 1:                      # a tree: (0+4), (1+5), ...
-                    h = len(lanes) // 2
-                    lanes = [builder.fadd(lanes[l], lanes[l + h]) for l in range(h)]
-                totals.append(lanes[0])
-            return context.make_tuple(builder, signature.return_type, totals)
+            _runs_in_turn(builder, builder.udiv(half, const(8)), chains, run)
+            return context.make_tuple(builder, signature.return_type, _totals(builder, accs))
         return sig, codegen
     return dot
 

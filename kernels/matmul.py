@@ -101,37 +101,74 @@ def bf16_bits(x):                                          # float32 [N, K] -> a
     return out
 
 
+def pairs_of(xd):                                          # bf16 inputs as jit's bf16 dots take them (numba-only; see overload)
+    raise NotImplementedError
+
+
+@overload(pairs_of)
+def _pairs_of(xd):
+    """bf16 bits (uint16 [N, K]): viewed as uint32 pairs (jit.dot_bf16); float32 in split order: as they are
+    (jit.dot_bf16s_*)."""
+    if xd.dtype == types.uint16:
+        return lambda xd: xd.view(np.uint32)
+    return lambda xd: xd
+
+
+def row_dot4(wp, m, xp, n, ahead):                         # row m against inputs n .. n + 3 (numba-only; see overload)
+    raise NotImplementedError
+
+
+@overload(row_dot4)
+def _row_dot4(wp, m, xp, n, ahead):
+    if xp.dtype == types.uint32:
+        return lambda wp, m, xp, n, ahead: dot_bf16x4(wp, m, xp, n, ahead)
+    return lambda wp, m, xp, n, ahead: dot_bf16s_1x4(wp, m, xp, n, ahead)
+
+
+def row_dot1(wp, m, xp, n, ahead):                         # row m against input n (numba-only; see overload)
+    raise NotImplementedError
+
+
+@overload(row_dot1)
+def _row_dot1(wp, m, xp, n, ahead):
+    if xp.dtype == types.uint32:
+        return lambda wp, m, xp, n, ahead: dot_bf16(wp, m, xp, n, ahead)
+    return lambda wp, m, xp, n, ahead: dot_bf16s_1x1(wp, m, xp, n, ahead)
+
+
 @inline
-def bf16_rows(xb, w, out, m0, m1, ahead=0):                # out[:, m0:m1] = xb . w[m0:m1]^T, both bf16 bits (uint16 [N, K], [M, K])
-    """Each row against four inputs at a time, then one at a time (jit.dot_bf16: a row's pairs as uint32;
-    K odd: pairs do not exist, a dot of widened values). ahead: bytes on to hint into L2 (decode's GEMVs
-    from 4 inputs: STREAM_AHEAD), never past row m1."""
-    N, K = xb.shape
+def bf16_rows(xd, w, out, m0, m1, ahead=0):                # out[:, m0:m1] = xd . w[m0:m1]^T, bf16 rows (bits [M, K])
+    """xd: the inputs as bf16_inputs gives them, bf16 bits (uint16 [N, K]) or float32 in split order. Each
+    row against four inputs at a time, then one at a time (jit.dot_bf16x4 / dot_bf16 on pairs as uint32, or
+    dot_bf16s_1x4 / 1x1 on split inputs); the last K % 16 inputs (in their own order in both) and K odd
+    (pairs do not exist; bf16_split_into leaves odd rows unsplit): dots of widened values. ahead: bytes on
+    to hint into L2 (decode's GEMVs from 4 inputs: STREAM_AHEAD), never past row m1."""
+    N, K = xd.shape
     if K % 2 == 1:
         for m in range(m0, m1):
             for n in range(N):
                 s = np.float32(0.0)
                 for k in range(K):
-                    s += widen(xb, n, k) * widen(w, m, k)
+                    s += widen(xd, n, k) * widen(w, m, k)
                 out[n, m] = s
         return
-    xp, wp = xb.view(np.uint32), w.view(np.uint32)
-    tail = K // 16 * 16                                    # dot_bf16 covers whole runs of 8 pairs, this loop the rest
+    xp, wp = pairs_of(xd), w.view(np.uint32)
+    tail = K // 16 * 16                                    # the dots cover whole runs of 8 pairs, this loop the rest
     hint = ahead if N >= TILE_FROM else 0
     for m in range(m0, m1):
         a = hint if (m1 - m) * 2 * K > hint else 0
         n = 0
         while n + 4 <= N:
-            s0, s1, s2, s3 = dot_bf16x4(wp, m, xp, n, a)
+            s0, s1, s2, s3 = row_dot4(wp, m, xp, n, a)
             out[n, m], out[n + 1, m], out[n + 2, m], out[n + 3, m] = s0, s1, s2, s3
             n += 4
         while n < N:
-            (out[n, m],) = dot_bf16(wp, m, xp, n, a)
+            (out[n, m],) = row_dot1(wp, m, xp, n, a)
             n += 1
         for n in range(N if tail < K else 0):
             s = np.float32(0.0)
             for k in range(tail, K):
-                s += widen(xb, n, k) * widen(w, m, k)
+                s += widen(xd, n, k) * widen(w, m, k)
             out[n, m] += s
 
 
@@ -268,8 +305,9 @@ def bf16_tiles(xb, w, out, m0, m1):                        # out[:, m0:m1] = xb 
 @serial
 def bf16_split_into(x, out):                               # float32 [N, K] -> out float32 [N, K]: x rounded to bf16, in split order
     """Each whole run of 16 inputs (k = 16j .. 16j + 15) as its 8 even elements, then its 8 odd ones, the
-    order jit.dot_bf16s_* multiply a run of bf16 weight pairs in; the last K % 16 in their own order."""
-    runs = x.shape[1] // 16
+    order jit.dot_bf16s_* multiply a run of bf16 weight pairs in; the last K % 16 in their own order. K odd
+    (no pairs): all in their own order."""
+    runs = x.shape[1] // 16 if x.shape[1] % 2 == 0 else 0
     for n in range(x.shape[0]):
         for j in range(runs):
             for l in range(8):
@@ -300,23 +338,12 @@ def _split_tail(xs, w, n, m):                              # xs[n] . w[m] over t
 
 
 @inline
-def _split_widened(xs, w, out, m0, m1):                    # out[:, m0:m1] = xs . w[m0:m1]^T, one widened product at a time (K odd)
-    for m in range(m0, m1):
-        for n in range(xs.shape[0]):
-            s = np.float32(0.0)
-            for j in range(xs.shape[1] // 16):
-                for l in range(8):
-                    s += xs[n, 16 * j + l] * widen(w, m, 16 * j + 2 * l) + xs[n, 16 * j + 8 + l] * widen(w, m, 16 * j + 2 * l + 1)
-            out[n, m] = s + _split_tail(xs, w, n, m)
-
-
-@inline
 def bf16_split_tiles(xs, w, out, m0, m1):                  # out[:, m0:m1] = xs . w[m0:m1]^T: split float32 inputs, bf16 rows (bits)
     """3 rows against 3 inputs at a time (jit.dot_bf16s_3x3), the last N % 3 inputs 3 rows at a time, the
-    last (m1 - m0) % 3 rows one dot at a time; K odd (no pairs): widened dots of the two in split order."""
+    last (m1 - m0) % 3 rows one dot at a time; K odd (no pairs, xs unsplit): bf16_rows."""
     N, K = xs.shape
     if K % 2 == 1:
-        _split_widened(xs, w, out, m0, m1)
+        bf16_rows(xs, w, out, m0, m1)
         return
     wp = w.view(np.uint32)
     whole = K % 16 == 0
@@ -341,51 +368,14 @@ def bf16_split_tiles(xs, w, out, m0, m1):                  # out[:, m0:m1] = xs 
             out[n, m] = s if whole else s + _split_tail(xs, w, n, m)
 
 
-@inline
-def bf16_split_rows(xs, w, out, m0, m1, ahead=0):          # out[:, m0:m1] = xs . w[m0:m1]^T: split float32 inputs, bf16 rows (bits)
-    """bf16_rows for inputs in split order (bf16_split_into; CPUs without vdpbf16ps): each row against four
-    inputs at a time (jit.dot_bf16s_1x4), then one at a time; K odd: one widened product at a time."""
-    N, K = xs.shape
-    if K % 2 == 1:
-        _split_widened(xs, w, out, m0, m1)
-        return
-    wp = w.view(np.uint32)
-    whole = K % 16 == 0
-    hint = ahead if N >= TILE_FROM else 0
-    for m in range(m0, m1):
-        a = hint if (m1 - m) * 2 * K > hint else 0
-        n = 0
-        while n + 4 <= N:
-            s0, s1, s2, s3 = dot_bf16s_1x4(wp, m, xs, n, a)
-            out[n, m], out[n + 1, m], out[n + 2, m], out[n + 3, m] = s0, s1, s2, s3
-            n += 4
-        while n < N:
-            (out[n, m],) = dot_bf16s_1x1(wp, m, xs, n, a)
-            n += 1
-        for n in range(N if not whole else 0):
-            out[n, m] += _split_tail(xs, w, n, m)
-
-
-def bf16_gemv_rows(xd, w, out, m0, m1, ahead=0):           # out[:, m0:m1] = xd . w[m0:m1]^T, bf16 rows (numba-only; see overload)
-    raise NotImplementedError
-
-
-@overload(bf16_gemv_rows)
-def _bf16_gemv_rows(xd, w, out, m0, m1, ahead=0):
-    """xd from bf16_inputs: bf16 bits (uint16: bf16_rows) or float32 in split order (bf16_split_rows)."""
-    if xd.dtype == types.uint16:
-        return lambda xd, w, out, m0, m1, ahead=0: bf16_rows(xd, w, out, m0, m1, ahead)
-    return lambda xd, w, out, m0, m1, ahead=0: bf16_split_rows(xd, w, out, m0, m1, ahead)
-
-
 @parallel
 def gemv_bf16(xd, w, b, gelu):                             # bf16 inputs (bf16_inputs) and rows (bits: quant.BF16) (+ b) -> [N, M]
-    """A weight row a task, against every input (bf16_gemv_rows)."""
+    """A weight row a task, against every input (bf16_rows)."""
     N = xd.shape[0]
     M = w.shape[0]
     out = np.empty((N, M), dtype=np.float32)
     for m in numba.prange(M):
-        bf16_gemv_rows(xd, w, out, m, m + 1)
+        bf16_rows(xd, w, out, m, m + 1)
         _bias(out, b, m, gelu)
     return out
 

@@ -68,11 +68,12 @@ def test_bf16_dot_on_every_instruction_path(isa, runs):
 
 def test_bf16_split_inputs_hold_each_run_of_16_as_its_evens_then_its_odds():
     """matmul.bf16_split (inputs of the dots for CPUs without vdpbf16ps): x rounded to bf16 as the spec
-    rounds it, each whole run of 16 reordered, the last K % 16 as they are."""
-    x = rng.standard_normal((3, 37), dtype=np.float32)
+    rounds it, each whole run of 16 reordered, the last K % 16 as they are; K odd (no pairs): all as they are."""
+    x = rng.standard_normal((3, 38), dtype=np.float32)
     xs, r = matmul.bf16_split(x), quant.round_to_bf16(x)
     np.testing.assert_array_equal(xs[:, :32].reshape(3, 2, 2, 8), r[:, :32].reshape(3, 2, 8, 2).transpose(0, 1, 3, 2))
     np.testing.assert_array_equal(xs[:, 32:], r[:, 32:])
+    np.testing.assert_array_equal(matmul.bf16_split(x[:, :37]), quant.round_to_bf16(x[:, :37]))
 
 
 @functools.cache
