@@ -475,9 +475,9 @@ def _dot_bf16(inputs, isa="native", rows=1):
 
 
 def _dot_bf16_split(rows, inputs):
-    """The dots of `rows` bf16 rows with `inputs` float32 inputs in split order: plain IR, for CPUs without
-    vdpbf16ps (AVX2 has 16 vector registers: dot_bf16_4x4's plain-IR path there spills its 16 sums and
-    ran bf16 prompts at 0.3x float32)."""
+    """The dots of `rows` bf16 rows with `inputs` float32 inputs in split order: plain IR, for decode on CPUs
+    without vdpbf16ps (AVX2 has 16 vector registers: dot_bf16x4's plain-IR path widens every input's run
+    again for each row)."""
 
     @intrinsic
     def dot(typingctx, w, m, xs, n, ahead):
@@ -486,10 +486,8 @@ def _dot_bf16_split(rows, inputs):
         odd ones: matmul.bf16_split_into), over the whole runs of 8 pairs: one float32 per (row, input), row
         by row. A weight run is widened once (`u << 16`, `u & 0xFFFF0000`: its even and odd elements'
         float32 bits) for every input; each input's run is loaded once for every row (dot_bf16's plain IR
-        widens every input's run again for each row). 3 rows by 3 inputs (prefill): 9 sums, 6 input halves
-        and a widened row fit AVX2's 16 registers (one core, GPT-2's prefill shapes at 128 and 512 inputs:
-        3x3 80-87 GFLOP/s, 4x2 74-79, 2x4 66-82, 4x3 and 3x4 ~40 (spills), OpenBLAS's float32 sgemm 89-95).
-        Fewer than 8 dots: even and odd elements in sums of their own, and runs taken in turn by
+        widens every input's run again for each row). Fewer than 8 dots (decode's 1x4 and 1x1; prefill's 3x3
+        tiles, 80-87 GFLOP/s on one core, gave way to bf16_panel): even and odd elements in sums of their own, and runs taken in turn by
         8 // (2 * dots) sets of sums (a sum waits on one FMA a run, not two, and ~8 are in flight). Two rows
         against 4 inputs (decode from 4 inputs, each input run loaded once for both rows) measured
         0.79-0.86x the 1x4 dot at batch 4. ahead: as dot_bf16's (a hint for the first row)."""
@@ -537,19 +535,110 @@ def _dot_bf16_split(rows, inputs):
     return dot
 
 
+PANEL_ROWS, PANEL_INPUTS = 16, 6                           # bf16 prompts without vdpbf16ps: 16 weight rows against 6 inputs at a time
+
+
+def _shuffle(builder, a, b, mask):                         # lanes of a (0-7) and b (8-15), <8 x i32>
+    return builder.shuffle_vector(a, b, ir.Constant(_vector(32, 8), mask))
+
+
+def _transpose8(builder, rows):                            # 8 <8 x i32> rows -> their 8 columns (unpack 32, 64, then 128-bit halves)
+    lo32, hi32, lo64, hi64 = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15], [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    t = [_shuffle(builder, rows[p], rows[p + 1], mask) for p in range(0, 8, 2) for mask in (lo32, hi32)]
+    u = [_shuffle(builder, t[q + a], t[q + a + 2], mask) for q in (0, 4) for a in (0, 1) for mask in (lo64, hi64)]
+    cols = [None] * 8                                      # u[c] holds columns c and c + 4 of rows 0-3, u[c + 4] of rows 4-7
+    for c in range(4):
+        cols[c] = _shuffle(builder, u[c], u[c + 4], [0, 1, 2, 3, 8, 9, 10, 11])
+        cols[c + 4] = _shuffle(builder, u[c], u[c + 4], [4, 5, 6, 7, 12, 13, 14, 15])
+    return cols
+
+
+@intrinsic
+def pack_panel(typingctx, w, m, panel):
+    """Rows m .. m + 15 of w (bf16 bits, uint16 [M, K]) -> panel (uint32 [K, 8]) over the whole runs of 8
+    columns (the caller packs the last K % 8): panel[k, j] holds w[m + j, k] in its low half and w[m + 8 + j, k]
+    in its high half, so one load of panel[k] and `u << 16`, `u & 0xFFFF0000` are the 16 rows' weights at k
+    as float32 (bf16_panel's weight vectors). 8 columns at a time: 16 loads, 8 combined rows, one 8x8
+    transpose in shuffles, 8 stores (~0.1 ns a weight on a Zen 3: 1/30 of the products at 128 inputs)."""
+    if not (_c_array(w, 2) and _c_array(panel, 2) and w.dtype == types.uint16 and panel.dtype == types.uint32):
+        return None
+    sig = types.void(w, types.intp, panel)
+
+    def codegen(context, builder, signature, args):
+        w, m, panel = args
+        t = signature.args
+        i16, i32 = _vector(16, 8), _vector(32, 8)
+        rows = [_row(builder, context, t[0], w, builder.add(m, ir.Constant(m.type, r)), ir.IntType(16)) for r in range(PANEL_ROWS)]
+        K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, w).shape)[1]
+        out = _row(builder, context, t[2], panel, ir.Constant(K.type, 0), ir.IntType(32))
+        const = lambda v: ir.Constant(K.type, v)
+        with cgutils.for_range(builder, builder.udiv(K, const(8))) as loop:
+            k = builder.mul(loop.index, const(8))
+            load = lambda r: builder.zext(builder.load(builder.bitcast(builder.gep(rows[r], [k]), i16.as_pointer()), align=2), i32)
+            combined = [builder.or_(load(j), builder.shl(load(j + 8), ir.Constant(i32, [16] * 8))) for j in range(8)]
+            for c, col in enumerate(_transpose8(builder, combined)):
+                at = builder.gep(out, [builder.mul(builder.add(k, const(c)), const(8))])
+                builder.store(col, builder.bitcast(at, i32.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def bf16_panel(typingctx, panel, xg, c):
+    """A panel of 16 bf16 rows (pack_panel: uint32 [K, 8]) against a group of 6 inputs (xg float32 [K, 6],
+    k-major: matmul.bf16_groups_into) -> c float32 [6, 16]: c[i, j] = sum over k of xg[k, i] * row j's weight
+    at k, each sum in k order, in float32 (exact products). An sgemm-style outer product: per k, one load
+    and two integer ops give the 16 weights as float32 (panel's halves), 6 broadcast inputs, 12 FMAs into
+    12 sums held in registers (15 of AVX2's 16: no spills, no sums across lanes at the end; LLVM unrolls
+    k by 2). The split dots' 3x3 tiles it replaced loaded 3 weight runs, widened them and loaded 6 input
+    halves for 18 FMAs, then added across lanes. On one core of a Zen 3 (shared, noisy), at GPT-2's prefill
+    shapes (128 and 512 inputs, K 768 and 3072): this 70-97 GFLOP/s, OpenBLAS's float32 sgemm 56-82 in the
+    same runs; in the model, bf16 prompts went from 0.72-0.92x fp32 (3x3 tiles) to 0.86-1.06x."""
+    if not (_c_array(panel, 2) and _c_array(xg, 2) and _c_array(c, 2) and panel.dtype == types.uint32
+            and xg.dtype == types.float32 and c.dtype == types.float32):
+        return None
+    sig = types.void(panel, xg, c)
+
+    def codegen(context, builder, signature, args):
+        panel, xg, c = args
+        t = signature.args
+        i32, f32 = _vector(32, 8), _vector(0, 8)
+        K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, panel).shape)[0]
+        zero = ir.Constant(K.type, 0)
+        wp, xp, cp = (_row(builder, context, t[a], v, zero, e) for a, v, e in ((0, panel, ir.IntType(32)), (1, xg, ir.FloatType()),
+                                                                               (2, c, ir.FloatType())))
+        const = lambda v: ir.Constant(K.type, v)
+        sums = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(2)] for _ in range(PANEL_INPUTS)]
+        with cgutils.for_range(builder, K) as loop:
+            k = loop.index
+            u = builder.load(builder.bitcast(builder.gep(wp, [builder.mul(k, const(8))]), i32.as_pointer()), align=4)
+            halves = (builder.bitcast(builder.shl(u, ir.Constant(i32, [16] * 8)), f32),             # rows 0-7 at k
+                      builder.bitcast(builder.and_(u, ir.Constant(i32, [-(1 << 16)] * 8)), f32))     # rows 8-15
+            for i in range(PANEL_INPUTS):
+                v = _splat(builder, builder.load(builder.gep(xp, [builder.add(builder.mul(k, const(PANEL_INPUTS)), const(i))])))
+                for h, wv in enumerate(halves):
+                    s = sums[i][h]
+                    builder.store(builder.fadd(builder.load(s), builder.fmul(wv, v, flags=FMA), flags=FMA), s)
+        for i in range(PANEL_INPUTS):
+            for h in range(2):
+                at = builder.gep(cp, [const(16 * i + 8 * h)])
+                builder.store(builder.load(sums[i][h]), builder.bitcast(at, f32.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 def _host_features():
     from numba.core.registry import cpu_target
     return getattr(cpu_target.target_context.codegen(), "_tm_features", "").split(",")
 
 
-# bf16 prompts: 4x4 tiles of bf16 pairs where the CPU has vdpbf16ps, else 3x3 tiles against float32 inputs in
-# split order (the weights widened in registers). Decided here for the Python side (which layout to prepare);
+# bf16 prompts: 4x4 tiles of bf16 pairs where the CPU has vdpbf16ps, else panels of 16 rows against groups of
+# 6 inputs (bf16_panel: the weights widened in registers). Decided here for the Python side (which layout to prepare);
 # the intrinsics decide again for themselves when they compile, from the same features.
 BF16_PAIRS = "+avx512bf16" in _host_features() and "+avx512vl" in _host_features()
 
 dot_bf16, dot_bf16x4, dot_bf16_4x4 = _dot_bf16(1), _dot_bf16(4), _dot_bf16(4, rows=4)
-dot_bf16s_3x3, dot_bf16s_3x1, dot_bf16s_1x4, dot_bf16s_1x1 = (_dot_bf16_split(3, 3), _dot_bf16_split(3, 1), _dot_bf16_split(1, 4),
-                                                              _dot_bf16_split(1, 1))
+dot_bf16s_1x4, dot_bf16s_1x1 = _dot_bf16_split(1, 4), _dot_bf16_split(1, 1)
 dot_bf16_isa = {isa: (_dot_bf16(1, isa), _dot_bf16(4, isa), _dot_bf16(4, isa, rows=4)) for isa in ("native", "generic")}   # for tests: each path
 dot_q8, dot_q8x4, dot_q4, dot_q4x4 = _dot_group("int8"), _dot_group("int8", 4), _dot_group("int4"), _dot_group("int4", 4)
 dot_q8_isa = {isa: _dot_group("int8", isa=isa) for isa in ISAS}   # for tests: each instruction path on this CPU

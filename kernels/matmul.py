@@ -3,7 +3,7 @@ see kernels.prepare): decode streams the rows once on every core, four rows agai
 time when a batch has four or more (bf16: a row against four bf16 inputs, as pairs; int8 and int4: a group
 of 8 rows against each input, in integers);
 prefill gives each core a band of output columns: a single-threaded sgemm on float32, 4x4 tiles of bf16
-pairs (3x3 tiles of widened bf16 rows without AVX512-BF16) and integer dots on the rest."""
+pairs (without AVX512-BF16: panels of 16 bf16 rows against 6 inputs, sgemm-style) and integer dots on the rest."""
 
 import numba
 import numpy as np
@@ -14,8 +14,9 @@ from .. import quant
 
 from .activation import _gelu
 from . import jit
-from .jit import (DECODE_ROWS, GROUP, bands, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4, dot_bf16s_1x1, dot_bf16s_1x4,
-                  dot_bf16s_3x1, dot_bf16s_3x3, dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits, inline, parallel, rint, serial)
+from .jit import (DECODE_ROWS, GROUP, PANEL_INPUTS, PANEL_ROWS, bands, bf16_panel, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4,
+                  dot_bf16s_1x1, dot_bf16s_1x4, dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits, inline,
+                  pack_panel, parallel, rint, serial)
 
 
 def widen(w, m, k):                                        # stored weight element -> float32 (numba-only; see overload)
@@ -329,45 +330,6 @@ def bf16_inputs(x):                                        # x [N, K] as a bf16 
     return bf16_bits(x) if jit.BF16_PAIRS else bf16_split(x)
 
 
-@inline
-def _split_tail(xs, w, n, m):                              # xs[n] . w[m] over the last K % 16 inputs (widened; xs in split order)
-    s = np.float32(0.0)
-    for k in range(xs.shape[1] // 16 * 16, xs.shape[1]):
-        s += xs[n, k] * widen(w, m, k)
-    return s
-
-
-@inline
-def bf16_split_tiles(xs, w, out, m0, m1):                  # out[:, m0:m1] = xs . w[m0:m1]^T: split float32 inputs, bf16 rows (bits)
-    """3 rows against 3 inputs at a time (jit.dot_bf16s_3x3), the last N % 3 inputs 3 rows at a time, the
-    last (m1 - m0) % 3 rows one dot at a time; K odd (no pairs, xs unsplit): bf16_rows."""
-    N, K = xs.shape
-    if K % 2 == 1:
-        bf16_rows(xs, w, out, m0, m1)
-        return
-    wp = w.view(np.uint32)
-    whole = K % 16 == 0
-    m = m0
-    while m + 3 <= m1:
-        n = 0
-        while n + 3 <= N:
-            t = dot_bf16s_3x3(wp, m, xs, n, 0)
-            for r in range(3):
-                for i in range(3):
-                    out[n + i, m + r] = t[3 * r + i] if whole else t[3 * r + i] + _split_tail(xs, w, n + i, m + r)
-            n += 3
-        while n < N:
-            t = dot_bf16s_3x1(wp, m, xs, n, 0)
-            for r in range(3):
-                out[n, m + r] = t[r] if whole else t[r] + _split_tail(xs, w, n, m + r)
-            n += 1
-        m += 3
-    for m in range(m, m1):
-        for n in range(N):
-            (s,) = dot_bf16s_1x1(wp, m, xs, n, 0)
-            out[n, m] = s if whole else s + _split_tail(xs, w, n, m)
-
-
 @parallel
 def gemv_bf16(xd, w, b, gelu):                             # bf16 inputs (bf16_inputs) and rows (bits: quant.BF16) (+ b) -> [N, M]
     """A weight row a task, against every input (bf16_rows)."""
@@ -510,20 +472,60 @@ def _bf16_band(xb, w, m0, m1, out, nb, mb):                # out[:, m0:m1] = xb 
 
 
 @serial
-def _split_band(xs, w, m0, m1, out, nb, mb):               # _bf16_band on bf16_split_tiles: xs float32 in split order
-    N = xs.shape[0]
-    for n0 in range(0, N, nb):
-        n1 = min(n0 + nb, N)
-        for c0 in range(m0, m1, mb):
-            bf16_split_tiles(xs[n0:n1], w, out[n0:n1], c0, min(c0 + mb, m1))
+def bf16_groups_into(x, out, g0, g1):                      # float32 [N, K] -> out float32 [G, K, 6], groups g0 .. g1: bf16 values, k-major
+    """Group g holds inputs 6g .. 6g + 5 rounded to bf16 (as quant.round_to_bf16), out[g, k, i] = x[6g + i, k]
+    (jit.bf16_panel broadcasts the 6 inputs at k from one place); past the last input, zeros."""
+    N, K = x.shape
+    for g in range(g0, g1):
+        for i in range(PANEL_INPUTS):
+            n = g * PANEL_INPUTS + i
+            if n < N:
+                for k in range(K):
+                    out[g, k, i] = f32_from_bits(np.uint32(_bf16_of(x[n, k])) << np.uint32(16))
+            else:
+                for k in range(K):
+                    out[g, k, i] = np.float32(0.0)
 
 
-def _tiled_product(x, w, out, b, then, scratch, pairs=None):   # matmul_into for bf16 rows: tiles of bf16 pairs or split ones
-    """pairs: 4x4 tiles of bf16 pairs (jit.dot_bf16_4x4: vdpbf16ps); else 3x3 tiles of widened rows against
-    float32 inputs in split order (jit.dot_bf16s_3x3). None: pairs where the CPU has vdpbf16ps
+@inline
+def _pack_panel(w, m, rows, panel):                        # rows m .. m + rows - 1 (<= 16) of w (bits) -> panel [K, 8] (jit.pack_panel)
+    K = w.shape[1]
+    start = 0
+    if rows == PANEL_ROWS:
+        pack_panel(w, m, panel)
+        start = K // 8 * 8
+    half = PANEL_ROWS // 2
+    for k in range(start, K):                              # the last K % 8 columns; a partial panel: all, its missing rows 0
+        for j in range(half):
+            lo = np.uint32(w[m + j, k]) if j < rows else np.uint32(0)
+            hi = np.uint32(w[m + half + j, k]) if half + j < rows else np.uint32(0)
+            panel[k, j] = lo | (hi << np.uint32(16))
+
+
+@serial
+def _panel_band(xg, w, N, m0, m1, yt):                     # yt[m0:m1] = (x . w[m0:m1]^T)^T: xg (bf16_groups_into), bf16 rows (bits)
+    """Panels of 16 rows, each packed once and run against every group of 6 inputs (jit.bf16_panel); the
+    inputs stream past the panel (L2 or L3; measured no slower than blocking them at 128-512 inputs)."""
+    K = w.shape[1]
+    panel = np.empty((K, PANEL_ROWS // 2), np.uint32)
+    c = np.empty((PANEL_INPUTS, PANEL_ROWS), np.float32)
+    for m in range(m0, m1, PANEL_ROWS):
+        rows = min(PANEL_ROWS, m1 - m)
+        _pack_panel(w, m, rows, panel)
+        for g in range(xg.shape[0]):
+            bf16_panel(panel, xg[g], c)
+            n0 = g * PANEL_INPUTS
+            for j in range(rows):
+                for i in range(min(PANEL_INPUTS, N - n0)):
+                    yt[m + j, n0 + i] = c[i, j]
+
+
+def _tiled_product(x, w, out, b, then, scratch, pairs=None):   # matmul_into for bf16 rows: tiles of bf16 pairs or panels
+    """pairs: 4x4 tiles of bf16 pairs (jit.dot_bf16_4x4: vdpbf16ps); else panels of 16 widened rows against
+    groups of 6 inputs (jit.bf16_panel, sgemm-style). None: pairs where the CPU has vdpbf16ps
     (jit.BF16_PAIRS). Both multiply the inputs' bf16 values exactly, summed in float32. On an AVX2 Zen 3,
-    alternating in one process: the split tiles ran bf16 prompts 2.5x the pairs' plain-IR path, 0.81-0.89x
-    fp32's sgemm."""
+    3 rounds of npgpt bench alternating processes: bf16 prompts 0.86-1.06x fp32's sgemm on panels, 0.72-0.92x
+    on the 3x3 split tiles before them."""
     N, K = x.shape
     pairs = jit.BF16_PAIRS if pairs is None else pairs
     yt, rows = transposed_view(scratch, w.shape[0], N), w.bits
@@ -534,11 +536,10 @@ def _tiled_product(x, w, out, b, then, scratch, pairs=None):   # matmul_into for
         mb = max(4, TILE_WEIGHT_BYTES // (rows.itemsize * K) // 4 * 4)
         tiles = lambda cols: _bf16_band(xb, rows, cols.start, cols.stop, yt.T, nb, mb)
     else:
-        xs = np.empty((N, K), np.float32)                  # the inputs' bf16 values in split order
-        bands(lambda r: bf16_split_into(x[r], xs[r]), N)
-        nb = max(3, TILE_INPUT_BYTES // 2 // (4 * K) // 3 * 3)   # (float32 inputs: the pairs' block in bytes)
-        mb = max(3, TILE_WEIGHT_BYTES // (rows.itemsize * K) // 3 * 3)
-        tiles = lambda cols: _split_band(xs, rows, cols.start, cols.stop, yt.T, nb, mb)
+        G = -(-N // PANEL_INPUTS)
+        xg = np.empty((G, K, PANEL_INPUTS), np.float32)    # the inputs' bf16 values in groups of 6, k-major
+        bands(lambda r: bf16_groups_into(x, xg, r.start, r.stop), G)
+        tiles = lambda cols: _panel_band(xg, rows, N, cols.start, cols.stop, yt)
 
     def band(cols):
         tiles(cols)

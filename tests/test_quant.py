@@ -83,7 +83,7 @@ def _split_caller(dot):
 
 @pytest.mark.parametrize("runs", [1, 3, 8, 13])              # runs of 8 pairs: fewer and more than the 4 sets of sums
 def test_bf16_split_dots_on_widened_rows_equal_float64_sums(runs):
-    """jit.dot_bf16s_3x3, 3x1, 1x4 and 1x1 (plain IR: bf16 rows widened in registers against float32 inputs
+    """jit.dot_bf16s_1x4 and 1x1 (decode's plain IR: bf16 rows widened in registers against float32 inputs
     in split order) against float64 sums of the same bf16 values, rows and inputs at offsets, with and
     without the prefetch hint: 1e-6 relative to the sum of |products| (exact products, float32 sums of
     at most 13 terms a lane)."""
@@ -94,7 +94,7 @@ def test_bf16_split_dots_on_widened_rows_equal_float64_sums(runs):
     products = xr[:, None, :] * wide[None, :, :]            # [7 inputs, 7 rows, K]
     want, scale = products.sum(-1), np.abs(products).sum(-1)
     wp, xs = w.bits.view(np.uint32), matmul.bf16_split(x)
-    for dot, rows, inputs in ((jit.dot_bf16s_3x3, 3, 3), (jit.dot_bf16s_3x1, 3, 1), (jit.dot_bf16s_1x4, 1, 4), (jit.dot_bf16s_1x1, 1, 1)):
+    for dot, rows, inputs in ((jit.dot_bf16s_1x4, 1, 4), (jit.dot_bf16s_1x1, 1, 1)):
         for m, n, ahead in ((0, 0, 0), (4, 3, 0), (2, 3, 256)):
             got = _split_caller(dot)(wp, m, xs, n, ahead)
             for r in range(rows):
@@ -102,10 +102,48 @@ def test_bf16_split_dots_on_widened_rows_equal_float64_sums(runs):
                     assert abs(got[r * inputs + i] - want[n + i, m + r]) <= 1e-6 * scale[n + i, m + r], (rows, inputs, m, n)
 
 
+@functools.cache
+def _panel_callers():                                      # compiled functions calling matmul._pack_panel and jit.bf16_panel
+    from npgpt.kernels import jit
+    return (numba.njit(lambda w, m, rows, panel: matmul._pack_panel(w, m, rows, panel)),
+            numba.njit(lambda panel, xg, c: jit.bf16_panel(panel, xg, c)))
+
+
+@pytest.mark.parametrize("K", [5, 8, 45, 200])
+def test_bf16_panels_hold_16_rows_and_multiply_6_inputs_as_float64_sums(K):
+    """Prefill without vdpbf16ps. matmul._pack_panel (jit.pack_panel's 8x8 transposes, then the last K % 8
+    columns and partial panels in numba): panel[k, j] holds row m + j's weight at k in its low half, row
+    m + 8 + j's in its high half, a partial panel's missing rows 0. matmul.bf16_groups_into: 6 inputs
+    rounded to bf16 as the spec, k-major, zeros past the last input. jit.bf16_panel against float64 sums of
+    the same values: 1e-6 relative to the sum of |products| (exact products, one float32 sum per output
+    in k order, at most 200 terms)."""
+    pack, product = _panel_callers()
+    wb = quant.to_bf16(rng.standard_normal((37, K), dtype=np.float32))
+    w, wide = wb.bits, quant.dequantize(wb).astype(np.float64)
+    panel = np.empty((K, 8), np.uint32)
+    for m, rows in ((3, 16), (21, 16), (30, 7)):
+        panel[:] = 0xDEADBEEF
+        pack(w, m, rows, panel)
+        block = np.zeros((16, K), np.uint32)
+        block[:rows] = w[m:m + rows]
+        np.testing.assert_array_equal(panel, (block[:8] | (block[8:] << 16)).T, err_msg=f"m={m} rows={rows}")
+    x = rng.standard_normal((8, K), dtype=np.float32)
+    xg, xr = np.full((2, K, 6), np.nan, np.float32), quant.round_to_bf16(x)
+    matmul.bf16_groups_into(x, xg, 0, 2)
+    np.testing.assert_array_equal(xg[0], xr[:6].T)
+    np.testing.assert_array_equal(xg[1], np.concatenate([xr[6:].T, np.zeros((K, 4), np.float32)], axis=1))
+    pack(w, 5, 16, panel)
+    for g in range(2):
+        c = np.full((6, 16), np.nan, np.float32)
+        product(panel, xg[g], c)
+        products = xg[g].T.astype(np.float64)[:, None, :] * wide[5:21][None, :, :]   # [6 inputs, 16 rows, K]
+        assert np.all(np.abs(c - products.sum(-1)) <= 1e-6 * np.abs(products).sum(-1)), g
+
+
 @pytest.mark.parametrize("pairs", [True, False])
 @pytest.mark.parametrize("N, K, M", [(7, 33, 10), (13, 48, 11), (37, 100, 29), (130, 256, 64), (2, 1, 5), (5, 2, 3)])
 def test_bf16_products_on_either_path_equal_the_spec(pairs, N, K, M, monkeypatch):
-    """Prefill's tiles (matmul._tiled_product: 4x4 tiles of bf16 pairs, or 3x3 split tiles as on CPUs
+    """Prefill's tiles (matmul._tiled_product: 4x4 tiles of bf16 pairs, or panels of 16 rows as on CPUs
     without vdpbf16ps) and the GEMV (matmul_rows: bf16 bits or split inputs) on odd shapes (partial tiles,
     K odd, K % 16 left over) against the spec's product of the rounded inputs and the widened weights, with
     a bias and then GELU: 1e-6 relative to the sum of |terms| (exact products, float32 sums; GELU: + 1e-5 of the
@@ -311,9 +349,9 @@ def test_linear_with_gelu_equals_the_spec(fmt, rows):
 def test_prefill_tiles_and_integer_dots_equal_the_spec(fmt, N, K, M, then, monkeypatch):
     """Prefill's bf16 tiles and int8/int4 integer dots (each band's product written transposed, then
     finished): inputs not a multiple of 4 (a tail of single dots), rows not a multiple of 4 or of 8 (a
-    partial tile or group), K not a multiple of 32 (a partial block). bf16 runs in blocks of 8 inputs
+    partial tile or group), K not a multiple of 32 (a partial block). bf16's pairs run in blocks of 8 inputs
     against chunks of 4 rows here (the defaults cover every input and 64 KiB of rows): partial blocks
-    and chunks too. Tolerance: float32 sums in another order, 1e-5 relative; GELU as its kernel's."""
+    and chunks too (bf16 panels, without vdpbf16ps: a partial panel and group). Tolerance: float32 sums in another order, 1e-5 relative; GELU as its kernel's."""
     monkeypatch.setattr(matmul, "TILE_INPUT_BYTES", 4 * K * 8)
     monkeypatch.setattr(matmul, "TILE_WEIGHT_BYTES", 2 * K * 4)
     x, b, start = (rng.standard_normal(s, dtype=np.float32) for s in ((N, K), M, (N, M)))
