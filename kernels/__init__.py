@@ -13,7 +13,7 @@ from ..backward import SPEC
 from ..model import REFERENCE
 from ..model import forward as spec_forward
 
-from . import activation, attention, matmul, memory, norm, optim, softmax
+from . import activation, attention, jit, matmul, memory, norm, optim, softmax
 from . import decode, prefill
 from .jit import blas_per_band as runtime
 from .jit import serialized
@@ -40,9 +40,14 @@ def forward(params, ids, cfg, ops, cache=None, last=False):   # npgpt.model.forw
 forward_packed = decode.forward_packed
 
 
+def _bf16_rows(bits):                                      # bf16 rows' bits [out, in] as this CPU's kernels read them
+    """quant.BF16 rows where the CPU has vdpbf16ps (jit.BF16_PAIRS), else quant.BF16Panels (16 rows k-major)."""
+    return quant.BF16(bits) if jit.BF16_PAIRS else matmul.bf16_panels(bits)
+
+
 def rows(w):                                               # Conv1D weight [in, out] in any format -> rows [out, in]
     if isinstance(w, quant.BF16):
-        return quant.BF16(matmul.transpose(w.bits))
+        return _bf16_rows(matmul.transpose(w.bits))
     if isinstance(w, quant.Int8):
         return matmul.int8_rows(w.q.T, w.scale.ravel())
     if isinstance(w, quant.Int4):                          # blocks run along the input axis 0
@@ -51,6 +56,8 @@ def rows(w):                                               # Conv1D weight [in, 
 
 
 def head_rows(w):                                          # LM head [V, C]: already rows; int8 and int4 into groups of 8 rows
+    if isinstance(w, quant.BF16):
+        return _bf16_rows(w.bits)
     if isinstance(w, quant.Int4):
         return matmul.int4_rows(w.q, w.scale)
     return matmul.int8_rows(w.q, w.scale.ravel()) if isinstance(w, quant.Int8) else w
@@ -88,6 +95,8 @@ def prepare_again(prepared, params, layers=None):
 def unrows(w):                                             # inverse of rows: [out, in] -> Conv1D [in, out]
     if isinstance(w, quant.BF16):
         return quant.BF16(matmul.transpose(w.bits))
+    if isinstance(w, quant.BF16Panels):
+        return quant.BF16(matmul.transpose(matmul.bf16_unpanel(w)))
     if isinstance(w, quant.Int8Rows):
         q, scale = matmul.int8_unrows(w)
         return quant.Int8(np.ascontiguousarray(q.T), scale.reshape(1, -1))
@@ -104,7 +113,9 @@ def unprepare(params):
                                        for name, layer in block[group].items()} for group in ("attn", "mlp")}}
                   for block in params["h"]]
     head = params["lm_head"]["weight"]
-    if isinstance(head, quant.Int8Rows):
+    if isinstance(head, quant.BF16Panels):
+        head = quant.BF16(matmul.bf16_unpanel(head))
+    elif isinstance(head, quant.Int8Rows):
         q, scale = matmul.int8_unrows(head)
         head = quant.Int8(q, scale.reshape(-1, 1))
     elif isinstance(head, quant.Int4Rows):

@@ -31,7 +31,8 @@ from .activation import _gelu
 from .attention import attend_row
 from .jit import DECODE_ROWS, atomic_add, atomic_read, inline, parallel, prefetch4, serial, spin_pause, team
 from . import jit
-from .matmul import BIAS, GELU, RESIDUAL, STREAM_AHEAD, bf16_bits, bf16_rows, bf16_split, float_rows, matmul_rows
+from .matmul import (BIAS, GELU, RESIDUAL, STREAM_AHEAD, bf16_bits, bf16_kmajor, bf16_rows, float_rows, matmul_rows,
+                     panel_rows)
 from .norm import layer_norm_rows
 
 
@@ -81,9 +82,17 @@ LINE = 8                                                   # int64 counters a ca
 
 
 @inline
-def chunk_rows(w, chunk_bytes):                            # weight rows in a GEMV chunk: ~chunk_bytes, a multiple of 8
+def chunk_rows(w, chunk_bytes):                            # weight rows in a GEMV chunk: ~chunk_bytes, a multiple of 8 (panels: of 16)
+    if w.ndim == 3:                                        # quant.BF16Panels' panels: 2 bytes a weight
+        r = chunk_bytes // (w.shape[1] * 2)
+        return max(16, r - r % 16)
     r = chunk_bytes // (w.shape[1] * w.itemsize)
     return max(8, r - r % 8)
+
+
+@inline
+def weight_count(w):                                       # a GEMV's weight rows (panels: rounded up to 16; the chunks past M are empty)
+    return w.shape[0] * 16 if w.ndim == 3 else w.shape[0]
 
 
 def region_inputs(x, w):                                   # a GEMV's inputs as the region's kernel for w reads them (numba-only; see overload)
@@ -92,12 +101,12 @@ def region_inputs(x, w):                                   # a GEMV's inputs as 
 
 @overload(region_inputs)
 def _region_inputs(x, w):
-    """bf16 rows: x rounded to bf16 (the bf16 matmul's rounding), as matmul.bf16_inputs: its bits with
-    vdpbf16ps (jit.BF16_PAIRS), else float32 in split order; float32: x itself. Decided when the region compiles."""
+    """bf16 rows: x rounded to bf16 (the bf16 matmul's rounding), its bits (matmul.bf16_bits); bf16 panels:
+    k-major (matmul.bf16_kmajor); float32: x itself."""
     if w.dtype == types.uint16:
-        if jit.BF16_PAIRS:
-            return lambda x, w: bf16_bits(x)
-        return lambda x, w: bf16_split(x)
+        return lambda x, w: bf16_bits(x)
+    if w.ndim == 3:                                        # quant.BF16Panels: k-major bf16 values (matmul.bf16_kmajor)
+        return lambda x, w: bf16_kmajor(x)
     return lambda x, w: x
 
 
@@ -107,17 +116,19 @@ def weight_rows(xd, w, out, m0, m1, ahead):                # out[:, m0:m1] = xd 
 
 @overload(weight_rows)
 def _weight_rows(xd, w, out, m0, m1, ahead):
-    """bf16: matmul.bf16_rows (bf16 pairs, or split inputs), hinting `ahead` bytes on; float32:
+    """bf16 rows: matmul.bf16_rows (bf16 pairs), hinting `ahead` bytes on; float32:
     matmul.float_rows (no hints: see matmul.STREAM_AHEAD)."""
     if w.dtype == types.uint16:
         return lambda xd, w, out, m0, m1, ahead: bf16_rows(xd, w, out, m0, m1, ahead)
+    if w.ndim == 3:
+        return lambda xd, w, out, m0, m1, ahead: panel_rows(xd, w, out, m0, m1)
     return lambda xd, w, out, m0, m1, ahead: float_rows(xd, w, out, m0, m1)
 
 
 @inline
 def _gemv_chunk(xd, w, b, out, c, R, then, stream, ahead):   # chunk c (R rows) of out = x . w^T + b, then: BIAS, GELU or RESIDUAL (into stream)
     """xd: the inputs from region_inputs; ahead: bf16_rows' hint distance (bytes)."""
-    m0, m1 = c * R, min(c * R + R, w.shape[0])
+    m0, m1 = c * R, min(c * R + R, out.shape[1])
     weight_rows(xd, w, out, m0, m1, ahead)
     for m in range(m0, m1):
         for n in range(out.shape[0]):
@@ -143,7 +154,7 @@ def _chunks(kind, layer, head, B, chunk_bytes):            # how many chunks ker
         return B, R
     if kind == ATTEND:
         return B * layer[12].shape[1], R
-    return -(-w.shape[0] // R), R
+    return -(-weight_count(w) // R), R
 
 
 @serial
@@ -205,7 +216,7 @@ def fused_step(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, ah
 def _region_weight(w):                                     # a prepared weight as fused_step reads it (float32, or bf16 bits), or None
     if isinstance(w, np.ndarray):
         return w
-    return w.bits if isinstance(w, quant.BF16) else None
+    return w.bits if isinstance(w, quant.BF16) else w.panels if isinstance(w, quant.BF16Panels) else None
 
 
 def one_region(params, cache):                             # (fused_step's layers, head), or None: int8/int4 weights run kernel by kernel
@@ -251,7 +262,7 @@ def step(params, ids, cfg, cache):                         # [B, 1] ids, KVCache
     if plan is not None:
         layers, head = plan
         bufs = (np.empty((B, C), np.float32), np.empty((B, C), np.float32), np.empty((B, 3 * C), np.float32),
-                np.empty((B, 4 * C), np.float32), np.empty((B, C), np.float32), np.empty((B, head.shape[0]), np.float32))
+                np.empty((B, 4 * C), np.float32), np.empty((B, C), np.float32), np.empty((B, params["lm_head"]["weight"].shape[0]), np.float32))
         fused_step(x, bufs, layers, (params["ln_f"]["weight"], params["ln_f"]["bias"]), head, lengths, scale,
                    np.float32(cfg.eps), CHUNK_BYTES, STREAM_AHEAD if head.dtype == np.uint16 else 0)   # (bf16 only: see matmul)
         cache.advance(1)

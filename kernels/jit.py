@@ -474,67 +474,6 @@ def _dot_bf16(inputs, isa="native", rows=1):
     return dot
 
 
-def _dot_bf16_split(rows, inputs):
-    """The dots of `rows` bf16 rows with `inputs` float32 inputs in split order: plain IR, for decode on CPUs
-    without vdpbf16ps (AVX2 has 16 vector registers: dot_bf16x4's plain-IR path widens every input's run
-    again for each row)."""
-
-    @intrinsic
-    def dot(typingctx, w, m, xs, n, ahead):
-        """Rows m .. m + rows - 1 of w [M, K/2] (uint32 bf16 pairs, as dot_bf16) against rows n ..
-        n + inputs - 1 of xs [N, K] (float32, each run of 16 inputs stored as its 8 even elements, then its 8
-        odd ones: matmul.bf16_split_into), over the whole runs of 8 pairs: one float32 per (row, input), row
-        by row. A weight run is widened once (`u << 16`, `u & 0xFFFF0000`: its even and odd elements'
-        float32 bits) for every input; each input's run is loaded once for every row (dot_bf16's plain IR
-        widens every input's run again for each row). Fewer than 8 dots (decode's 1x4 and 1x1; prefill's 3x3
-        tiles, 80-87 GFLOP/s on one core, gave way to bf16_panel): even and odd elements in sums of their own, and runs taken in turn by
-        8 // (2 * dots) sets of sums (a sum waits on one FMA a run, not two, and ~8 are in flight). Two rows
-        against 4 inputs (decode from 4 inputs, each input run loaded once for both rows) measured
-        0.79-0.86x the 1x4 dot at batch 4. ahead: as dot_bf16's (a hint for the first row)."""
-        if not (_c_array(w, 2) and _c_array(xs, 2) and w.dtype == types.uint32 and xs.dtype == types.float32):
-            return None
-        sig = types.UniTuple(types.float32, rows * inputs)(w, types.intp, xs, types.intp, types.intp)
-
-        def codegen(context, builder, signature, args):
-            w, m, x, n, ahead = args
-            t = signature.args
-            i32, f32 = _vector(32, 8), _vector(0, 8)
-            ws = [_row(builder, context, t[0], w, builder.add(m, ir.Constant(m.type, r)), ir.IntType(32)) for r in range(rows)]
-            xs = [_row(builder, context, t[2], x, builder.add(n, ir.Constant(n.type, i)), ir.FloatType()) for i in range(inputs)]
-            half = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, w).shape)[1]   # K/2
-            const = lambda v: ir.Constant(half.type, v)
-            halves = 2 if rows * inputs < 8 else 1         # even and odd elements in sums of their own
-            chains = max(1, 8 // (2 * rows * inputs))       # and sets of sums taking runs in turn: 8 sums in all
-            accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(halves * chains)]
-                    for _ in range(rows * inputs)]
-            load = lambda p, at, typ: builder.load(builder.bitcast(builder.gep(p, [at]), typ.as_pointer()), align=4)
-            hint = builder.icmp_signed(">", ahead, ir.Constant(ahead.type, 0))
-
-            def run(j, c):                                 # run j of 8 pairs into chain c of every dot
-                at_w, at_x = builder.mul(j, const(8)), builder.mul(j, const(16))
-                odd_run = builder.trunc(j, ir.IntType(1))
-                with builder.if_then(builder.and_(hint, builder.not_(odd_run))):   # a 64-byte line every other run
-                    line = builder.gep(builder.bitcast(builder.gep(ws[0], [at_w]), ir.IntType(8).as_pointer()), [ahead])
-                    _hint_l2(builder, line)
-                xv = [(load(p, at_x, f32), load(p, builder.add(at_x, const(8)), f32)) for p in xs]
-                for r in range(rows):
-                    u = load(ws[r], at_w, i32)
-                    even = builder.bitcast(builder.shl(u, ir.Constant(i32, [16] * 8)), f32)
-                    odd = builder.bitcast(builder.and_(u, ir.Constant(i32, [-(1 << 16)] * 8)), f32)
-                    for i in range(inputs):
-                        e, o = accs[r * inputs + i][halves * c], accs[r * inputs + i][halves * c + halves - 1]
-                        s = builder.fadd(builder.load(e), builder.fmul(even, xv[i][0], flags=FMA), flags=FMA)
-                        if halves == 2:
-                            builder.store(s, e)
-                            s = builder.load(o)
-                        builder.store(builder.fadd(s, builder.fmul(odd, xv[i][1], flags=FMA), flags=FMA), o)
-
-            _runs_in_turn(builder, builder.udiv(half, const(8)), chains, run)
-            return context.make_tuple(builder, signature.return_type, _totals(builder, accs))
-        return sig, codegen
-    return dot
-
-
 PANEL_ROWS, PANEL_INPUTS = 16, 6                           # bf16 prompts without vdpbf16ps: 16 weight rows against 6 inputs at a time
 
 
@@ -583,48 +522,63 @@ def pack_panel(typingctx, w, m, panel):
     return sig, codegen
 
 
-@intrinsic
-def bf16_panel(typingctx, panel, xg, c):
-    """A panel of 16 bf16 rows (pack_panel: uint32 [K, 8]) against a group of 6 inputs (xg float32 [K, 6],
-    k-major: matmul.bf16_groups_into) -> c float32 [6, 16]: c[i, j] = sum over k of xg[k, i] * row j's weight
-    at k, each sum in k order, in float32 (exact products). An sgemm-style outer product: per k, one load
-    and two integer ops give the 16 weights as float32 (panel's halves), 6 broadcast inputs, 12 FMAs into
-    12 sums held in registers (15 of AVX2's 16: no spills, no sums across lanes at the end; LLVM unrolls
-    k by 2). The split dots' 3x3 tiles it replaced loaded 3 weight runs, widened them and loaded 6 input
-    halves for 18 FMAs, then added across lanes. On one core of a Zen 3 (shared, noisy), at GPT-2's prefill
-    shapes (128 and 512 inputs, K 768 and 3072): this 70-97 GFLOP/s, OpenBLAS's float32 sgemm 56-82 in the
-    same runs; in the model, bf16 prompts went from 0.72-0.92x fp32 (3x3 tiles) to 0.86-1.06x."""
-    if not (_c_array(panel, 2) and _c_array(xg, 2) and _c_array(c, 2) and panel.dtype == types.uint32
-            and xg.dtype == types.float32 and c.dtype == types.float32):
-        return None
-    sig = types.void(panel, xg, c)
+def _bf16_panel(inputs):
+    """A panel of 16 bf16 rows against `inputs` inputs: 6 (prefill), 4 or 1 (decode)."""
+    chains = 4 if inputs == 1 else 1                       # one input: 4 sets of sums take k in turn (an FMA's latency)
 
-    def codegen(context, builder, signature, args):
-        panel, xg, c = args
-        t = signature.args
-        i32, f32 = _vector(32, 8), _vector(0, 8)
-        K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, panel).shape)[0]
-        zero = ir.Constant(K.type, 0)
-        wp, xp, cp = (_row(builder, context, t[a], v, zero, e) for a, v, e in ((0, panel, ir.IntType(32)), (1, xg, ir.FloatType()),
-                                                                               (2, c, ir.FloatType())))
-        const = lambda v: ir.Constant(K.type, v)
-        sums = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(2)] for _ in range(PANEL_INPUTS)]
-        with cgutils.for_range(builder, K) as loop:
-            k = loop.index
-            u = builder.load(builder.bitcast(builder.gep(wp, [builder.mul(k, const(8))]), i32.as_pointer()), align=4)
-            halves = (builder.bitcast(builder.shl(u, ir.Constant(i32, [16] * 8)), f32),             # rows 0-7 at k
-                      builder.bitcast(builder.and_(u, ir.Constant(i32, [-(1 << 16)] * 8)), f32))     # rows 8-15
-            for i in range(PANEL_INPUTS):
-                v = _splat(builder, builder.load(builder.gep(xp, [builder.add(builder.mul(k, const(PANEL_INPUTS)), const(i))])))
-                for h, wv in enumerate(halves):
-                    s = sums[i][h]
-                    builder.store(builder.fadd(builder.load(s), builder.fmul(wv, v, flags=FMA), flags=FMA), s)
-        for i in range(PANEL_INPUTS):
-            for h in range(2):
-                at = builder.gep(cp, [const(16 * i + 8 * h)])
-                builder.store(builder.load(sums[i][h]), builder.bitcast(at, f32.as_pointer()), align=4)
-        return context.get_dummy_value()
-    return sig, codegen
+    @intrinsic
+    def product(typingctx, panel, xg, c):
+        """panel (pack_panel: uint32 [K, 8]) against xg (float32 [K, inputs], k-major: matmul.bf16_groups_into)
+        -> c float32 [inputs, 16]: c[i, j] = sum over k of xg[k, i] * row j's weight at k, in float32 (exact
+        products; with one input, 4 sums over every 4th k, added at the end). An sgemm-style outer product:
+        per k, one load and two integer ops give the 16 weights as float32 (the panel's halves), each input
+        is broadcast against them, 2 FMAs an input, into sums held in registers (6 inputs: 12 sums, 15 of
+        AVX2's 16 registers: no spills, and no sums across lanes at the end; LLVM unrolls k by 2). The
+        split dots' 3x3 prefill tiles it replaced loaded 3 weight runs, widened them and loaded 6 input
+        halves for 18 FMAs, then added across lanes. On one core of a Zen 3 (shared, noisy), at GPT-2's
+        prefill shapes (128 and 512 inputs, K 768 and 3072): 70-97 GFLOP/s, OpenBLAS's float32 sgemm 56-82
+        in the same runs. Decode's GEMVs streaming 12 matrices from memory on both cores, against the split
+        dots on rows: 4 inputs 1.29-1.44x, one input 1.01-1.22x."""
+        if not (_c_array(panel, 2) and _c_array(xg, 2) and _c_array(c, 2) and panel.dtype == types.uint32
+                and xg.dtype == types.float32 and c.dtype == types.float32):
+            return None
+        sig = types.void(panel, xg, c)
+
+        def codegen(context, builder, signature, args):
+            panel, xg, c = args
+            t = signature.args
+            i32, f32 = _vector(32, 8), _vector(0, 8)
+            K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, panel).shape)[0]
+            zero = ir.Constant(K.type, 0)
+            wp, xp, cp = (_row(builder, context, t[a], v, zero, e) for a, v, e in ((0, panel, ir.IntType(32)), (1, xg, ir.FloatType()),
+                                                                                   (2, c, ir.FloatType())))
+            const = lambda v: ir.Constant(K.type, v)
+            sums = [[[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(2)] for _ in range(inputs)]
+                    for _ in range(chains)]
+
+            def step(k, chain):                            # k's 16 weights against every input, into sums of `chain`
+                u = builder.load(builder.bitcast(builder.gep(wp, [builder.mul(k, const(8))]), i32.as_pointer()), align=4)
+                halves = (builder.bitcast(builder.shl(u, ir.Constant(i32, [16] * 8)), f32),             # rows 0-7 at k
+                          builder.bitcast(builder.and_(u, ir.Constant(i32, [-(1 << 16)] * 8)), f32))     # rows 8-15
+                for i in range(inputs):
+                    v = _splat(builder, builder.load(builder.gep(xp, [builder.add(builder.mul(k, const(inputs)), const(i))])))
+                    for h, wv in enumerate(halves):
+                        s = sums[chain][i][h]
+                        builder.store(builder.fadd(builder.load(s), builder.fmul(wv, v, flags=FMA), flags=FMA), s)
+
+            _runs_in_turn(builder, K, chains, step)
+            for i in range(inputs):
+                for h in range(2):
+                    total = builder.load(sums[0][i][h])
+                    for chain in range(1, chains):
+                        total = builder.fadd(total, builder.load(sums[chain][i][h]))
+                    builder.store(total, builder.bitcast(builder.gep(cp, [const(16 * i + 8 * h)]), f32.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return product
+
+
+bf16_panel, bf16_panel4, bf16_panel1 = _bf16_panel(PANEL_INPUTS), _bf16_panel(4), _bf16_panel(1)
 
 
 def _host_features():
@@ -638,7 +592,6 @@ def _host_features():
 BF16_PAIRS = "+avx512bf16" in _host_features() and "+avx512vl" in _host_features()
 
 dot_bf16, dot_bf16x4, dot_bf16_4x4 = _dot_bf16(1), _dot_bf16(4), _dot_bf16(4, rows=4)
-dot_bf16s_1x4, dot_bf16s_1x1 = _dot_bf16_split(1, 4), _dot_bf16_split(1, 1)
 dot_bf16_isa = {isa: (_dot_bf16(1, isa), _dot_bf16(4, isa), _dot_bf16(4, isa, rows=4)) for isa in ("native", "generic")}   # for tests: each path
 dot_q8, dot_q8x4, dot_q4, dot_q4x4 = _dot_group("int8"), _dot_group("int8", 4), _dot_group("int4"), _dot_group("int4", 4)
 dot_q8_isa = {isa: _dot_group("int8", isa=isa) for isa in ISAS}   # for tests: each instruction path on this CPU

@@ -14,8 +14,8 @@ from .. import quant
 
 from .activation import _gelu
 from . import jit
-from .jit import (DECODE_ROWS, GROUP, PANEL_INPUTS, PANEL_ROWS, bands, bf16_panel, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4,
-                  dot_bf16s_1x1, dot_bf16s_1x4, dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits, inline,
+from .jit import (DECODE_ROWS, GROUP, PANEL_INPUTS, PANEL_ROWS, bands, bf16_panel, bf16_panel1, bf16_panel4, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4,
+                  dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits, inline,
                   pack_panel, parallel, rint, serial)
 
 
@@ -102,47 +102,11 @@ def bf16_bits(x):                                          # float32 [N, K] -> a
     return out
 
 
-def pairs_of(xd):                                          # bf16 inputs as jit's bf16 dots take them (numba-only; see overload)
-    raise NotImplementedError
-
-
-@overload(pairs_of)
-def _pairs_of(xd):
-    """bf16 bits (uint16 [N, K]): viewed as uint32 pairs (jit.dot_bf16); float32 in split order: as they are
-    (jit.dot_bf16s_*)."""
-    if xd.dtype == types.uint16:
-        return lambda xd: xd.view(np.uint32)
-    return lambda xd: xd
-
-
-def row_dot4(wp, m, xp, n, ahead):                         # row m against inputs n .. n + 3 (numba-only; see overload)
-    raise NotImplementedError
-
-
-@overload(row_dot4)
-def _row_dot4(wp, m, xp, n, ahead):
-    if xp.dtype == types.uint32:
-        return lambda wp, m, xp, n, ahead: dot_bf16x4(wp, m, xp, n, ahead)
-    return lambda wp, m, xp, n, ahead: dot_bf16s_1x4(wp, m, xp, n, ahead)
-
-
-def row_dot1(wp, m, xp, n, ahead):                         # row m against input n (numba-only; see overload)
-    raise NotImplementedError
-
-
-@overload(row_dot1)
-def _row_dot1(wp, m, xp, n, ahead):
-    if xp.dtype == types.uint32:
-        return lambda wp, m, xp, n, ahead: dot_bf16(wp, m, xp, n, ahead)
-    return lambda wp, m, xp, n, ahead: dot_bf16s_1x1(wp, m, xp, n, ahead)
-
-
 @inline
 def bf16_rows(xd, w, out, m0, m1, ahead=0):                # out[:, m0:m1] = xd . w[m0:m1]^T, bf16 rows (bits [M, K])
-    """xd: the inputs as bf16_inputs gives them, bf16 bits (uint16 [N, K]) or float32 in split order. Each
-    row against four inputs at a time, then one at a time (jit.dot_bf16x4 / dot_bf16 on pairs as uint32, or
-    dot_bf16s_1x4 / 1x1 on split inputs); the last K % 16 inputs (in their own order in both) and K odd
-    (pairs do not exist; bf16_split_into leaves odd rows unsplit): dots of widened values. ahead: bytes on
+    """xd: the inputs' bf16 bits (uint16 [N, K]: bf16_bits). Each row against four inputs at a time, then one
+    at a time (jit.dot_bf16x4 / dot_bf16 on pairs as uint32: vdpbf16ps, or its plain IR); the last K % 16
+    inputs and K odd (pairs do not exist): dots of widened values. ahead: bytes on
     to hint into L2 (decode's GEMVs from 4 inputs: STREAM_AHEAD), never past row m1."""
     N, K = xd.shape
     if K % 2 == 1:
@@ -153,18 +117,18 @@ def bf16_rows(xd, w, out, m0, m1, ahead=0):                # out[:, m0:m1] = xd 
                     s += widen(xd, n, k) * widen(w, m, k)
                 out[n, m] = s
         return
-    xp, wp = pairs_of(xd), w.view(np.uint32)
+    xp, wp = xd.view(np.uint32), w.view(np.uint32)
     tail = K // 16 * 16                                    # the dots cover whole runs of 8 pairs, this loop the rest
     hint = ahead if N >= TILE_FROM else 0
     for m in range(m0, m1):
         a = hint if (m1 - m) * 2 * K > hint else 0
         n = 0
         while n + 4 <= N:
-            s0, s1, s2, s3 = row_dot4(wp, m, xp, n, a)
+            s0, s1, s2, s3 = dot_bf16x4(wp, m, xp, n, a)
             out[n, m], out[n + 1, m], out[n + 2, m], out[n + 3, m] = s0, s1, s2, s3
             n += 4
         while n < N:
-            (out[n, m],) = row_dot1(wp, m, xp, n, a)
+            (out[n, m],) = dot_bf16(wp, m, xp, n, a)
             n += 1
         for n in range(N if tail < K else 0):
             s = np.float32(0.0)
@@ -303,35 +267,8 @@ def bf16_tiles(xb, w, out, m0, m1):                        # out[:, m0:m1] = xb 
         bf16_rows(xb, w, out, m, m1)
 
 
-@serial
-def bf16_split_into(x, out):                               # float32 [N, K] -> out float32 [N, K]: x rounded to bf16, in split order
-    """Each whole run of 16 inputs (k = 16j .. 16j + 15) as its 8 even elements, then its 8 odd ones, the
-    order jit.dot_bf16s_* multiply a run of bf16 weight pairs in; the last K % 16 in their own order. K odd
-    (no pairs): all in their own order."""
-    runs = x.shape[1] // 16 if x.shape[1] % 2 == 0 else 0
-    for n in range(x.shape[0]):
-        for j in range(runs):
-            for l in range(8):
-                out[n, 16 * j + l] = f32_from_bits(np.uint32(_bf16_of(x[n, 16 * j + 2 * l])) << np.uint32(16))
-                out[n, 16 * j + 8 + l] = f32_from_bits(np.uint32(_bf16_of(x[n, 16 * j + 2 * l + 1])) << np.uint32(16))
-        for k in range(16 * runs, x.shape[1]):
-            out[n, k] = f32_from_bits(np.uint32(_bf16_of(x[n, k])) << np.uint32(16))
-
-
-@serial
-def bf16_split(x):                                         # float32 [N, K] -> a new float32 [N, K] (bf16_split_into)
-    """Also called inside kernels.decode's region, by each thread for its own copy."""
-    out = np.empty(x.shape, np.float32)
-    bf16_split_into(x, out)
-    return out
-
-
-def bf16_inputs(x):                                        # x [N, K] as a bf16 matmul's GEMV reads it: bf16 bits or split float32
-    return bf16_bits(x) if jit.BF16_PAIRS else bf16_split(x)
-
-
 @parallel
-def gemv_bf16(xd, w, b, gelu):                             # bf16 inputs (bf16_inputs) and rows (bits: quant.BF16) (+ b) -> [N, M]
+def gemv_bf16(xd, w, b, gelu):                             # bf16 inputs (bf16_bits) and rows (bits: quant.BF16) (+ b) -> [N, M]
     """A weight row a task, against every input (bf16_rows)."""
     N = xd.shape[0]
     M = w.shape[0]
@@ -472,19 +409,28 @@ def _bf16_band(xb, w, m0, m1, out, nb, mb):                # out[:, m0:m1] = xb 
 
 
 @serial
-def bf16_groups_into(x, out, g0, g1):                      # float32 [N, K] -> out float32 [G, K, 6], groups g0 .. g1: bf16 values, k-major
-    """Group g holds inputs 6g .. 6g + 5 rounded to bf16 (as quant.round_to_bf16), out[g, k, i] = x[6g + i, k]
-    (jit.bf16_panel broadcasts the 6 inputs at k from one place); past the last input, zeros."""
+def bf16_groups_into(x, out, g0, g1):                      # float32 [N, K] -> out float32 [G, K, W], groups g0 .. g1: bf16 values, k-major
+    """Group g holds inputs Wg .. Wg + W - 1 rounded to bf16 (as quant.round_to_bf16), out[g, k, i] = x[Wg + i, k]
+    (jit.bf16_panel broadcasts the W inputs at k from one place); past the last input, zeros."""
     N, K = x.shape
+    W = out.shape[2]
     for g in range(g0, g1):
-        for i in range(PANEL_INPUTS):
-            n = g * PANEL_INPUTS + i
+        for i in range(W):
+            n = g * W + i
             if n < N:
                 for k in range(K):
                     out[g, k, i] = f32_from_bits(np.uint32(_bf16_of(x[n, k])) << np.uint32(16))
             else:
                 for k in range(K):
                     out[g, k, i] = np.float32(0.0)
+
+
+@serial
+def bf16_kmajor(x):                                        # x [N, K] as a GEMV on panels reads it: one input [1, K, 1], else groups of 4
+    W = 1 if x.shape[0] == 1 else 4
+    out = np.empty((-(-x.shape[0] // W), x.shape[1], W), np.float32)
+    bf16_groups_into(x, out, 0, out.shape[0])
+    return out
 
 
 @inline
@@ -502,47 +448,93 @@ def _pack_panel(w, m, rows, panel):                        # rows m .. m + rows 
             panel[k, j] = lo | (hi << np.uint32(16))
 
 
-@serial
-def _panel_band(xg, w, N, m0, m1, yt):                     # yt[m0:m1] = (x . w[m0:m1]^T)^T: xg (bf16_groups_into), bf16 rows (bits)
-    """Panels of 16 rows, each packed once and run against every group of 6 inputs (jit.bf16_panel); the
-    inputs stream past the panel (L2 or L3; measured no slower than blocking them at 128-512 inputs)."""
-    K = w.shape[1]
-    panel = np.empty((K, PANEL_ROWS // 2), np.uint32)
-    c = np.empty((PANEL_INPUTS, PANEL_ROWS), np.float32)
-    for m in range(m0, m1, PANEL_ROWS):
-        rows = min(PANEL_ROWS, m1 - m)
-        _pack_panel(w, m, rows, panel)
-        for g in range(xg.shape[0]):
-            bf16_panel(panel, xg[g], c)
-            n0 = g * PANEL_INPUTS
-            for j in range(rows):
-                for i in range(min(PANEL_INPUTS, N - n0)):
-                    yt[m + j, n0 + i] = c[i, j]
+@parallel
+def _pack_panels(w, panels):
+    for p in numba.prange(panels.shape[0]):
+        _pack_panel(w, PANEL_ROWS * p, min(PANEL_ROWS, w.shape[0] - PANEL_ROWS * p), panels[p])
 
 
-def _tiled_product(x, w, out, b, then, scratch, pairs=None):   # matmul_into for bf16 rows: tiles of bf16 pairs or panels
-    """pairs: 4x4 tiles of bf16 pairs (jit.dot_bf16_4x4: vdpbf16ps); else panels of 16 widened rows against
-    groups of 6 inputs (jit.bf16_panel, sgemm-style). None: pairs where the CPU has vdpbf16ps
-    (jit.BF16_PAIRS). Both multiply the inputs' bf16 values exactly, summed in float32. On an AVX2 Zen 3,
-    3 rounds of npgpt bench alternating processes: bf16 prompts 0.86-1.06x fp32's sgemm on panels, 0.72-0.92x
-    on the 3x3 split tiles before them."""
+def bf16_panels(bits):                                     # bf16 rows (bits, uint16 [M, K]) -> quant.BF16Panels
+    M, K = bits.shape
+    panels = np.empty((-(-M // PANEL_ROWS), K, PANEL_ROWS // 2), np.uint32)
+    _pack_panels(np.ascontiguousarray(bits), panels)
+    return quant.BF16Panels(panels, M)
+
+
+def bf16_unpanel(w):                                       # quant.BF16Panels -> its rows' bits, uint16 [M, K]
+    halves = np.concatenate([w.panels & 0xFFFF, w.panels >> 16], axis=2)      # [P, K, 16]: rows 0-7 of each panel, then 8-15
+    return np.ascontiguousarray(halves.transpose(0, 2, 1).reshape(-1, w.panels.shape[1])[: w.n_out].astype(np.uint16))
+
+
+@inline
+def panel_rows(xq, panels, out, m0, m1):                   # out[:, m0:m1] = x . w[m0:m1]^T: xq from bf16_groups_into, panels of quant.BF16Panels
+    """m0 a multiple of 16. Each panel against every group of inputs (jit.bf16_panel / bf16_panel4 /
+    bf16_panel1 by the groups' width: 6, 4 or 1), only rows below m1 and inputs below out's N written."""
+    N, W = out.shape[0], xq.shape[2]
+    c = np.empty((W, PANEL_ROWS), np.float32)
+    for p in range(m0 // PANEL_ROWS, -(-m1 // PANEL_ROWS)):
+        top = min(m1, PANEL_ROWS * p + PANEL_ROWS)
+        for g in range(xq.shape[0]):
+            if W == 1:
+                bf16_panel1(panels[p], xq[g], c)
+            elif W == 4:
+                bf16_panel4(panels[p], xq[g], c)
+            else:
+                bf16_panel(panels[p], xq[g], c)
+            for i in range(min(W, N - g * W)):
+                for m in range(PANEL_ROWS * p, top):
+                    out[g * W + i, m] = c[i, m - PANEL_ROWS * p]
+
+
+@parallel
+def gemv_panels(xq, N, panels, M, b, gelu):                # bf16 inputs (bf16_kmajor) of N rows and quant.BF16Panels (+ b) -> [N, M]
+    """A panel a task, against every input (panel_rows)."""
+    out = np.empty((N, M), dtype=np.float32)
+    for p in numba.prange(panels.shape[0]):
+        m1 = min(PANEL_ROWS * p + PANEL_ROWS, M)
+        panel_rows(xq, panels, out, PANEL_ROWS * p, m1)
+        for m in range(PANEL_ROWS * p, m1):
+            _bias(out, b, m, gelu)
+    return out
+
+
+def _panel_product(x, w, out, b, then, scratch):           # matmul_into for quant.BF16Panels
+    """Groups of 6 inputs (bf16_groups_into, bands of groups on every core), then each core a band of
+    panels against all of them (panel_rows), finished on the same thread. A panel's outputs for an input
+    are 16 adjacent columns, so the product goes straight into out (RESIDUAL: into scratch, then added),
+    not transposed: at 512 inputs, reading a transposed product back ran bf16 pp512-all 0.64-0.81x fp32.
+    On an AVX2 Zen 3, 3 rounds of npgpt bench alternating processes: bf16 prompts 0.86-1.06x fp32's sgemm
+    (panels packed per prompt then; 0.72-0.92x on the 3x3 split tiles before them)."""
     N, K = x.shape
-    pairs = jit.BF16_PAIRS if pairs is None else pairs
+    M = w.n_out
+    y = scratch[: N * M].reshape(N, M) if then == RESIDUAL else out   # the stream is added to, not written
+    xg = np.empty((-(-N // PANEL_INPUTS), K, PANEL_INPUTS), np.float32)   # the inputs' bf16 values in groups of 6, k-major
+    bands(lambda r: bf16_groups_into(x, xg, r.start, r.stop), xg.shape[0])
+
+    def band(ps):
+        cols = slice(PANEL_ROWS * ps.start, min(PANEL_ROWS * ps.stop, M))
+        _panel_band(xg, w.panels, y, cols.start, cols.stop)
+        finish_band(y[:, cols], b[cols], then, out, cols.start, False)
+    bands(band, w.panels.shape[0], inline_upto=1)
+
+
+@serial
+def _panel_band(xg, panels, out, m0, m1):                  # panel_rows on a core's band
+    panel_rows(xg, panels, out, m0, m1)
+
+
+def _tiled_product(x, w, out, b, then, scratch):          # matmul_into for quant.BF16 rows: 4x4 tiles of bf16 pairs
+    """jit.dot_bf16_4x4: vdpbf16ps where the CPU has it, else the same sums in plain IR (kernels.rows gives
+    such CPUs quant.BF16Panels instead). The inputs' bf16 values multiplied exactly, summed in float32."""
+    N, K = x.shape
     yt, rows = transposed_view(scratch, w.shape[0], N), w.bits
-    if pairs:
-        xb = np.empty((N, K), np.uint16)                   # the inputs' bf16 bits, bands of rows on every core
-        bands(lambda r: bf16_bits_into(x[r], xb[r]), N)
-        nb = max(4, TILE_INPUT_BYTES // (4 * K) // 4 * 4)
-        mb = max(4, TILE_WEIGHT_BYTES // (rows.itemsize * K) // 4 * 4)
-        tiles = lambda cols: _bf16_band(xb, rows, cols.start, cols.stop, yt.T, nb, mb)
-    else:
-        G = -(-N // PANEL_INPUTS)
-        xg = np.empty((G, K, PANEL_INPUTS), np.float32)    # the inputs' bf16 values in groups of 6, k-major
-        bands(lambda r: bf16_groups_into(x, xg, r.start, r.stop), G)
-        tiles = lambda cols: _panel_band(xg, rows, N, cols.start, cols.stop, yt)
+    xb = np.empty((N, K), np.uint16)                       # the inputs' bf16 bits, bands of rows on every core
+    bands(lambda r: bf16_bits_into(x[r], xb[r]), N)
+    nb = max(4, TILE_INPUT_BYTES // (4 * K) // 4 * 4)
+    mb = max(4, TILE_WEIGHT_BYTES // (rows.itemsize * K) // 4 * 4)
 
     def band(cols):
-        tiles(cols)
+        _bf16_band(xb, rows, cols.start, cols.stop, yt.T, nb, mb)
         finish_band(yt[cols], b[cols], then, out, cols.start, True)
     bands(band, w.shape[0], inline_upto=1)
 
@@ -616,7 +608,7 @@ def transpose(a):                                          # [R, C] -> [C, R], c
 
 
 def matmul_rows(x, w, b=None, gelu=False):                 # [..., K] x [M, K] rows (+ [M]) -> [..., M], GELU'd if gelu
-    """w: float32 rows, quant.BF16 rows, quant.Int8Rows or quant.Int4Rows, read as they are stored.
+    """w: float32 rows, quant.BF16 rows or BF16Panels, quant.Int8Rows or quant.Int4Rows, read as they are stored.
     gelu: gelu(x . w^T + b) in the same kernel (kernels.decode's MLP)."""
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     M = w.shape[0]
@@ -626,7 +618,9 @@ def matmul_rows(x, w, b=None, gelu=False):                 # [..., K] x [M, K] r
         elif isinstance(w, quant.Int8Rows):
             y = gemv_q8(x2, x2.view(np.uint32), w.packed, w.scale, w.n_out, b, gelu)
         elif isinstance(w, quant.BF16):
-            y = gemv_bf16(bf16_inputs(x2), w.bits, b, gelu)
+            y = gemv_bf16(bf16_bits(x2), w.bits, b, gelu)
+        elif isinstance(w, quant.BF16Panels):
+            y = gemv_panels(bf16_kmajor(x2), x2.shape[0], w.panels, w.n_out, b, gelu)
         else:
             y = gemv(x2, w, b, gelu)
     else:
@@ -663,6 +657,8 @@ def matmul_into(x, w, out, b, then=BIAS, scratch=None):   # x [N, K] . w rows [M
         return _integer_product(x, w, out, b, then, scratch)
     if isinstance(w, quant.BF16):                          # (inputs on bf16's values, as the spec)
         return _tiled_product(x, w, out, b, then, scratch)
+    if isinstance(w, quant.BF16Panels):
+        return _panel_product(x, w, out, b, then, scratch)
     bands(lambda cols: _gemm_band(x, w, b, then, out, cols, scratch), M, inline_upto=1)
 
 

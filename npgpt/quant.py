@@ -97,6 +97,23 @@ class Int4Rows(NamedTuple):
     nbytes = _ROWS_NBYTES
 
 
+class BF16Panels(NamedTuple):
+    """BF16 as the kernels keep it on CPUs without AVX512-BF16: rows of outputs [out, in] in panels of 16
+    (built by npgpt.kernels.matmul.bf16_panels). Panel p holds rows 16p .. 16p + 15 k-major (rows past
+    `n_out` are padding, 0): panels[p, k, j] is row 16p + j's weight at input k in its low 16 bits and row
+    16p + 8 + j's in its high ones, so one 32-byte load is all 16 rows' weights at k."""
+    panels: np.ndarray                                     # uint32 [ceil(out / 16), in, 8]
+    n_out: int
+
+    @property
+    def shape(self):
+        return (self.n_out, self.panels.shape[1])
+
+    @property
+    def nbytes(self):
+        return self.panels.nbytes
+
+
 def offset_nibbles(q, rows, cols):                         # int8 [r, c] in [-8, 7] -> uint8 q + 8 [rows, cols], padded with q = 0
     u = np.full((rows, cols), 8, np.uint8)
     u[: q.shape[0], : q.shape[1]] = (q + np.int8(8)).view(np.uint8)
@@ -202,7 +219,7 @@ def to_int4(w, axis):                                      # float32 -> Int4, bl
 def format_of(w):
     if isinstance(w, (Int4, Int4Rows)):
         return "int4"
-    return "bf16" if isinstance(w, BF16) else "int8" if isinstance(w, (Int8, Int8Rows)) else "fp32"
+    return "bf16" if isinstance(w, (BF16, BF16Panels)) else "int8" if isinstance(w, (Int8, Int8Rows)) else "fp32"
 
 
 def convert(w, fmt, axis):                                 # a matmul weight in any format -> `fmt`

@@ -66,58 +66,24 @@ def test_bf16_dot_on_every_instruction_path(isa, runs):
         assert all(close(got[4 * r + i], 2 + i, m + r) for r in range(4) for i in range(4))
 
 
-def test_bf16_split_inputs_hold_each_run_of_16_as_its_evens_then_its_odds():
-    """matmul.bf16_split (inputs of the dots for CPUs without vdpbf16ps): x rounded to bf16 as the spec
-    rounds it, each whole run of 16 reordered, the last K % 16 as they are; K odd (no pairs): all as they are."""
-    x = rng.standard_normal((3, 38), dtype=np.float32)
-    xs, r = matmul.bf16_split(x), quant.round_to_bf16(x)
-    np.testing.assert_array_equal(xs[:, :32].reshape(3, 2, 2, 8), r[:, :32].reshape(3, 2, 8, 2).transpose(0, 1, 3, 2))
-    np.testing.assert_array_equal(xs[:, 32:], r[:, 32:])
-    np.testing.assert_array_equal(matmul.bf16_split(x[:, :37]), quant.round_to_bf16(x[:, :37]))
-
-
 @functools.cache
-def _split_caller(dot):
-    return numba.njit(lambda wp, m, xs, n, ahead: dot(wp, m, xs, n, ahead))
-
-
-@pytest.mark.parametrize("runs", [1, 3, 8, 13])              # runs of 8 pairs: fewer and more than the 4 sets of sums
-def test_bf16_split_dots_on_widened_rows_equal_float64_sums(runs):
-    """jit.dot_bf16s_1x4 and 1x1 (decode's plain IR: bf16 rows widened in registers against float32 inputs
-    in split order) against float64 sums of the same bf16 values, rows and inputs at offsets, with and
-    without the prefetch hint: 1e-6 relative to the sum of |products| (exact products, float32 sums of
-    at most 13 terms a lane)."""
+def _panel_callers():                                      # compiled functions calling matmul._pack_panel and jit's panel products
     from npgpt.kernels import jit
-    K = 16 * runs
-    w, x = quant.to_bf16(rng.standard_normal((7, K), dtype=np.float32)), rng.standard_normal((7, K), dtype=np.float32)
-    wide, xr = quant.dequantize(w).astype(np.float64), quant.round_to_bf16(x).astype(np.float64)
-    products = xr[:, None, :] * wide[None, :, :]            # [7 inputs, 7 rows, K]
-    want, scale = products.sum(-1), np.abs(products).sum(-1)
-    wp, xs = w.bits.view(np.uint32), matmul.bf16_split(x)
-    for dot, rows, inputs in ((jit.dot_bf16s_1x4, 1, 4), (jit.dot_bf16s_1x1, 1, 1)):
-        for m, n, ahead in ((0, 0, 0), (4, 3, 0), (2, 3, 256)):
-            got = _split_caller(dot)(wp, m, xs, n, ahead)
-            for r in range(rows):
-                for i in range(inputs):
-                    assert abs(got[r * inputs + i] - want[n + i, m + r]) <= 1e-6 * scale[n + i, m + r], (rows, inputs, m, n)
-
-
-@functools.cache
-def _panel_callers():                                      # compiled functions calling matmul._pack_panel and jit.bf16_panel
-    from npgpt.kernels import jit
-    return (numba.njit(lambda w, m, rows, panel: matmul._pack_panel(w, m, rows, panel)),
-            numba.njit(lambda panel, xg, c: jit.bf16_panel(panel, xg, c)))
+    products = {w: numba.njit(lambda panel, xg, c, f=f: f(panel, xg, c)) for w, f in ((6, jit.bf16_panel), (4, jit.bf16_panel4),
+                                                                                   (1, jit.bf16_panel1))}
+    return numba.njit(lambda w, m, rows, panel: matmul._pack_panel(w, m, rows, panel)), products
 
 
 @pytest.mark.parametrize("K", [5, 8, 45, 200])
-def test_bf16_panels_hold_16_rows_and_multiply_6_inputs_as_float64_sums(K):
-    """Prefill without vdpbf16ps. matmul._pack_panel (jit.pack_panel's 8x8 transposes, then the last K % 8
+def test_bf16_panels_hold_16_rows_and_multiply_6_4_or_1_inputs_as_float64_sums(K):
+    """bf16 without vdpbf16ps. matmul._pack_panel (jit.pack_panel's 8x8 transposes, then the last K % 8
     columns and partial panels in numba): panel[k, j] holds row m + j's weight at k in its low half, row
-    m + 8 + j's in its high half, a partial panel's missing rows 0. matmul.bf16_groups_into: 6 inputs
-    rounded to bf16 as the spec, k-major, zeros past the last input. jit.bf16_panel against float64 sums of
-    the same values: 1e-6 relative to the sum of |products| (exact products, one float32 sum per output
-    in k order, at most 200 terms)."""
-    pack, product = _panel_callers()
+    m + 8 + j's in its high half, a partial panel's missing rows 0; matmul.bf16_panels packs every row so
+    and bf16_unpanel gives them back. matmul.bf16_groups_into: W inputs rounded to bf16 as the spec,
+    k-major, zeros past the last input. jit.bf16_panel (6 inputs), bf16_panel4 and bf16_panel1 (4 sets of
+    sums over every 4th k) against float64 sums of the same values: 1e-6 relative to the sum of |products|
+    (exact products, float32 sums of at most 200 terms)."""
+    pack, products = _panel_callers()
     wb = quant.to_bf16(rng.standard_normal((37, K), dtype=np.float32))
     w, wide = wb.bits, quant.dequantize(wb).astype(np.float64)
     panel = np.empty((K, 8), np.uint32)
@@ -127,41 +93,50 @@ def test_bf16_panels_hold_16_rows_and_multiply_6_inputs_as_float64_sums(K):
         block = np.zeros((16, K), np.uint32)
         block[:rows] = w[m:m + rows]
         np.testing.assert_array_equal(panel, (block[:8] | (block[8:] << 16)).T, err_msg=f"m={m} rows={rows}")
-    x = rng.standard_normal((8, K), dtype=np.float32)
-    xg, xr = np.full((2, K, 6), np.nan, np.float32), quant.round_to_bf16(x)
-    matmul.bf16_groups_into(x, xg, 0, 2)
-    np.testing.assert_array_equal(xg[0], xr[:6].T)
-    np.testing.assert_array_equal(xg[1], np.concatenate([xr[6:].T, np.zeros((K, 4), np.float32)], axis=1))
+    packed = matmul.bf16_panels(w)
+    assert packed.panels.shape == (3, K, 8) and packed.shape == (37, K)
+    np.testing.assert_array_equal(packed.panels[1], (w[16:24] | (w[24:32].astype(np.uint32) << 16)).T)
+    np.testing.assert_array_equal(matmul.bf16_unpanel(packed), w)
     pack(w, 5, 16, panel)
-    for g in range(2):
-        c = np.full((6, 16), np.nan, np.float32)
-        product(panel, xg[g], c)
-        products = xg[g].T.astype(np.float64)[:, None, :] * wide[5:21][None, :, :]   # [6 inputs, 16 rows, K]
-        assert np.all(np.abs(c - products.sum(-1)) <= 1e-6 * np.abs(products).sum(-1)), g
+    for W, product in products.items():
+        x = rng.standard_normal((W + 2, K), dtype=np.float32)
+        xg, xr = np.full((2, K, W), np.nan, np.float32), quant.round_to_bf16(x)
+        matmul.bf16_groups_into(x, xg, 0, 2)
+        np.testing.assert_array_equal(xg[0], xr[:W].T)
+        np.testing.assert_array_equal(xg[1], np.concatenate([xr[W:].T, np.zeros((K, max(0, W - 2)), np.float32)], axis=1)[:, :W])
+        for g in range(2):
+            c = np.full((W, 16), np.nan, np.float32)
+            product(panel, xg[g], c)
+            terms = xg[g].T.astype(np.float64)[:, None, :] * wide[5:21][None, :, :]   # [W inputs, 16 rows, K]
+            assert np.all(np.abs(c - terms.sum(-1)) <= 1e-6 * np.abs(terms).sum(-1)), (W, g)
 
 
 @pytest.mark.parametrize("pairs", [True, False])
 @pytest.mark.parametrize("N, K, M", [(7, 33, 10), (13, 48, 11), (37, 100, 29), (130, 256, 64), (2, 1, 5), (5, 2, 3)])
 def test_bf16_products_on_either_path_equal_the_spec(pairs, N, K, M, monkeypatch):
-    """Prefill's tiles (matmul._tiled_product: 4x4 tiles of bf16 pairs, or panels of 16 rows as on CPUs
-    without vdpbf16ps) and the GEMV (matmul_rows: bf16 bits or split inputs) on odd shapes (partial tiles,
-    K odd, K % 16 left over) against the spec's product of the rounded inputs and the widened weights, with
-    a bias and then GELU: 1e-6 relative to the sum of |terms| (exact products, float32 sums; GELU: + 1e-5 of the
-    value, the kernels' GELU against the spec's in float32). Whichever path
-    this CPU takes natively, both run (the other in plain IR)."""
+    """bf16 rows as kernels.head_rows keeps them: quant.BF16 rows where the CPU has vdpbf16ps, else
+    quant.BF16Panels. Prefill's product (matmul_into: 4x4 tiles of bf16 pairs, or panels against groups of 6
+    inputs) and the GEMV (matmul_rows: one input, 2 and 5 inputs (groups of 4 on panels, a partial one)) on
+    odd shapes (partial tiles, panels and groups, K odd, K % 16 left over) against the spec's product of the
+    rounded inputs and the widened weights, with a bias and then GELU: 1e-6 relative to the sum of |terms|
+    (exact products, float32 sums; GELU: + 1e-5 of the value, the kernels' GELU against the spec's in
+    float32). Whichever path this CPU takes natively, both run (the pairs in plain IR without AVX512-BF16)."""
     from npgpt.kernels import jit
     monkeypatch.setattr(jit, "BF16_PAIRS", pairs)
     x = rng.standard_normal((N, K), dtype=np.float32)
     w, b = quant.to_bf16(rng.standard_normal((M, K), dtype=np.float32)), rng.standard_normal(M, dtype=np.float32)
+    rows = kernels.head_rows(w)
+    assert isinstance(rows, quant.BF16 if pairs else quant.BF16Panels) and rows.shape == (M, K)
     xr, wide = quant.activations(x, w).astype(np.float64), quant.dequantize(w).astype(np.float64)
     want, scale = xr @ wide.T + b, np.abs(xr) @ np.abs(wide).T + np.abs(b)
     for then in (matmul.BIAS, matmul.GELU):
         out = np.full((N, M), np.nan, np.float32)
-        matmul._tiled_product(x, w, out, b, then, np.empty(matmul.scratch_size(N, M), np.float32))
+        matmul.matmul_into(x, rows, out, b, then, np.empty(matmul.scratch_size(N, M), np.float32))
         ref = want if then == matmul.BIAS else spec.gelu(want.astype(np.float32)).astype(np.float64)
         assert np.all(np.abs(out - ref) <= 1e-6 * scale + (0 if then == matmul.BIAS else 1e-5 * np.abs(ref))), then
-    got = matmul.matmul_rows(x[:5], w, b)                  # decode-sized: the GEMV, four inputs at a time, then one
-    assert got.shape == (min(N, 5), M) and np.all(np.abs(got - want[:5]) <= 1e-6 * scale[:5])
+    for n in (1, 2, 5):                                    # decode-sized: the GEMV
+        got = matmul.matmul_rows(x[:n], rows, b)
+        assert got.shape == (min(N, n), M) and np.all(np.abs(got - want[:n]) <= 1e-6 * scale[:n]), n
 
 
 def test_bf16_keeps_upper_half_rounded_to_nearest_even():
