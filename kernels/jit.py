@@ -586,9 +586,9 @@ def _host_features():
     return getattr(cpu_target.target_context.codegen(), "_tm_features", "").split(",")
 
 
-# bf16 prompts: 4x4 tiles of bf16 pairs where the CPU has vdpbf16ps, else panels of 16 rows against groups of
-# 6 inputs (bf16_panel: the weights widened in registers). Decided here for the Python side (which layout to prepare);
-# the intrinsics decide again for themselves when they compile, from the same features.
+# bf16 weights: rows of bf16 pairs where the CPU has vdpbf16ps (decode's dots, prefill's 4x4 tiles), else panels of
+# 16 rows (quant.BF16Panels: bf16_panel1 / 4 / 6, the weights widened in registers). Decided here for the Python side
+# (kernels.rows: which layout to prepare); the pairs' intrinsics decide again when they compile, from the same features.
 BF16_PAIRS = "+avx512bf16" in _host_features() and "+avx512vl" in _host_features()
 
 dot_bf16, dot_bf16x4, dot_bf16_4x4 = _dot_bf16(1), _dot_bf16(4), _dot_bf16(4, rows=4)

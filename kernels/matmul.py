@@ -1,7 +1,7 @@
 """Matrix products. Weights are rows of outputs, W [out, in] (the loader transposes HF's Conv1D once,
 see kernels.prepare): decode streams the rows once on every core, four rows against four inputs at a
-time when a batch has four or more (bf16: a row against four bf16 inputs, as pairs; int8 and int4: a group
-of 8 rows against each input, in integers);
+time when a batch has four or more (bf16: a row against four bf16 inputs, as pairs, or without AVX512-BF16
+panels of 16 rows against 4 broadcast inputs; int8 and int4: a group of 8 rows against each input, in integers);
 prefill gives each core a band of output columns: a single-threaded sgemm on float32, 4x4 tiles of bf16
 pairs (without AVX512-BF16: panels of 16 bf16 rows against 6 inputs, sgemm-style) and integer dots on the rest."""
 
@@ -502,9 +502,9 @@ def _panel_product(x, w, out, b, then, scratch):           # matmul_into for qua
     """Groups of 6 inputs (bf16_groups_into, bands of groups on every core), then each core a band of
     panels against all of them (panel_rows), finished on the same thread. A panel's outputs for an input
     are 16 adjacent columns, so the product goes straight into out (RESIDUAL: into scratch, then added),
-    not transposed: at 512 inputs, reading a transposed product back ran bf16 pp512-all 0.64-0.81x fp32.
-    On an AVX2 Zen 3, 3 rounds of npgpt bench alternating processes: bf16 prompts 0.86-1.06x fp32's sgemm
-    (panels packed per prompt then; 0.72-0.92x on the 3x3 split tiles before them)."""
+    not transposed: at 512 inputs, reading a transposed product back ran bf16 pp512-all 0.72-0.89x fp32.
+    On an AVX2 Zen 3, bf16 / fp32 in one npgpt bench run, rounds alternating processes: pp128 1.00-1.07x,
+    pp512 0.98-1.17x, pp512-all 0.98-1.02x (the 3x3 split tiles before: pp128 0.73-0.92x, pp512 0.72-0.81x)."""
     N, K = x.shape
     M = w.n_out
     y = scratch[: N * M].reshape(N, M) if then == RESIDUAL else out   # the stream is added to, not written
