@@ -382,6 +382,27 @@ def test_numba_int4_model_holds_packed_nibbles_and_saves_back_the_same_values(ti
             assert isinstance(got, quant.Int4) and np.array_equal(got.q, w.q) and np.array_equal(got.scale, w.scale), name
 
 
+@pytest.mark.parametrize("pairs", [True, False])
+def test_numba_bf16_model_holds_its_cpus_layout_and_saves_back_the_same_bits(tiny_params, tmp_path, monkeypatch, pairs):
+    """bf16 weights as the kernels keep them: rows (bits [out, in]) where the CPU has vdpbf16ps, else
+    panels of 16 rows (quant.BF16Panels: TINY's vocabulary is no multiple of 16, a partial panel), the
+    same bytes give or take the padding; model.save unpacks them to the very bits that were loaded."""
+    from npgpt.kernels import jit
+    monkeypatch.setattr(jit, "BF16_PAIRS", pairs)
+    params = quant.quantize(tiny_params, "bf16")
+    model = npgpt.Model(params, TINY, backend="numba")
+    for name, w in weights.flatten(model.params).items():
+        if name.endswith("weight_t") or name == "lm_head.weight":
+            assert isinstance(w, quant.BF16 if pairs else quant.BF16Panels), name
+            assert w.nbytes == 2 * w.shape[1] * (w.shape[0] if pairs else -(-w.shape[0] // 16) * 16), name
+    model.save(tmp_path)
+    back = npgpt.load(tmp_path, weights="bf16")             # as stored (the default widens to float32)
+    for name, w in weights.flatten(params).items():
+        if isinstance(w, quant.BF16):
+            got = weights.flatten(back.params)[name]
+            assert isinstance(got, quant.BF16) and np.array_equal(got.bits, w.bits), name
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_quantize_command_round_trips_without_requantizing(tmp_path, tiny_file, fmt):
     out = tmp_path / "q" / "model.safetensors"
