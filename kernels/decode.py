@@ -30,7 +30,6 @@ from ..model import forward_packed as spec_forward_packed
 from .activation import _gelu
 from .attention import attend_row
 from .jit import DECODE_ROWS, atomic_add, atomic_read, inline, parallel, prefetch4, serial, spin_pause, team
-from . import jit
 from .matmul import (BIAS, GELU, RESIDUAL, STREAM_AHEAD, bf16_bits, bf16_kmajor, bf16_rows, float_rows, matmul_rows,
                      panel_rows)
 from .norm import layer_norm_rows
@@ -213,7 +212,7 @@ def fused_step(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, ah
     team(_step_worker, x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync)
 
 
-def _region_weight(w):                                     # a prepared weight as fused_step reads it (float32, or bf16 bits), or None
+def _region_weight(w):                                     # a prepared weight as fused_step reads it (float32, bf16 bits or panels), or None
     if isinstance(w, np.ndarray):
         return w
     return w.bits if isinstance(w, quant.BF16) else w.panels if isinstance(w, quant.BF16Panels) else None

@@ -13,7 +13,6 @@ from numba.extending import overload
 from .. import quant
 
 from .activation import _gelu
-from . import jit
 from .jit import (DECODE_ROWS, GROUP, PANEL_INPUTS, PANEL_ROWS, bands, bf16_panel, bf16_panel1, bf16_panel4, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4,
                   dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits, inline,
                   pack_panel, parallel, rint, serial)
