@@ -501,7 +501,7 @@ def _panel_product(x, w, out, b, then, scratch):           # matmul_into for qua
     """Groups of 6 inputs (bf16_groups_into, bands of groups on every core), then each core a band of
     panels against all of them (panel_rows), finished on the same thread. A panel's outputs for an input
     are 16 adjacent columns, so the product goes straight into out (RESIDUAL: into scratch, then added),
-    not transposed: at 512 inputs, reading a transposed product back ran bf16 pp512-all 0.72-0.89x fp32.
+    not transposed: at 512 inputs, reading a transposed product back ran bf16 pp512-all 0.78-0.94x fp32.
     On an AVX2 Zen 3, bf16 / fp32 in one npgpt bench run, rounds alternating processes: pp128 1.00-1.07x,
     pp512 0.98-1.17x, pp512-all 0.98-1.02x (the 3x3 split tiles before: pp128 0.73-0.92x, pp512 0.72-0.81x)."""
     N, K = x.shape
