@@ -73,11 +73,25 @@ def prepare(params):
         return _prepare(params)
 
 
+def _in_huge_pages(w, source, pages):                   # w (prepared from source) with the arrays prepare made moved to pages
+    """Arrays w shares with source (an fp32 head is wte itself, bf16 rows' bits on vdpbf16ps) stay where they are:
+    the caller's arrays, and training writes them in place."""
+    theirs = {id(a) for a in (source if isinstance(source, tuple) else (source,)) if isinstance(a, np.ndarray)}
+    move = lambda a: pages.copy(a) if isinstance(a, np.ndarray) and id(a) not in theirs else a
+    return type(w)(*map(move, w)) if isinstance(w, tuple) else move(w)
+
+
 def _prepare(params):
-    blocks = [{**block, "attn": {name: transpose_linear(block["attn"][name]) for name in ("c_attn", "c_proj")},
-               "mlp": {name: transpose_linear(block["mlp"][name]) for name in ("c_fc", "c_proj")}}
+    pages = memory.HugePages()                             # the streamed weights in huge pages (memory.HugePages)
+
+    def linear(layer):
+        return {"weight_t": _in_huge_pages(rows(layer["weight"]), layer["weight"], pages), "bias": layer["bias"]}
+
+    blocks = [{**block, "attn": {name: linear(block["attn"][name]) for name in ("c_attn", "c_proj")},
+               "mlp": {name: linear(block["mlp"][name]) for name in ("c_fc", "c_proj")}}
               for block in params["h"]]
-    return {**params, "h": blocks, "lm_head": {"weight": head_rows(params["lm_head"]["weight"])}}
+    head = params["lm_head"]["weight"]
+    return {**params, "h": blocks, "lm_head": {"weight": _in_huge_pages(head_rows(head), head, pages)}}
 
 
 def prepare_again(prepared, params, layers=None):

@@ -449,3 +449,54 @@ def test_prefill_finish_writes_only_its_band_and_equals_numpy(m, n, transposed):
         else:
             assert np.array_equal(out[:, band], want(before[:, band]))
         assert np.array_equal(np.delete(out, band, 1), np.delete(before, band, 1))
+
+
+def _mapped(a):                                            # does a's memory come from an mmap region (memory.HugePages)?
+    import mmap
+    while isinstance(a, np.ndarray):
+        a = a.base
+    return isinstance(a, memoryview) and isinstance(a.obj, mmap.mmap)
+
+
+needs_huge_pages = pytest.mark.skipif(not kernels.memory.HUGE_PAGES, reason="no MADV_HUGEPAGE here (Linux only): ordinary arrays")
+
+
+@needs_huge_pages
+def test_huge_pages_copy_values_into_separate_pages():
+    from npgpt.kernels import memory
+    pages = memory.HugePages(segment_bytes=1 << 20)
+    a = np.arange(30, dtype=np.float32).reshape(5, 6)
+    b = np.arange(7, dtype=np.uint16)
+    big = np.ones((3, 1 << 18), np.float32)                 # 3 MiB: past the segment, so a segment of its own
+    ca, cb, cbig = pages.copy(a), pages.copy(b), pages.copy(big)
+    for src, dst in ((a, ca), (b, cb), (big, cbig)):
+        assert dst.dtype == src.dtype and dst.shape == src.shape and np.array_equal(dst, src)
+        assert dst.flags.c_contiguous and dst.flags.writeable and dst.ctypes.data % memory.ALIGN == 0
+        assert dst.ctypes.data != src.ctypes.data and _mapped(dst)
+    ca[...] = -1                                           # separate pages: writing one leaves the others
+    assert np.array_equal(cb, b) and np.array_equal(cbig, big)
+    assert cbig.ctypes.data % memory.HUGE_PAGE == 0         # a fresh segment starts on a huge page
+
+
+@needs_huge_pages
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "int4", "bf16"])
+def test_prepare_puts_the_weights_it_made_in_huge_pages(tiny_params, fmt):
+    from npgpt import quant
+    params = quant.quantize(tiny_params, fmt) if fmt != "fp32" else tiny_params
+    prepared = kernels.prepare(params)
+    for i, block in enumerate(params["h"]):
+        for group, name in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
+            got, want = prepared["h"][i][group][name]["weight_t"], kernels.rows(block[group][name]["weight"])
+            assert type(got) is type(want)
+            for g, w in zip(*((got,), (want,)) if isinstance(want, np.ndarray) else (got, want)):
+                if isinstance(w, np.ndarray):
+                    assert _mapped(g) and g.dtype == w.dtype and np.array_equal(g, w)
+                else:
+                    assert g == w
+    head, wte = prepared["lm_head"]["weight"], params["lm_head"]["weight"]
+    if fmt == "fp32":                                       # the caller's own array (tied to wte): left where it is
+        assert head is wte and not _mapped(head)
+    elif isinstance(head, quant.BF16) and head.bits is wte.bits:   # bf16 rows on vdpbf16ps: wte's bits, also left
+        assert not _mapped(head.bits)
+    else:
+        assert all(_mapped(a) for a in head if isinstance(a, np.ndarray))
