@@ -8,7 +8,7 @@ positions), the projection into the stream, LayerNorm, the MLP's two GEMVs (the 
 what it computes, the second adds into the stream).
 
 float32 and bf16 weights: the whole step is one region on every core (fused_step), the threads meeting
-at a barrier between kernels. int8 and int4 weights: a kernel call each (step): the same region with a
+at a barrier between kernels (a LayerNorm is none: each thread normalizes the rows for itself). int8 and int4 weights: a kernel call each (step): the same region with a
 rounding kernel before each product ran them 0.79-0.88x the calls (tg128, alternating in one process),
 however its chunks were cut, while float32 and bf16 ran 1.07x faster in it. Each thread rounding its own
 copy of the inputs instead (no kernel, no barrier) measured the same: int4 0.82x at batch 1, 0.94x at 4;
@@ -69,7 +69,11 @@ def attend_step(qkv, k_cache, v_cache, lengths, scale, out):   # [B, 3C], [B, H,
 # each starting the threads and the first misses of a matrix again). Each kernel is cut into chunks that
 # the threads claim one at a time (an atomic add): a thread slowed by a neighbour takes fewer, and one that
 # never starts (or a region on one thread) leaves its chunks to the others. Nothing waits on a thread,
-# only on chunks, so no schedule can deadlock.
+# only on chunks, so no schedule can deadlock. The chunks are dealt in parts, one per thread, each with its
+# own counter: a thread claims its part's chunks in order, then helps the others with theirs (_claim).
+# So each core streams one run of adjacent rows, as a static split would, instead of every other chunk:
+# the fp32 step's GEMVs alone, batch 1, alternating in one process, 1.14x (quartiles 1.06-1.18) over
+# chunks claimed from one counter.
 LN_1, QKV, ATTEND, PROJ, LN_2, FC, FC_PROJ = range(7)      # a layer's kernels, in order
 LN_F, HEAD = 7, 8                                          # then the final LayerNorm and the LM head
 GEMVS = (QKV, PROJ, FC, FC_PROJ, HEAD)
@@ -78,6 +82,15 @@ CHUNK_BYTES = 256 << 10                                    # weight bytes a GEMV
 # 196/220/227/231/221: below ~128K the claims and barriers cost, above ~512K a thread waits longer at each barrier;
 # a GEMV's last two chunks cut 4-16x smaller, so no thread waits a whole chunk, measured 0.97-1.04x in fp32 and bf16)
 LINE = 8                                                   # int64 counters a cache line apart
+
+
+@inline
+def _claim(sync, at, parts, me, n, q):                     # the next chunk of kernel counters `at` for thread me, or -1
+    """Part q (0, 1, ...) of a thread's round: its own part (me) first, then the others'. sync[at + p * LINE]
+    counts the chunks claimed in part p (chunks p * n // parts up to the next part's first)."""
+    p = (me + q) % parts
+    c = p * n // parts + atomic_add(sync, at + p * LINE, 1)
+    return c if c < (p + 1) * n // parts else -1
 
 
 @inline
@@ -146,70 +159,75 @@ def _weight(kind, layer, head):                            # the GEMV weight of 
 
 
 @inline
-def _chunks(kind, layer, head, B, chunk_bytes):            # how many chunks kernel `kind` is cut into, and a GEMV chunk's rows
+def _chunks(kind, layer, head, B, chunk_bytes):            # how many chunks kernel `kind` (attention or a GEMV) is cut into, and a GEMV chunk's rows
     w = _weight(kind, layer, head)
     R = chunk_rows(w, chunk_bytes)
-    if kind == LN_1 or kind == LN_2 or kind == LN_F:
-        return B, R
     if kind == ATTEND:
         return B * layer[12].shape[1], R
     return -(-weight_count(w) // R), R
 
 
 @serial
-def _kernels(x, bufs, layer, ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync, phase, last):   # one thread's share of a layer's kernels
+def _kernels(x, h, bufs, layer, ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync, parts, me, phase, last):   # one thread's share of a layer's kernels
     """A layer's kernels (or, if last, the final LayerNorm and the head), counted in `sync` from kernel
-    number `phase` on: claim chunks until none is left, then wait until every chunk is done. Its own
-    function, compiled once per weight format: a step's worker that held it would compile again for
+    number `phase` on: claim chunks (thread `me` of `parts`) until none is left, then wait until every chunk is done. A LayerNorm is
+    no kernel of its own: each thread normalizes all B rows into its own h (B x C, microseconds) before
+    the GEMV that reads them, so no thread waits at a barrier for one row (its counters stay unused). Its
+    own function, compiled once per weight format: a step's worker that held it would compile again for
     every layer count. A layer's four GEMVs share one call site (five inlined copies compiled for 46 s, one for 20)."""
-    h, a, qkv, g, y, logits = bufs
+    a, qkv, g, y, logits = bufs
     ln_1w, ln_1b, _, b_attn, _, b_proj, ln_2w, ln_2b, _, b_fc, _, b_fcp, k, v = layer
     B = x.shape[0]
     for j in range(2 if last else 7):
         kind = LN_F + j if last else j
+        if kind == LN_1 or kind == LN_2 or kind == LN_F:   # x is whole: the barrier after the last GEMV into it passed
+            layer_norm_rows(x, ln_1w if kind == LN_1 else ln_2w if kind == LN_2 else ln_f[0],
+                            ln_1b if kind == LN_1 else ln_2b if kind == LN_2 else ln_f[1], eps, h)
+            phase += 1
+            continue
         n, R = _chunks(kind, layer, head, B, chunk_bytes)
         w, src = _weight(kind, layer, head), a if kind == PROJ else g if kind == FC_PROJ else h   # a GEMV's weight and inputs
         bias = b_attn if kind == QKV else b_proj if kind == PROJ else b_fc if kind == FC else b_fcp   # (not the head's)
         out = qkv if kind == QKV else g if kind == FC else logits if kind == HEAD else y
         then = RESIDUAL if kind == PROJ or kind == FC_PROJ else GELU if kind == FC else BIAS
         xd = region_inputs(src if kind in GEMVS else src[:0], w)   # (bf16: this thread's own copy)
-        while True:
-            c = atomic_add(sync, 2 * LINE * phase, 1)
-            if c >= n:
-                break
-            if kind == LN_1:
-                layer_norm_rows(x[c : c + 1], ln_1w, ln_1b, eps, h[c : c + 1])
-            elif kind == LN_2:
-                layer_norm_rows(x[c : c + 1], ln_2w, ln_2b, eps, h[c : c + 1])
-            elif kind == LN_F:
-                layer_norm_rows(x[c : c + 1], ln_f[0], ln_f[1], eps, h[c : c + 1])
-            elif kind == ATTEND:
+        at = (parts + 1) * LINE * phase                    # this kernel's counters: claimed per part, then done
+        q = 0
+        while q < parts:
+            c = _claim(sync, at, parts, me, n, q)
+            if c < 0:                                      # this part is all claimed: the next one
+                q += 1
+                continue
+            if kind == ATTEND:
                 attend_task(qkv, k, v, lengths, scale, a, c)
             elif kind == HEAD:
                 _gemv_chunk(xd, head, None, logits, c, R, BIAS, x, ahead)
             else:                                          # one call site for a layer's four GEMVs: each inlined
                 _gemv_chunk(xd, w, bias, out, c, R, then, x, ahead)   # copy took seconds to compile
-            atomic_add(sync, (2 * phase + 1) * LINE, 1)
-        while atomic_read(sync, (2 * phase + 1) * LINE) < n:
+            atomic_add(sync, at + parts * LINE, 1)
+        while atomic_read(sync, at + parts * LINE) < n:
             spin_pause()
         phase += 1
 
 
 @serial
-def _step_worker(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync):   # one thread's share of a decode step
+def _step_worker(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync, parts):   # one thread's share of a decode step
+    me = atomic_add(sync, sync.shape[0] - 1, 1) % parts     # which part of each kernel's chunks this thread starts on
+    h = np.empty_like(x)                                   # this thread's LayerNorm output, a GEMV's inputs
     for l in range(len(layers)):
-        _kernels(x, bufs, layers[l], ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync, 7 * l, False)
-    _kernels(x, bufs, layers[-1], ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync, 7 * len(layers), True)   # (reads no layer)
+        _kernels(x, h, bufs, layers[l], ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync, parts, me, 7 * l, False)
+    _kernels(x, h, bufs, layers[-1], ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync, parts, me, 7 * len(layers), True)   # (reads no layer)
 
 
 def fused_step(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, ahead=0):   # x [B, C] (the stream, in place) -> bufs' logits [B, V]
     """layers: per layer (ln_1 w, b, c_attn w rows, b, attn c_proj w rows, b, ln_2 w, b, c_fc w rows, b,
-    mlp c_proj w rows, b, cache keys, values); bufs: scratch (h, a [B, C], qkv [B, 3C], g [B, 4C], y [B, C])
+    mlp c_proj w rows, b, cache keys, values); bufs: scratch (a [B, C], qkv [B, 3C], g [B, 4C], y [B, C])
     and the logits [B, V]; ahead: bf16_rows' hint distance in bytes. Every kernel's chunks, then a barrier, on
     all threads. (A numba parallel region cannot take tuples of arrays: the workers run nogil on the pool's
     Python threads, jit.team.)"""
-    sync = np.zeros(2 * LINE * (7 * len(layers) + 2), dtype=np.int64)   # per kernel: chunks claimed, chunks done
-    team(_step_worker, x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync)
+    parts = numba.get_num_threads()                        # a part of each kernel's chunks per thread
+    sync = np.zeros((parts + 1) * LINE * (7 * len(layers) + 2) + 1, dtype=np.int64)   # per kernel: claimed per part, done; threads
+    team(_step_worker, x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync, parts)
 
 
 def _region_weight(w):                                     # a prepared weight as fused_step reads it (float32, bf16 bits or panels), or None
@@ -260,7 +278,7 @@ def step(params, ids, cfg, cache):                         # [B, 1] ids, KVCache
     plan = one_region(params, cache)
     if plan is not None:
         layers, head = plan
-        bufs = (np.empty((B, C), np.float32), np.empty((B, C), np.float32), np.empty((B, 3 * C), np.float32),
+        bufs = (np.empty((B, C), np.float32), np.empty((B, 3 * C), np.float32),
                 np.empty((B, 4 * C), np.float32), np.empty((B, C), np.float32), np.empty((B, params["lm_head"]["weight"].shape[0]), np.float32))
         fused_step(x, bufs, layers, (params["ln_f"]["weight"], params["ln_f"]["bias"]), head, lengths, scale,
                    np.float32(cfg.eps), CHUNK_BYTES, STREAM_AHEAD if head.dtype == np.uint16 else 0)   # (bf16 only: see matmul)
