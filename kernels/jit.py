@@ -330,6 +330,10 @@ def _dot_group(fmt, inputs=1, isa="native"):
             load8 = lambda ptr, at: builder.load(builder.bitcast(builder.gep(ptr, [at]), f32.as_pointer()), align=4)
             accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(2)] for _ in range(inputs)]
             offset = int4 or _biased_q8(context, isa)
+            # int4 with AVX2 but no VNNI: a pair of products (nibble 0..15 times a level within +-127) is at most
+            # 3810, so a block's 16 pair sums per lane stay within 16 bits (30480): vpmaddubsw and a 16-bit add per
+            # run, one vpmaddwd per block, instead of vpmaddubsw, vpmaddwd and a 32-bit add per run
+            words, i16 = int4 and _avx2(context, isa) and not _vnni(context, isa), _vector(16, 16)
 
             def block(j, parity):                          # -> acc[parity] of each input += this block's 8 rows' terms
                 base = builder.mul(j, const(block_bytes))
@@ -346,12 +350,19 @@ def _dot_group(fmt, inputs=1, isa="native"):
                     runs = [(_block_loader(builder, row, 32, builder.add(base, const(32 * i))), 4 * i) for i in range(8)]
                 at = builder.mul(j, const(32))
                 for q, off, s, acc in zip(qs, offs, ss, accs):
-                    chains = [ir.Constant(i32, [0] * 8)] * 2   # two independent chains of 4
-                    for r, (u, k) in enumerate(runs):
-                        x = builder.bitcast(_splat_i32(builder, builder.bitcast(builder.gep(q, [builder.add(at, const(k))]),
-                                                                                ir.IntType(32).as_pointer())), b32)
-                        chains[r % 2] = (_u8s8_acc if int4 else _q8_acc)(builder, context, isa, chains[r % 2], u, x)
-                    total = builder.add(chains[0], chains[1])
+                    xs = [builder.bitcast(_splat_i32(builder, builder.bitcast(builder.gep(q, [builder.add(at, const(k))]),
+                                                                             ir.IntType(32).as_pointer())), b32) for _, k in runs]
+                    if words:                              # int4 on AVX2: a block's pairs summed in 16 bits, widened once
+                        chains = [ir.Constant(i16, [0] * 16)] * 2
+                        for r, ((u, _), x) in enumerate(zip(runs, xs)):
+                            chains[r % 2] = builder.add(chains[r % 2], _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", i16, u, x))
+                        total = _x86(builder, "llvm.x86.avx2.pmadd.wd", i32, builder.add(chains[0], chains[1]),
+                                     ir.Constant(i16, [1] * 16))
+                    else:
+                        chains = [ir.Constant(i32, [0] * 8)] * 2   # two independent chains of 4
+                        for r, ((u, _), x) in enumerate(zip(runs, xs)):
+                            chains[r % 2] = (_u8s8_acc if int4 else _q8_acc)(builder, context, isa, chains[r % 2], u, x)
+                        total = builder.add(chains[0], chains[1])
                     if offset:
                         total = builder.sub(total, _splat_i32(builder, builder.gep(off, [j])))
                     sj = _splat(builder, builder.load(builder.gep(s, [j])))
