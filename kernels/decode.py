@@ -8,8 +8,9 @@ positions), the projection into the stream, LayerNorm, the MLP's two GEMVs (the 
 what it computes, the second adds into the stream).
 
 float32 and bf16 weights: the whole step is one region on every core (fused_step), the threads meeting
-at a barrier between kernels (a LayerNorm is none: each thread normalizes the rows for itself). int8 and int4 weights: a kernel call each (step): the same region with a
-rounding kernel before each product ran them 0.79-0.88x the calls (tg128, alternating in one process),
+at a barrier between kernels (a LayerNorm is none: each thread normalizes the rows for itself). int8
+and int4 weights: a kernel call each (step): the same region with a rounding kernel before each
+product ran them 0.79-0.88x the calls (tg128, alternating in one process),
 however its chunks were cut, while float32 and bf16 ran 1.07x faster in it. Each thread rounding its own
 copy of the inputs instead (no kernel, no barrier) measured the same: int4 0.82x at batch 1, 0.94x at 4;
 int8 0.91x and 1.02x; 0.9x on one thread, and worse with smaller chunks. The same kernel calls made from
@@ -170,8 +171,8 @@ def _chunks(kind, layer, head, B, chunk_bytes):            # how many chunks ker
 @serial
 def _kernels(x, h, bufs, layer, ln_f, head, lengths, scale, eps, chunk_bytes, ahead, sync, parts, me, phase, last):   # one thread's share of a layer's kernels
     """A layer's kernels (or, if last, the final LayerNorm and the head), counted in `sync` from kernel
-    number `phase` on: claim chunks (thread `me` of `parts`) until none is left, then wait until every chunk is done. A LayerNorm is
-    no kernel of its own: each thread normalizes all B rows into its own h (B x C, microseconds) before
+    number `phase` on: claim chunks (thread `me` of `parts`, decode._claim) until none is left, then wait
+    until every chunk is done. A LayerNorm is no kernel of its own: each thread normalizes all B rows into its own h (B x C, microseconds) before
     the GEMV that reads them, so no thread waits at a barrier for one row (its counters stay unused). Its
     own function, compiled once per weight format: a step's worker that held it would compile again for
     every layer count. A layer's four GEMVs share one call site (five inlined copies compiled for 46 s, one for 20)."""
