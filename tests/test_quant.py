@@ -224,6 +224,25 @@ def test_prefill_rounds_int8_inputs_bit_for_bit_as_the_spec(shape, offset):
     assert np.array_equal(xoff, offset * xq.reshape(shape[0], blocks, 32).astype(np.int32).sum(-1))
 
 
+def test_input_rounding_ties_to_even_and_zero_blocks_in_the_vector_path():
+    """Whole blocks round in vectors (jit.block_peak, jit.round_block): a block whose peak is 127 has
+    inv = 1, so its halves are ties and round to even (2.5 -> 2, -3.5 -> -4, as np.rint); a block of zeros
+    (and of negative zeros) gets scale 0 and levels 0; a block of one huge value beside tiny ones."""
+    x = np.zeros((3, 96), np.float32)
+    x[0, :32] = np.linspace(-15.5, 15.5, 32, dtype=np.float32)
+    x[0, 0] = np.float32(127.0)
+    x[0, 64:] = -0.0
+    x[1, :32] = np.float32(1e-30)
+    x[1, 7] = np.float32(-3e30)
+    x[2] = rng.standard_normal(96, dtype=np.float32)
+    xq, sx, xoff = matmul.rounded_rows(x, 8, 3)
+    values = (xq.reshape(3, 3, 32) * sx[..., None]).reshape(3, -1)
+    assert np.array_equal(values, quant.round_to_q8(x))
+    assert np.array_equal(xq[0, 1:32], np.rint(x[0, 1:32]).astype(np.int8))       # inv = 1: the ties as rint's
+    assert not xq[0, 32:].any() and not sx[0, 1:].any() and not xoff[0, 1:].any()
+    assert xq[1, 7] == -127 and not np.delete(xq[1, :32], 7).any()
+
+
 @functools.cache
 def _rows_of(dot, inputs):                                 # every group of rows against 4 inputs, `inputs` at a time
     """One compiled function per dot (kept across test cases: each compiles once per argument types)."""
