@@ -129,18 +129,18 @@ def weight_rows(xd, w, out, m0, m1, ahead):                # out[:, m0:m1] = xd 
 
 @overload(weight_rows)
 def _weight_rows(xd, w, out, m0, m1, ahead):
-    """bf16 rows: matmul.bf16_rows (bf16 pairs), hinting `ahead` bytes on; float32:
-    matmul.float_rows (no hints: see matmul.STREAM_AHEAD)."""
+    """bf16 rows: matmul.bf16_rows (bf16 pairs), bf16 panels: matmul.panel_rows, each hinting `ahead` bytes
+    on (from 4 and from 2 inputs); float32: matmul.float_rows (no hints: see matmul.STREAM_AHEAD)."""
     if w.dtype == types.uint16:
         return lambda xd, w, out, m0, m1, ahead: bf16_rows(xd, w, out, m0, m1, ahead)
     if w.ndim == 3:
-        return lambda xd, w, out, m0, m1, ahead: panel_rows(xd, w, out, m0, m1)
+        return lambda xd, w, out, m0, m1, ahead: panel_rows(xd, w, out, m0, m1, ahead)
     return lambda xd, w, out, m0, m1, ahead: float_rows(xd, w, out, m0, m1)
 
 
 @inline
 def _gemv_chunk(xd, w, b, out, c, R, then, stream, ahead):   # chunk c (R rows) of out = x . w^T + b, then: BIAS, GELU or RESIDUAL (into stream)
-    """xd: the inputs from region_inputs; ahead: bf16_rows' hint distance (bytes)."""
+    """xd: the inputs from region_inputs; ahead: bf16's hint distance (bytes)."""
     m0, m1 = c * R, min(c * R + R, out.shape[1])
     weight_rows(xd, w, out, m0, m1, ahead)
     for m in range(m0, m1):
@@ -223,7 +223,7 @@ def _step_worker(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, 
 def fused_step(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, ahead=0):   # x [B, C] (the stream, in place) -> bufs' logits [B, V]
     """layers: per layer (ln_1 w, b, c_attn w rows, b, attn c_proj w rows, b, ln_2 w, b, c_fc w rows, b,
     mlp c_proj w rows, b, cache keys, values); bufs: scratch (a [B, C], qkv [B, 3C], g [B, 4C], y [B, C])
-    and the logits [B, V]; ahead: bf16_rows' hint distance in bytes. Every kernel's chunks, then a barrier, on
+    and the logits [B, V]; ahead: bf16's hint distance in bytes (rows and panels). Every kernel's chunks, then a barrier, on
     all threads. (A numba parallel region cannot take tuples of arrays: the workers run nogil on the pool's
     Python threads, jit.team.)"""
     parts = numba.get_num_threads()                        # a part of each kernel's chunks per thread
@@ -282,7 +282,7 @@ def step(params, ids, cfg, cache):                         # [B, 1] ids, KVCache
         bufs = (np.empty((B, C), np.float32), np.empty((B, 3 * C), np.float32),
                 np.empty((B, 4 * C), np.float32), np.empty((B, C), np.float32), np.empty((B, params["lm_head"]["weight"].shape[0]), np.float32))
         fused_step(x, bufs, layers, (params["ln_f"]["weight"], params["ln_f"]["bias"]), head, lengths, scale,
-                   np.float32(cfg.eps), CHUNK_BYTES, STREAM_AHEAD if head.dtype == np.uint16 else 0)   # (bf16 only: see matmul)
+                   np.float32(cfg.eps), CHUNK_BYTES, 0 if head.dtype == np.float32 else STREAM_AHEAD)   # (bf16 only: see matmul)
         cache.advance(1)
         return bufs[-1][:, None]
     h, a = np.empty_like(x), np.empty_like(x)

@@ -161,7 +161,7 @@ def _c_array(a, ndim):
 @intrinsic
 def prefetch4(typingctx, a, i, j, l, m):                   # a hint that a[i, j, l, m] will be read soon (no fault, no result)
     """(Weight rows are hinted only where it measured faster: bf16 from 4 inputs, into L2, dot_bf16's `ahead`
-    and matmul.STREAM_AHEAD. Elsewhere the hardware's own prefetchers stream them, and hints measured slower.)"""
+    and matmul.STREAM_AHEAD, and bf16 panels from 2 inputs, bf16_panel's `ahead`. Elsewhere the hardware's own prefetchers stream them, and hints measured slower.)"""
     return (types.void(a, *[types.intp] * 4), _prefetch_into(3)) if _c_array(a, 4) else None
 
 
@@ -590,7 +590,7 @@ def _bf16_panel(inputs):
     chains = 4 if inputs == 1 else 1                       # one input: 4 sets of sums take k in turn (an FMA's latency)
 
     @intrinsic
-    def product(typingctx, panel, xg, c):
+    def product(typingctx, panel, xg, c, ahead):
         """panel (pack_panel: uint32 [K, 8]) against xg (float32 [K, inputs], k-major: matmul.bf16_groups_into)
         -> c float32 [inputs, 16]: c[i, j] = sum over k of xg[k, i] * row j's weight at k, in float32 (exact
         products; with one input, 4 sums over every 4th k, added at the end). An sgemm-style outer product:
@@ -601,14 +601,17 @@ def _bf16_panel(inputs):
         halves for 18 FMAs, then added across lanes. On one core of a Zen 3 (shared, noisy), at GPT-2's
         prefill shapes (128 and 512 inputs, K 768 and 3072): 70-97 GFLOP/s, OpenBLAS's float32 sgemm 56-82
         in the same runs. Decode's GEMVs streaming 12 matrices from memory on both cores, against the split
-        dots on rows: 4 inputs 1.29-1.44x, one input 1.01-1.22x."""
+        dots on rows: 4 inputs 1.29-1.44x, one input 1.01-1.22x.
+        ahead > 0: a hint per 64 bytes of panel that the line `ahead` bytes on will be read (into L2), for
+        decode streaming its panels from memory (matmul.panel_rows); 0: none (the loop is unswitched). The
+        sums are the same either way."""
         if not (_c_array(panel, 2) and _c_array(xg, 2) and _c_array(c, 2) and panel.dtype == types.uint32
-                and xg.dtype == types.float32 and c.dtype == types.float32):
+                and xg.dtype == types.float32 and c.dtype == types.float32 and isinstance(ahead, types.Integer)):
             return None
-        sig = types.void(panel, xg, c)
+        sig = types.void(panel, xg, c, types.intp)
 
         def codegen(context, builder, signature, args):
-            panel, xg, c = args
+            panel, xg, c, ahead = args
             t = signature.args
             i32, f32 = _vector(32, 8), _vector(0, 8)
             K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, panel).shape)[0]
@@ -619,7 +622,14 @@ def _bf16_panel(inputs):
             sums = [[[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(2)] for _ in range(inputs)]
                     for _ in range(chains)]
 
-            def step(k, chain):                            # k's 16 weights against every input, into sums of `chain`
+            lines = builder.bitcast(wp, ir.IntType(8).as_pointer())
+            hinted = builder.icmp_signed(">", ahead, zero)
+
+            def step(k, turn):                             # k's 16 weights against every input, into sums of chain turn % chains
+                chain = turn % chains
+                if turn % 2 == 0:                          # 32 bytes a k: a hint every other k, one a line
+                    with builder.if_then(hinted):
+                        _hint_l2(builder, builder.gep(lines, [builder.add(builder.mul(k, const(32)), ahead)]))
                 u = builder.load(builder.bitcast(builder.gep(wp, [builder.mul(k, const(8))]), i32.as_pointer()), align=4)
                 halves = (builder.bitcast(builder.shl(u, ir.Constant(i32, [16] * 8)), f32),             # rows 0-7 at k
                           builder.bitcast(builder.and_(u, ir.Constant(i32, [-(1 << 16)] * 8)), f32))     # rows 8-15
@@ -629,7 +639,7 @@ def _bf16_panel(inputs):
                         s = sums[chain][i][h]
                         builder.store(builder.fadd(builder.load(s), builder.fmul(wv, v, flags=FMA), flags=FMA), s)
 
-            _runs_in_turn(builder, K, chains, step)
+            _runs_in_turn(builder, K, max(chains, 2), step)     # (chains 1: every k into the same sums, as before)
             for i in range(inputs):
                 for h in range(2):
                     total = builder.load(sums[0][i][h])

@@ -250,10 +250,10 @@ def test_one_region_decode_step_equals_kernel_calls_in_any_chunks_on_any_threads
     partial) or whole, rows past 4 inputs at a time and 4x4 tiles (WIDE), on one thread (every chunk on
     the calling thread) or two; bf16 rows and inputs as uint32 pairs (matmul.bf16_rows, with vdpbf16ps), from
     4 inputs with hints 2 lines ahead (matmul.STREAM_AHEAD, shortened so they land inside these small chunks;
-    none for float32), or bf16 panels (without: chunks of 16 rows, partial panels at the end). Logits and the
-    cache written. 1e-5: the same kernels, summed in the same order."""
+    none for float32), or bf16 panels (without: chunks of 16 rows, partial panels at the end, hints from 2
+    inputs, none at 1). Logits and the cache written. 1e-5: the same kernels, summed in the same order."""
     from npgpt import quant, weights
-    from npgpt.kernels import decode, jit
+    from npgpt.kernels import decode
 
     model = npgpt.Model(quant.quantize(weights.random_params(cfg, seed=3), fmt), cfg, backend="numba")
     calls, one_region, fused_step = [], decode.one_region, decode.fused_step
@@ -271,7 +271,7 @@ def test_one_region_decode_step_equals_kernel_calls_in_any_chunks_on_any_threads
             want = model.forward(ids, cache=caches[0])
             monkeypatch.setattr(decode, "one_region", one_region)
             assert max_rel_err(model.forward(ids, cache=caches[1]), want) < 1e-5
-    ahead = 128 if fmt == "bf16" and jit.BF16_PAIRS else 0   # (hints for bf16 rows only; panels stream without)
+    ahead = 128 if fmt == "bf16" else 0                    # (bf16's hint distance, rows or panels; float32 none)
     assert calls == [(chunk_bytes, ahead)] * 2             # the region ran both steps, the calls none
     for i in range(cfg.n_layer):
         assert max_rel_err(caches[1].layer(i).k, caches[0].layer(i).k) < 1e-5

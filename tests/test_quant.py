@@ -69,7 +69,7 @@ def test_bf16_dot_on_every_instruction_path(isa, runs):
 @functools.cache
 def _panel_callers():                                      # compiled functions calling matmul._pack_panel and jit's panel products
     from npgpt.kernels import jit
-    products = {w: numba.njit(lambda panel, xg, c, f=f: f(panel, xg, c)) for w, f in ((6, jit.bf16_panel), (4, jit.bf16_panel4),
+    products = {w: numba.njit(lambda panel, xg, c, ahead, f=f: f(panel, xg, c, ahead)) for w, f in ((6, jit.bf16_panel), (4, jit.bf16_panel4),
                                                                                    (1, jit.bf16_panel1))}
     return numba.njit(lambda w, m, rows, panel: matmul._pack_panel(w, m, rows, panel)), products
 
@@ -82,7 +82,8 @@ def test_bf16_panels_hold_16_rows_and_multiply_6_4_or_1_inputs_as_float64_sums(K
     and bf16_unpanel gives them back. matmul.bf16_groups_into: W inputs rounded to bf16 as the spec,
     k-major, zeros past the last input. jit.bf16_panel (6 inputs), bf16_panel4 and bf16_panel1 (4 sets of
     sums over every 4th k) against float64 sums of the same values: 1e-6 relative to the sum of |products|
-    (exact products, float32 sums of at most 200 terms)."""
+    (exact products, float32 sums of at most 200 terms); with L2 hints 64 bytes on (decode's, which may
+    name lines past the panel: a hint never faults), the same sums bit for bit."""
     pack, products = _panel_callers()
     wb = quant.to_bf16(rng.standard_normal((37, K), dtype=np.float32))
     w, wide = wb.bits, quant.dequantize(wb).astype(np.float64)
@@ -105,10 +106,12 @@ def test_bf16_panels_hold_16_rows_and_multiply_6_4_or_1_inputs_as_float64_sums(K
         np.testing.assert_array_equal(xg[0], xr[:W].T)
         np.testing.assert_array_equal(xg[1], np.concatenate([xr[W:].T, np.zeros((K, max(0, W - 2)), np.float32)], axis=1)[:, :W])
         for g in range(2):
-            c = np.full((W, 16), np.nan, np.float32)
-            product(panel, xg[g], c)
+            c, hinted = np.full((W, 16), np.nan, np.float32), np.full((W, 16), np.nan, np.float32)
+            product(panel, xg[g], c, 0)
             terms = xg[g].T.astype(np.float64)[:, None, :] * wide[5:21][None, :, :]   # [W inputs, 16 rows, K]
             assert np.all(np.abs(c - terms.sum(-1)) <= 1e-6 * np.abs(terms).sum(-1)), (W, g)
+            product(panel, xg[g], hinted, 64)
+            np.testing.assert_array_equal(hinted, c)
 
 
 @pytest.mark.parametrize("pairs", [True, False])
