@@ -304,7 +304,7 @@ def _round_inputs(x, bits, offset, xq, sx, xoff):         # x [N, K] -> int8 lev
     whole-block dots over padding add nothing). A row in three passes over its blocks: the peaks, then
     the scales and their inverses, then the levels (whole blocks in vectors, jit.round_block). Block by
     block, each block waited on its own peak, two divisions and rounding, and LLVM kept the rounding
-    scalar: 4.7 us for a row of 3072 inputs, 1.0 us in passes (the same levels and scales)."""
+    scalar: 4.7 us for a row of 3072 inputs, 0.9 us in passes (the same levels and scales)."""
     N, K = x.shape
     blocks = sx.shape[1]
     inv = np.empty(blocks, np.float32)
