@@ -655,6 +655,58 @@ def _bf16_panel(inputs):
 bf16_panel, bf16_panel4, bf16_panel1 = _bf16_panel(PANEL_INPUTS), _bf16_panel(4), _bf16_panel(1)
 
 
+TILE_ROWS, TILE_COLS = 6, 16                               # f32_tile: 6 rows of a against 16 columns of b
+
+
+def _element(builder, context, typ, value, i, j):          # pointer to a[i, j] of a 2-D array of any layout, as float*
+    a = context.make_array(typ)(context, builder, value)
+    s0, s1 = cgutils.unpack_tuple(builder, a.strides)
+    at = builder.gep(builder.bitcast(a.data, ir.IntType(8).as_pointer()), [builder.add(builder.mul(i, s0), builder.mul(j, s1))])
+    return builder.bitcast(at, ir.FloatType().as_pointer())
+
+
+@intrinsic
+def f32_tile(typingctx, a, b, k0, j0, n, c):
+    """c[i, :16] = sum over k < n of a[i, k] * b[k0 + k, j0 : j0 + 16], for i < 6, in float32 FMAs.
+    a: float32 [>=6, >=n]; b: float32 2-D; c: float32 [>=6, >=16]; each of any row stride.
+    The caller keeps every index in bounds and both arrays' columns one float apart (a[i, k + 1] next to
+    a[i, k]): nothing here checks. The float32 form of bf16_panel's outer product: per k, two loads are
+    b's 16 values, each of a's 6 is broadcast against them, 12 FMAs into sums held in registers (12 of
+    AVX2's 16). Prefill attention's products (kernels.attention.causal_head): q.k^T against packed keys,
+    and p.v straight from the values' rows."""
+    if not (all(isinstance(x, types.Array) and x.ndim == 2 for x in (a, b, c))
+            and a.dtype == b.dtype == c.dtype == types.float32 and all(isinstance(x, types.Integer) for x in (k0, j0, n))):
+        return None
+    sig = types.void(a, b, types.intp, types.intp, types.intp, c)
+
+    def codegen(context, builder, signature, args):
+        a, b, k0, j0, n, c = args
+        t = signature.args
+        f32 = _vector(0, 8)
+        const = lambda v: ir.Constant(n.type, v)
+        rows = [_element(builder, context, t[0], a, const(i), const(0)) for i in range(TILE_ROWS)]
+        first = _element(builder, context, t[1], b, k0, j0)
+        b_step = builder.udiv(cgutils.unpack_tuple(builder, context.make_array(t[1])(context, builder, b).strides)[0], const(4))
+        sums = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 8)) for _ in range(2)] for _ in range(TILE_ROWS)]
+
+        def step(k, chain):                                # b's row k0 + k against a's column k
+            at = builder.gep(first, [builder.mul(k, b_step)])
+            halves = [builder.load(builder.bitcast(builder.gep(at, [const(8 * h)]), f32.as_pointer()), align=4) for h in range(2)]
+            for i in range(TILE_ROWS):
+                v = _splat(builder, builder.load(builder.gep(rows[i], [k])))
+                for h, wv in enumerate(halves):
+                    s = sums[i][h]
+                    builder.store(builder.fadd(builder.load(s), builder.fmul(wv, v, flags=FMA), flags=FMA), s)
+
+        _runs_in_turn(builder, n, 2, step)                 # (two k a turn: an unrolled loop, one set of sums)
+        for i in range(TILE_ROWS):
+            for h in range(2):
+                at = _element(builder, context, t[5], c, const(i), const(8 * h))
+                builder.store(builder.load(sums[i][h]), builder.bitcast(at, f32.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 def _host_features():
     from numba.core.registry import cpu_target
     return getattr(cpu_target.target_context.codegen(), "_tm_features", "").split(",")

@@ -23,8 +23,10 @@ def _order_key(b):                                         # float32 bits (int32
     """Negative floats' bit patterns run backwards: flipping all but the sign bit turns them round, so
     comparing keys as integers compares the floats. A float max as an integer max vectorizes; as a
     float max it did not (LLVM keeps a float max reduction scalar unless it may assume no NaN): the peak
-    pass took two-thirds of a 128 x 1280 softmax."""
-    return b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))
+    pass took two-thirds of a 128 x 1280 softmax. The int32 cast keeps it 8 lanes wide: numba types an
+    int32 expression as int64, and the max then ran 4 lanes of int64 compares and blends (0.16 ns an
+    element, now 0.06)."""
+    return np.int32(b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF)))
 
 
 @serial

@@ -113,6 +113,40 @@ def test_attention_on_strided_views(B, T, S):                # q, k, v as the sp
     assert max_rel_err(attention.attention(q, k, v), spec.attention(q, k, v)) < TOL
 
 
+@pytest.mark.parametrize("n", [1, 7, 64, 513])
+def test_f32_tile_multiplies_6_rows_by_16_columns_of_strided_arrays(n):
+    """jit.f32_tile against float64 products, on views with row strides of their own (a and b slices of
+    wider arrays, c of a wider buffer whose other columns must stay untouched), starting at b's row 3 and
+    column 5. Tolerance: a float32 sum of n products is within n * 2**-24 * sum |a_ik b_kj| of the exact
+    sum (the standard bound for recursive summation, with FMAs rounding once per step)."""
+    from npgpt.kernels import jit
+
+    a, b = randn(6, n + 9)[:, 2 : n + 2], randn(n + 10, 40)
+    c = np.full((9, 30), 7.0, np.float32)
+    numba.njit(lambda a, b, c, n: jit.f32_tile(a, b, 3, 5, n, c))(a, b, c[1:8, 4:20], n)
+    a64, b64 = a.astype(np.float64), b[3 : n + 3, 5:21].astype(np.float64)
+    bound = n * 2.0**-24 * (np.abs(a64) @ np.abs(b64))
+    assert (np.abs(c[1:7, 4:20] - a64 @ b64) <= bound).all()
+    untouched = np.ones_like(c, bool)
+    untouched[1:7, 4:20] = False
+    assert (c[untouched] == 7.0).all()
+
+
+@pytest.mark.parametrize("T, S, D", [(1, 1, 64), (5, 5, 16), (6, 6, 64), (7, 19, 64), (97, 97, 10), (50, 83, 70),
+                                     (300, 300, 64), (13, 40, 33)])
+def test_causal_head_equals_the_spec_on_strided_views(T, S, D):
+    """attention.causal_head (prefill: blocks of 6 queries, 16 keys or dims a tile) against the spec's
+    attention, on q, k, v and out as prefill hands them over: column slices of wider rows. T not a multiple
+    of 6, S past T (a cached prefix), head dims below 16, 16, 64 and with a tail (70, 33) of dims done one
+    at a time."""
+    qkv, out = randn(S, 3 * D + 11), np.full((T, D + 4), 9.0, np.float32)
+    q, k, v = qkv[S - T :, 1 : D + 1], qkv[:, D + 1 : 2 * D + 1], qkv[:, 2 * D + 1 : 3 * D + 1]
+    attention.causal_head(q, k, v, np.float32(1 / np.sqrt(D)), out[:, 2 : D + 2])
+    want = spec.attention(q[None, None], k[None, None], v[None, None])[0, 0]
+    assert max_rel_err(out[:, 2 : D + 2], want) < TOL
+    assert (out[:, :2] == 9.0).all() and (out[:, D + 2 :] == 9.0).all()
+
+
 def test_decode_attention_reads_the_kv_cache_in_place():
     cache = KVCache(TINY, batch=2)
     layer = cache.layer(0)
@@ -345,15 +379,14 @@ def test_fused_decode_step_serves_a_packed_step_of_busy_rows(tiny_params):
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("B, past, T", [(1, 0, 17), (1, 9, 37), (3, 5, 23), (2, 0, 64)])
 def test_fused_prefill_equals_the_spec(tiny_params, fmt, B, past, T, monkeypatch):
-    """kernels.prefill against npgpt.model.forward: T new tokens (more than decode-sized; query blocks
-    shrunk to 16, so several run and the last is partial) on B rows that already hold `past` positions
+    """kernels.prefill against npgpt.model.forward: T new tokens (more than decode-sized; attention's
+    blocks of 6 queries, so several run and the last is partial) on B rows that already hold `past` positions
     (or none, and then also with no cache at all). Logits of every position and of the last, and the keys
     and values written. Tolerances as the fused decode step's: 1e-4 fp32 (a dozen kernels in a row, each
     within TOL of its spec function), 1e-2 bf16/int8/int4 (an input rounded to the neighbouring level)."""
     from npgpt import quant
     from npgpt.kernels import prefill
 
-    monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
     params = quant.quantize(tiny_params, fmt)
     tol = 1e-2 if fmt in ("bf16", "int8", "int4") else 1e-4
     ref, fused = npgpt.Model(params, TINY), npgpt.Model(params, TINY, backend="numba")
