@@ -116,7 +116,8 @@ def test_bf16_panels_hold_16_rows_and_multiply_6_4_or_1_inputs_as_float64_sums(K
 
 @pytest.mark.parametrize("pairs", [True, False])
 @pytest.mark.parametrize("N, K, M", [(7, 33, 10), (13, 48, 11), (37, 100, 29), (130, 256, 64), (2, 1, 5), (5, 2, 3)])
-def test_bf16_products_on_either_path_equal_the_spec(pairs, N, K, M, monkeypatch):
+@pytest.mark.parametrize("block_bytes", [1 << 20, 6000])   # the panels' input blocks (matmul.PANEL_INPUT_BYTES): one, or many of a few groups and a partial last
+def test_bf16_products_on_either_path_equal_the_spec(pairs, N, K, M, block_bytes, monkeypatch):
     """bf16 rows as kernels.head_rows keeps them: quant.BF16 rows where the CPU has vdpbf16ps, else
     quant.BF16Panels. Prefill's product (matmul_into: 4x4 tiles of bf16 pairs, or panels against groups of 6
     inputs) and the GEMV (matmul_rows: one input, 2 and 5 inputs (groups of 4 on panels, a partial one)) on
@@ -126,6 +127,7 @@ def test_bf16_products_on_either_path_equal_the_spec(pairs, N, K, M, monkeypatch
     float32). Whichever path this CPU takes natively, both run (the pairs in plain IR without AVX512-BF16)."""
     from npgpt.kernels import jit
     monkeypatch.setattr(jit, "BF16_PAIRS", pairs)
+    monkeypatch.setattr(matmul, "PANEL_INPUT_BYTES", block_bytes)
     x = rng.standard_normal((N, K), dtype=np.float32)
     w, b = quant.to_bf16(rng.standard_normal((M, K), dtype=np.float32)), rng.standard_normal(M, dtype=np.float32)
     rows = kernels.head_rows(w)
