@@ -411,6 +411,24 @@ def _bf16_band(xb, w, m0, m1, out, nb, mb):                # out[:, m0:m1] = xb 
             bf16_tiles(xb[n0:n1], w, out[n0:n1], c0, min(c0 + mb, m1))
 
 
+def group8(x, n0, k0, dst):                                # jit.bf16_group8 where both arrays are C-contiguous (numba-only; see overload)
+    raise NotImplementedError
+
+
+@overload(group8)
+def _group8(x, n0, k0, dst):
+    """Chosen by layout at compile time: the vector intrinsic takes C-contiguous rows only; any other
+    layout (a strided view handed to a kernel) gets the same values one at a time."""
+    if x.layout == "C" and dst.layout == "C":
+        return lambda x, n0, k0, dst: bf16_group8(x, n0, k0, dst)
+
+    def scalar(x, n0, k0, dst):
+        for c in range(8):
+            for i in range(PANEL_INPUTS):
+                dst[k0 + c, i] = f32_from_bits(np.uint32(_bf16_of(x[n0 + i, k0 + c])) << np.uint32(16))
+    return scalar
+
+
 @serial
 def bf16_groups_into(x, out, g0, g1):                      # float32 [N, K] -> out float32 [G, K, W], groups g0 .. g1: bf16 values, k-major
     """Group g holds inputs Wg .. Wg + W - 1 rounded to bf16 (as quant.round_to_bf16), out[g, k, i] = x[Wg + i, k]
@@ -420,7 +438,7 @@ def bf16_groups_into(x, out, g0, g1):                      # float32 [N, K] -> o
     for g in range(g0, g1):
         if W == PANEL_INPUTS and g * W + W <= N:           # a whole group of 6: 8 columns at a time in vectors, the rest below
             for k0 in range(0, K - K % 8, 8):
-                bf16_group8(x, g * W, k0, out[g])
+                group8(x, g * W, k0, out[g])
             for k in range(K - K % 8, K):
                 for i in range(W):
                     out[g, k, i] = f32_from_bits(np.uint32(_bf16_of(x[g * W + i, k])) << np.uint32(16))

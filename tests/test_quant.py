@@ -149,21 +149,25 @@ def test_bf16_groups_hold_the_inputs_rounded_as_the_spec_k_major(N, K):
     """matmul.bf16_groups_into (whole groups of 6: 8 columns at a time in vectors, jit.bf16_group8; the last
     K % 8 columns and a partial group one value at a time) against quant.round_to_bf16, bit for bit, on
     ties to even both ways, -0, infinities, the largest float (rounds to inf), NaNs (stay NaNs, one whose
-    payload is all in the low half too) and subnormals; zeros past the last input. Groups are written one
-    call each, last first (as bands on other threads may be): a group's writes must stay in its own columns."""
+    payload is all in the low half too) and subnormals; zeros past the last input; from C-contiguous inputs
+    and from a strided view of them (matmul.group8: values one at a time). Groups are written one call
+    each, last first (as bands on other threads may be): a group's writes must stay in its own columns."""
     x = rng.standard_normal((N, K), dtype=np.float32)
     special = np.array([1.0 + 2**-8, 1.0 + 3 * 2**-8, -0.0, np.inf, -np.inf, np.finfo(np.float32).max, np.nan,
                         np.array(0x7F800001, np.uint32).view(np.float32), 1e-40, -3e-39, 2.0**-126 + 2.0**-140], np.float32)
     n = min(len(special), x.size)
     x.flat[np.arange(n) * (x.size // n)] = special[:n]    # spread over the groups (and columns)
-    out = np.full((-(-N // 6), K, 6), 7.0, np.float32)
-    for g in reversed(range(out.shape[0])):
-        matmul.bf16_groups_into(x, out, g, g + 1)
-    got = out.transpose(0, 2, 1).reshape(-1, K)
     want = quant.round_to_bf16(x)
-    assert np.array_equal(np.isnan(got[:N]), np.isnan(want))
-    assert np.array_equal(got[:N].view(np.uint32)[~np.isnan(want)], want.view(np.uint32)[~np.isnan(want)])
-    assert (got[N:] == 0).all()
+    wide = np.zeros((N, K + 5), np.float32)
+    for inputs in (x, wide[:, 2 : K + 2]):                 # C-contiguous rows (the vectors), and a strided view of them
+        inputs[...] = x
+        out = np.full((-(-N // 6), K, 6), 7.0, np.float32)
+        for g in reversed(range(out.shape[0])):
+            matmul.bf16_groups_into(inputs, out, g, g + 1)
+        got = out.transpose(0, 2, 1).reshape(-1, K)
+        assert np.array_equal(np.isnan(got[:N]), np.isnan(want))
+        assert np.array_equal(got[:N].view(np.uint32)[~np.isnan(want)], want.view(np.uint32)[~np.isnan(want)])
+        assert (got[N:] == 0).all()
 
 
 def test_bf16_keeps_upper_half_rounded_to_nearest_even():
