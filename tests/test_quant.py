@@ -371,7 +371,8 @@ def test_linear_with_gelu_equals_the_spec(fmt, rows):
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("N, K, M", [(17, 100, 37), (130, 96, 301), (23, 33, 8), (41, 300, 130)])
 @pytest.mark.parametrize("then", ["bias", "gelu", "residual"])
-def test_prefill_tiles_and_integer_dots_equal_the_spec(fmt, N, K, M, then, monkeypatch):
+@pytest.mark.parametrize("inline_values", [0, 1 << 19])    # inputs rounded in bands, or on the calling thread (matmul.ROUND_INLINE_VALUES)
+def test_prefill_tiles_and_integer_dots_equal_the_spec(fmt, N, K, M, then, inline_values, monkeypatch):
     """Prefill's bf16 tiles and int8/int4 integer dots (each band's product written transposed, then
     finished): inputs not a multiple of 4 (a tail of single dots), rows not a multiple of 4 or of 8 (a
     partial tile or group), K not a multiple of 32 (a partial block). bf16's pairs run in blocks of 8 inputs
@@ -379,6 +380,7 @@ def test_prefill_tiles_and_integer_dots_equal_the_spec(fmt, N, K, M, then, monke
     and chunks too (bf16 panels, without vdpbf16ps: a partial panel and group). Tolerance: float32 sums in another order, 1e-5 relative; GELU as its kernel's."""
     monkeypatch.setattr(matmul, "TILE_INPUT_BYTES", 4 * K * 8)
     monkeypatch.setattr(matmul, "TILE_WEIGHT_BYTES", 2 * K * 4)
+    monkeypatch.setattr(matmul, "ROUND_INLINE_VALUES", inline_values)
     x, b, start = (rng.standard_normal(s, dtype=np.float32) for s in ((N, K), M, (N, M)))
     w = quant.convert(rng.standard_normal((K, M), dtype=np.float32) * np.float32(0.2), fmt, 1)
     out = start.copy()
