@@ -31,15 +31,20 @@ _BANDWIDTH_BYTES = 2**29                                   # 512 MiB: far past a
 
 
 def measure_ceilings(reps=5):
-    """Memory read bandwidth (GB/s) and sgemm GFLOP/s at 1024x768x3072, best of `reps`. The sgemm is
+    """Memory read bandwidth (GB/s) and sgemm GFLOP/s at 1024x768x3072, best of `reps`. The read is timed
+    both ways the kernels stream weights: one run per core, and 4 runs side by side per core
+    (memory.read_streams); the faster sets the bound. The sgemm is
     timed both ways the machine can run it: BLAS on its own threads, and a band of rows per core on
     single-threaded BLAS (how the kernels' prefill runs it); the faster sets the bound."""
-    from .kernels.memory import read_all                   # jitted code lives in kernels/ (one cache-dir policy)
+    from .kernels.memory import read_all, read_streams     # jitted code lives in kernels/ (one cache-dir policy)
     from .kernels.matmul import gemm
 
     big = np.ones((_BANDWIDTH_BYTES // 4096, 1024), dtype=np.float32)
-    read_all(big)
-    bandwidth = max(big.nbytes / _timed(read_all, big) for _ in range(reps)) / 1e9
+    streams = lambda a: read_streams(a, 64)                # 256 KiB tasks, as the decode step's chunks
+    bandwidth = 0.0
+    for read in (read_all, streams):
+        read(big)
+        bandwidth = max(bandwidth, max(big.nbytes / _timed(read, big) for _ in range(reps)) / 1e9)
     a, b = np.ones((1024, 768), np.float32), np.ones((768, 3072), np.float32)
     gflops = 0.0
     for product in (np.matmul, gemm):

@@ -92,6 +92,34 @@ def test_linear(rows, n_in, n_out):
     assert max_rel_err(got, spec.linear(x, w, b)) < TOL
 
 
+@pytest.mark.parametrize("span", [(0, 2), (3, 6), (5, 9), (10, 17), (0, 97), (40, 301)])   # q = 0 (rows one at a time), 0, 1, 1 + 3 left over, ...
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_one_input_gemv_reads_four_rows_a_quarter_apart(span, dtype):
+    """matmul.float_rows with one input (the float32 decode step's chunks): rows m0 .. m1 as 4 runs a quarter
+    of the span apart, side by side, the last (m1 - m0) % 4 one at a time; nothing outside m0 .. m1 written.
+    Against float64 products (bf16: of the widened rows), within TOL of the largest."""
+    from npgpt import quant
+
+    x, w = randn(1, 77), randn(301, 77)
+    bits = quant.to_bf16(w).bits if dtype == "bf16" else w
+    wide = quant.dequantize(quant.to_bf16(w)) if dtype == "bf16" else w
+    out = np.full((1, 301), 5.0, np.float32)
+    numba.njit(lambda x, w, out, m0, m1: matmul.float_rows(x, w, out, m0, m1))(x, bits, out, *span)
+    m0, m1 = span
+    want = x.astype(np.float64) @ wide[m0:m1].astype(np.float64).T
+    assert max_rel_err(out[:, m0:m1], want) < TOL
+    assert (out[:, :m0] == 5.0).all() and (out[:, m1:] == 5.0).all()
+
+
+def test_read_streams_sums_every_row_as_read_all():
+    """memory.read_streams (npgpt bench's second read of the bandwidth ceiling: 4 runs a quarter of a task
+    apart) against memory.read_all's row sums, tasks of 7 rows over 1001 (partial quarters and task)."""
+    from npgpt.kernels import memory
+
+    a = randn(1001, 96)
+    assert max_rel_err(memory.read_streams(a, 7), memory.read_all(a)) < TOL
+
+
 @pytest.mark.parametrize("shape", [(1, 60), (3, 1, 60), (8, 60), (2, 6, 60), (2, 19, 60)])
 def test_lm_head(shape):
     x, wte = randn(*shape), randn(1000, 60)
