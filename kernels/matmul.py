@@ -432,6 +432,11 @@ def _bf16_band(xb, w, m0, m1, out, nb, mb):                # out[:, m0:m1] = xb 
             bf16_tiles(xb[n0:n1], w, out[n0:n1], c0, min(c0 + mb, m1))
 
 
+@inline
+def _bf16_value(v):                                        # float32 -> its bf16 rounding, as float32 (_bf16_of's bits, widened)
+    return f32_from_bits(np.uint32(_bf16_of(v)) << np.uint32(16))
+
+
 def group8(x, n0, k0, dst):                                # jit.bf16_group8 where both arrays are C-contiguous (numba-only; see overload)
     raise NotImplementedError
 
@@ -446,7 +451,7 @@ def _group8(x, n0, k0, dst):
     def scalar(x, n0, k0, dst):
         for c in range(8):
             for i in range(PANEL_INPUTS):
-                dst[k0 + c, i] = f32_from_bits(np.uint32(_bf16_of(x[n0 + i, k0 + c])) << np.uint32(16))
+                dst[k0 + c, i] = _bf16_value(x[n0 + i, k0 + c])
     return scalar
 
 
@@ -462,13 +467,13 @@ def bf16_groups_into(x, out, g0, g1):                      # float32 [N, K] -> o
                 group8(x, g * W, k0, out[g])
             for k in range(K - K % 8, K):
                 for i in range(W):
-                    out[g, k, i] = f32_from_bits(np.uint32(_bf16_of(x[g * W + i, k])) << np.uint32(16))
+                    out[g, k, i] = _bf16_value(x[g * W + i, k])
             continue
         for i in range(W):
             n = g * W + i
             if n < N:
                 for k in range(K):
-                    out[g, k, i] = f32_from_bits(np.uint32(_bf16_of(x[n, k])) << np.uint32(16))
+                    out[g, k, i] = _bf16_value(x[n, k])
             else:
                 for k in range(K):
                     out[g, k, i] = np.float32(0.0)
