@@ -30,27 +30,40 @@ from .errors import InputError
 _BANDWIDTH_BYTES = 2**29                                   # 512 MiB: far past any last-level cache
 
 
-def measure_ceilings(reps=5):
-    """Memory read bandwidth (GB/s) and sgemm GFLOP/s at 1024x768x3072, best of `reps`. The read is timed
-    both ways the kernels stream weights: one run per core, and 4 runs side by side per core
-    (memory.read_streams); the faster sets the bound. The sgemm is
-    timed both ways the machine can run it: BLAS on its own threads, and a band of rows per core on
-    single-threaded BLAS (how the kernels' prefill runs it); the faster sets the bound."""
-    from .kernels.memory import read_all, read_streams     # jitted code lives in kernels/ (one cache-dir policy)
-    from .kernels.matmul import gemm
+class Probes:
+    """The machine's two ceilings, each quick enough to time again beside every round of runs. Memory read
+    bandwidth (GB/s): a 512 MiB read on every thread, timed both ways the kernels stream weights, one run per
+    core and 4 runs side by side per core (memory.read_streams); the faster sets the bound. sgemm GFLOP/s at
+    1024x768x3072, timed both ways the machine can run it, BLAS on its own threads and a band of rows per
+    core on single-threaded BLAS (how the kernels' prefill runs it); the faster sets the bound."""
 
-    big = np.ones((_BANDWIDTH_BYTES // 4096, 1024), dtype=np.float32)
-    streams = lambda a: read_streams(a, 64)                # 256 KiB tasks, as the decode step's chunks
-    bandwidth = 0.0
-    for read in (read_all, streams):
-        read(big)
-        bandwidth = max(bandwidth, max(big.nbytes / _timed(read, big) for _ in range(reps)) / 1e9)
-    a, b = np.ones((1024, 768), np.float32), np.ones((768, 3072), np.float32)
-    gflops = 0.0
-    for product in (np.matmul, gemm):
-        product(a, b)
-        gflops = max(gflops, max(2 * 1024 * 768 * 3072 / _timed(product, a, b) for _ in range(reps)) / 1e9)
-    return {"read_bandwidth_gbs": round(bandwidth, 2), "sgemm_gflops": round(gflops, 1)}
+    def __init__(self):
+        from .kernels.memory import read_all, read_streams  # jitted code lives in kernels/ (one cache-dir policy)
+        from .kernels.matmul import gemm
+
+        self.big = np.ones((_BANDWIDTH_BYTES // 4096, 1024), dtype=np.float32)
+        self.reads = (read_all, lambda a: read_streams(a, 64))   # 256 KiB tasks, as the decode step's chunks
+        self.a, self.b = np.ones((1024, 768), np.float32), np.ones((768, 3072), np.float32)
+        self.products = (np.matmul, gemm)
+        for read in self.reads:                            # compiled (or loaded) and warm before any timing
+            read(self.big)
+        for product in self.products:
+            product(self.a, self.b)
+
+    def read_gbs(self, reps):                              # best of reps, each way
+        return max(self.big.nbytes / _timed(read, self.big) for read in self.reads for _ in range(reps)) / 1e9
+
+    def sgemm_gflops(self, reps):
+        return max(2 * 1024 * 768 * 3072 / _timed(p, self.a, self.b) for p in self.products for _ in range(reps)) / 1e9
+
+
+def measure_ceilings(reps=5, probes=None):
+    """Both ceilings (Probes), best of `reps` repetitions each way."""
+    probes = probes or Probes()
+    return {"read_bandwidth_gbs": round(probes.read_gbs(reps), 2), "sgemm_gflops": round(probes.sgemm_gflops(reps), 1)}
+
+
+ROUND_PROBE_REPS = 2                                       # a round's own ceiling: best of 2 each way (~0.1-0.3 s)
 
 
 def _timed(f, *args):
@@ -93,6 +106,7 @@ class Result:
     std: float
     bound: float
     samples: list
+    round_bounds: list                                     # each round's bound, from the ceiling timed beside its run
 
     @property
     def pct(self):
@@ -119,19 +133,25 @@ def _decode(forward, new_cache, ids):
 SETTLE_S = 0.2                                             # > OpenBLAS's ~0.1 s of spinning after its last call
 
 
-def _interleaved(fns, tokens, reps, log):
+def _interleaved(fns, tokens, reps, log, probe=None):
     """Time every runner once per round, round after round: drift on a shared machine hits all alike.
     Before each run the machine idles briefly, so the worker threads one backend leaves spinning do
-    not slow the next one down."""
+    not slow the next one down. probe: (a function timing the test's ceiling, Probes, and its unit), timed
+    again after the runners in each round, so each run has a bound measured beside it -> (per runner:
+    median, std, samples), and the probe's readings (one a round, or none)."""
     for fn in fns:
         fn()                                               # warm-up: caches, page faults, thread pools
-    samples = [[] for _ in fns]
+    samples, probed = [[] for _ in fns], []
     for i in range(reps):
         for fn, out in zip(fns, samples):
             time.sleep(SETTLE_S)
             out.append(tokens / _timed(fn))
-        log(f"  round {i + 1}/{reps}: " + ", ".join(f"{s[-1]:.1f}" for s in samples) + " t/s")
-    return [(statistics.median(s), statistics.stdev(s) if reps > 1 else 0.0, s) for s in samples]
+        if probe is not None:
+            time.sleep(SETTLE_S)
+            probed.append(probe[0]())
+        log(f"  round {i + 1}/{reps}: " + ", ".join(f"{s[-1]:.1f}" for s in samples) + " t/s"
+            + (f" (ceiling {probed[-1]:.1f} {probe[1]})" if probed else ""))
+    return [(statistics.median(s), statistics.stdev(s) if reps > 1 else 0.0, s) for s in samples], probed
 
 
 class TorchBaseline:
@@ -202,7 +222,8 @@ def run(*, weights_path=None, config="gpt2", backends=("numpy", "numba"), prompt
                           "numba_threading_layer": None, "bf16_pairs": jit.BF16_PAIRS}, "jit": {}, "results": []}
     with threadpool_limits(limits=threads):
         log(f"measuring machine ceilings ({threads} threads) ...")
-        report["ceilings"] = ceilings = before = measure_ceilings()
+        probes = Probes()
+        report["ceilings"] = ceilings = before = measure_ceilings(probes=probes)
         t = time.perf_counter()
         if weights_path:
             base = api.load(weights_path)
@@ -249,14 +270,17 @@ def run(*, weights_path=None, config="gpt2", backends=("numpy", "numba"), prompt
                     fns = [lambda m=m: _decode(m.forward, (lambda b: {}) if isinstance(m, TorchBaseline) else m.new_cache, ids)
                            for _, _, m in runners]
                 log(f"b{B} {test}: " + ", ".join(f"{b}/{f}" for b, f, _ in runners))
-                for (backend, fmt, m), (median, std, samples) in zip(runners, _interleaved(fns, B * n, reps, log)):
+                probe = ((lambda: probes.sgemm_gflops(ROUND_PROBE_REPS)), "GFLOP/s") if prefill else ((lambda: probes.read_gbs(ROUND_PROBE_REPS)), "GB/s")
+                timed, probed = _interleaved(fns, B * n, reps, log, probe)
+                for (backend, fmt, m), (median, std, samples) in zip(runners, timed):
                     per_unit = (1 / flops_per_token(cfg, n, all_logits) if prefill   # t/s per FLOP/s, or per byte/s read
                                 else B / decode_bytes_per_step(base.params if backend == "torch" else m.params))
                     report["results"].append(asdict(Result(name, cfg.n_params, backend, fmt, threads, B, test,
                                                             round(median, 2), round(std, 2), per_unit,
-                                                            [round(s, 2) for s in samples])))
+                                                            [round(s, 2) for s in samples],
+                                                            [round(c * 1e9 * per_unit, 2) for c in probed])))
         log("measuring machine ceilings again (the best of both measurements sets the bounds) ...")
-        after = measure_ceilings()
+        after = measure_ceilings(probes=probes)
         report["ceilings"] = ceilings = {k: max(v, after[k]) for k, v in ceilings.items()}
         report["ceilings_measured"] = [before, after]
         for r in report["results"]:
@@ -319,22 +343,34 @@ def resident_memory(base, formats, log):
     return rows
 
 
+def round_pct(result):
+    """Median over the rounds of each run's t/s as a % of the bound from the ceiling timed right after it, in
+    the same round (None without those): on a shared machine a ceiling timed minutes away from a run can be
+    a busier or a quieter moment's."""
+    pairs = list(zip(result["samples"], result.get("round_bounds") or ()))
+    return statistics.median(100 * t / b for t, b in pairs) if pairs else None
+
+
 def table(report):
     """The results as a llama-bench style markdown table, then the ceilings, JIT timings and torch ratios."""
-    rows = ["| model | params | backend | weights | threads | batch | test | t/s | % of bound |",
-            "| --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: |"]
+    rows = ["| model | params | backend | weights | threads | batch | test | t/s | % of bound | % of round's bound |",
+            "| --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     above, own = False, set()
     for r in report["results"]:
-        pct = 100 * r["tokens_per_s"] / r["bound"]
         kind = r["weights"] if r["test"].startswith("pp") and r["weights"] in ("bf16", "int8", "int4") else None
         kind = {"bf16": "bf16", "int8": "int", "int4": "int"}.get(kind)   # npgpt's own dots, not sgemm: sgemm is no bound
         if kind == "bf16" and not report["machine"].get("bf16_pairs"):
             kind = None                                    # (without vdpbf16ps bf16 prompts run float32 FMAs: sgemm's bound)
-        above |= pct > 100 and not kind
         own |= {kind} - {None}
-        mark = f" ({kind})" if kind else " (!)" if pct > 100 else ""
+        cells = []
+        for pct in (100 * r["tokens_per_s"] / r["bound"], round_pct(r)):
+            if pct is None:
+                cells.append("–")
+                continue
+            above |= pct > 100 and not kind
+            cells.append(f"{pct:.0f}%" + (f" ({kind})" if kind else " (!)" if pct > 100 else ""))
         rows.append(f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['backend']} | {r['weights']} | {r['threads']} | "
-                    f"{r['batch']} | {r['test']} | {r['tokens_per_s']:.2f} ± {r['std']:.2f} | {pct:.0f}%{mark} |")
+                    f"{r['batch']} | {r['test']} | {r['tokens_per_s']:.2f} ± {r['std']:.2f} | {cells[0]} | {cells[1]} |")
     c = report["ceilings"]
     rows.append("")
     if "bf16" in own:
@@ -347,6 +383,8 @@ def table(report):
     if above:
         rows.append("(!) above 100 %: the bound was measured low (the machine was busy while the ceilings were "
                     "measured); read that row's % as a lower bound on the true ceiling, not as beating it")
+    rows.append("% of bound: against the best ceilings of the run (timed before and after it); % of round's bound: "
+                "the median over the rounds of each run against the ceiling timed beside it, in the same round")
     rows.append(f"ceilings: memory read {c['read_bandwidth_gbs']:.1f} GB/s, sgemm {c['sgemm_gflops']:.0f} GFLOP/s "
                 f"(1024x768x3072), {report['machine']['threads']} threads")
     if report.get("jit"):

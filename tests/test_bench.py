@@ -34,6 +34,31 @@ def test_integer_and_bf16_prompts_are_measured_against_sgemm_but_not_bounded_by_
     assert ("measured low" in text) == (mark == "(!)")
 
 
+def test_each_run_is_also_put_against_the_ceiling_timed_beside_it_in_its_round():
+    """% of round's bound: the median over rounds of run / that round's bound, not the run's median over the
+    rounds' median bound: here 120 of 100 and 60 of 200 read 120% and 30% (median 75%), where the medians'
+    ratio would read 90 / 150 = 60%. A report without per-round bounds shows a dash."""
+    r = report(90.0, 100.0)
+    r["results"][0].update(samples=[120.0, 60.0], round_bounds=[100.0, 200.0])
+    assert bench.round_pct(r["results"][0]) == pytest.approx(75.0)
+    text = bench.table(r)
+    assert "| 90% | 75% |" in text and "measured low" not in text
+    r["results"][0].update(samples=[130.0, 220.0])                # 130% and 110%
+    assert "| 90% | 120% (!) |" in bench.table(r) and "measured low" in bench.table(r)
+    assert "| 50% | – |" in bench.table(report(50.0, 100.0))
+
+
+def test_interleaved_rounds_time_the_ceiling_once_a_round_after_the_runners(monkeypatch):
+    monkeypatch.setattr(bench, "SETTLE_S", 0.0)
+    calls = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    timed, probed = bench._interleaved(fns, 10, 3, lambda msg: None, (lambda: calls.append("probe") or len(calls), "GB/s"))
+    assert calls == ["a", "b"] + ["a", "b", "probe"] * 3          # one warm-up each, then 3 rounds
+    assert probed == [5, 8, 11] and [len(s) for _, _, s in timed] == [3, 3]
+    timed, probed = bench._interleaved(fns, 10, 2, lambda msg: None)
+    assert probed == [] and calls.count("probe") == 3
+
+
 def test_a_result_within_its_bound_has_no_note():
     text = bench.table(report(50.0, 100.0))
     assert "| 50% |" in text and "measured low" not in text
