@@ -270,7 +270,8 @@ def run(*, weights_path=None, config="gpt2", backends=("numpy", "numba"), prompt
                     fns = [lambda m=m: _decode(m.forward, (lambda b: {}) if isinstance(m, TorchBaseline) else m.new_cache, ids)
                            for _, _, m in runners]
                 log(f"b{B} {test}: " + ", ".join(f"{b}/{f}" for b, f, _ in runners))
-                probe = ((lambda: probes.sgemm_gflops(ROUND_PROBE_REPS)), "GFLOP/s") if prefill else ((lambda: probes.read_gbs(ROUND_PROBE_REPS)), "GB/s")
+                probe = ((lambda: probes.sgemm_gflops(ROUND_PROBE_REPS)), "GFLOP/s") if prefill else \
+                        ((lambda: probes.read_gbs(ROUND_PROBE_REPS)), "GB/s")
                 timed, probed = _interleaved(fns, B * n, reps, log, probe)
                 for (backend, fmt, m), (median, std, samples) in zip(runners, timed):
                     per_unit = (1 / flops_per_token(cfg, n, all_logits) if prefill   # t/s per FLOP/s, or per byte/s read

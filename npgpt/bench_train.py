@@ -132,7 +132,7 @@ def run(*, configs=("gpt2", "tiny"), backends=("numpy", "numba"), batches=(4,), 
                         continue
                     ids = rng.integers(0, cfg.n_vocab, size=(B, T))
                     log(f"{config} train b{B} T{T}: " + ", ".join(names))
-                    timed = bench._interleaved([lambda r=r: r.step(ids) for r in runners], B * T, reps, log)
+                    timed, _ = bench._interleaved([lambda r=r: r.step(ids) for r in runners], B * T, reps, log)
                     for name, (median, std, samples) in zip(names, timed):
                         report["results"].append({"model": config, "params": cfg.n_params, "backend": name, "threads": threads,
                                                   "batch": B, "seq": T, "tokens_per_s": round(median, 2), "std": round(std, 2),

@@ -75,6 +75,21 @@ def test_train_table_reports_ratio_to_torch_and_peak_memory():
     assert "tiny b4 T256: 1.50x" in text
 
 
+def test_bench_train_runs_each_trainer_in_turns_and_bounds_it(monkeypatch):
+    """bench_train.run end to end on a tiny config, one round (ceilings stubbed: their timing is no test's):
+    every trainer gets a figure and a bound from the sgemm ceiling."""
+    from npgpt import bench_train, config
+
+    monkeypatch.setattr(bench, "SETTLE_S", 0.0)
+    monkeypatch.setattr(bench, "measure_ceilings", lambda: {"read_bandwidth_gbs": 20.0, "sgemm_gflops": 100.0})
+    monkeypatch.setitem(bench_train.PRESETS, "micro", config.Config(n_vocab=61, n_ctx=16, n_embd=16, n_head=2, n_layer=1))
+    report = bench_train.run(configs=["micro"], batches=[2], seqs=[8], reps=1, memory=False, log=lambda msg: None)
+    rows = report["results"]
+    assert [r["backend"] for r in rows] == ["numpy", "numba"]
+    assert all(r["tokens_per_s"] > 0 and len(r["samples"]) == 1 for r in rows)
+    assert all(r["bound"] == pytest.approx(100e9 / r["flop_per_token"], rel=1e-6) for r in rows)
+
+
 def test_bench_train_refuses_options_that_do_not_apply(capsys):
     from npgpt import cli
 
