@@ -161,8 +161,9 @@ def _c_array(a, ndim):
 @intrinsic
 def prefetch4(typingctx, a, i, j, l, m):                   # a hint that a[i, j, l, m] will be read soon (no fault, no result)
     """(Weight rows are hinted only where it measured faster: bf16 from 4 inputs, into L2, dot_bf16's `ahead`
-    and matmul.STREAM_AHEAD, and bf16 panels from 2 inputs, bf16_panel's `ahead`. Elsewhere the hardware's
-    own prefetchers stream them, and hints measured slower.)"""
+    and matmul.STREAM_AHEAD, bf16 panels from 2 inputs, bf16_panel's `ahead`, and int8/int4 decode GEMVs,
+    _dot_group's `ahead` and matmul.INT_AHEAD. Elsewhere the hardware's own prefetchers stream them, and hints
+    measured slower.)"""
     return (types.void(a, *[types.intp] * 4), _prefetch_into(3)) if _c_array(a, 4) else None
 
 
@@ -348,7 +349,7 @@ def _dot_group(fmt, inputs=1, isa="native"):
     block_bytes = 128 if int4 else 256
 
     @intrinsic
-    def dot(typingctx, w, d, g, xq, xoff, sx, n, blocks):
+    def dot(typingctx, w, d, g, xq, xoff, sx, n, blocks, ahead):
         """Group g of 8 rows (w [G, bytes per block * blocks] uint8; d: int4 [G, 8 * blocks] block scales,
         float16 as their uint16 bits (widened in the loop, vcvtph2ps) or float32, int8 [G, 8] row scales)
         against inputs n .. n + inputs - 1 (int8 levels xq [N, 32 * blocks], block scales sx [N, blocks],
@@ -361,17 +362,18 @@ def _dot_group(fmt, inputs=1, isa="native"):
         products for all 8 rows are 8 of them, and its integer sums land one per lane. A block's float
         work (convert, scale, add) is done once for 8 rows, with no horizontal sum at all. int4: 4 runs of
         32 bytes a block, each holding two runs of nibbles (inputs 8i .. 8i + 3 low, 8i + 4 .. 8i + 7
-        high); int8: 8 runs (inputs 4i .. 4i + 3). Returns 8 * inputs floats, input by input."""
+        high); int8: 8 runs (inputs 4i .. 4i + 3). ahead: > 0, a hint per cache line of each block that w's
+        bytes this far on will be read (into L2; matmul.INT_AHEAD). Returns 8 * inputs floats, input by input."""
         if not all(_c_array(a, 2) and a.dtype == t for a, t in ((w, types.uint8), (xq, types.int8),
                                                                (xoff, types.int32), (sx, types.float32))):
             return None
         if not (_c_array(d, 2) and (d.dtype == types.float32 or (int4 and d.dtype == types.uint16))):
             return None
         half = d.dtype == types.uint16                     # int4 block scales as float16 bits
-        sig = types.UniTuple(types.float32, GROUP * inputs)(w, d, types.intp, xq, xoff, sx, types.intp, types.intp)
+        sig = types.UniTuple(types.float32, GROUP * inputs)(w, d, types.intp, xq, xoff, sx, types.intp, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
-            w, d, g, xq, xoff, sx, n, blocks = args
+            w, d, g, xq, xoff, sx, n, blocks, ahead = args
             t = signature.args
             i32, b32, f32 = _vector(32, 8), _vector(8, 32), _vector(0, 8)
             row, dg = _row(builder, context, t[0], w, g, ir.IntType(8)), _row(builder, context, t[1], d, g, ir.IntType(16) if half else ir.FloatType())
@@ -388,8 +390,13 @@ def _dot_group(fmt, inputs=1, isa="native"):
             # run, one vpmaddwd per block, instead of vpmaddubsw, vpmaddwd and a 32-bit add per run
             words, i16 = int4 and _avx2(context, isa) and not _vnni(context, isa), _vector(16, 16)
 
+            hint = builder.icmp_signed(">", ahead, const(0))
+
             def block(j, parity):                          # -> acc[parity] of each input += this block's 8 rows' terms
                 base = builder.mul(j, const(block_bytes))
+                with builder.if_then(hint):                # each of the block's lines, `ahead` bytes on
+                    for line in range(0, block_bytes, 64):
+                        _hint_l2(builder, builder.gep(row, [builder.add(base, builder.add(ahead, const(line)))]))
                 if int4:
                     packed = [_block_loader(builder, row, 32, builder.add(base, const(32 * i))) for i in range(4)]
                     runs = [(builder.and_(p, ir.Constant(b32, [15] * 32)), 8 * i) for i, p in enumerate(packed)]

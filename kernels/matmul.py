@@ -198,6 +198,15 @@ def row_tasks(N, K):                                       # does the float GEMV
 # kernel with its hints). On bf16 panels (AVX2 without AVX512-BF16, panel_rows), from 2 inputs: the model's GEMVs
 # at 4 inputs streamed 1.30-1.38x at 2-8 KiB, the decode step 1.12-1.20x at batch 2-8 (one input: 0.97x, none).
 STREAM_AHEAD = 8 << 10
+# int8 and int4 decode GEMVs (gemv_q8 / gemv_q4, from one input): a hint per line of each block, this many bytes
+# on (jit.dot_q8 / dot_q4's `ahead`). At one input int4 is as dense in work as bf16 at 4: a 128-byte block
+# (256 products) takes ~50 instructions, so a core that waits on the hardware's prefetchers then computes
+# streamed the weights at ~20-27 GB/s. Measured on 2 cores (Zen 3, AVX2), alternating in one process: the 49
+# int4 GEMVs of a GPT-2 124M step (69 MB, from memory) 1.27x at 1 KiB ahead, 1.38-1.40x at 2-16 KiB; the decode
+# step, medians of 12 steps a round, 0 against 4 KiB: int4 1.14x and 1.22x at batch 1 (16 and 20 rounds),
+# 1.07x at 4; int8 1.07x at 1 (0.99-1.07x across 2-8 KiB), 1.05x at 4. Prefill's products, whose group of
+# rows stays in cache across all the inputs, get none.
+INT_AHEAD = 4 << 10
 
 
 @inline
@@ -361,25 +370,25 @@ def _rounded_inputs(x, bits, blocks, offset):              # -> (xq, sx, xoff) f
 
 
 @inline
-def _groups_into(xq, sx, xoff, packed, scale, g0, g1, blocks, yt, dot, dot4):   # yt[8g + r, n] for groups g0 .. g1 (rows < M)
+def _groups_into(xq, sx, xoff, packed, scale, g0, g1, blocks, yt, dot, dot4, ahead):   # yt[8g + r, n] for groups g0 .. g1 (rows < M)
     N, M = xq.shape[0], yt.shape[0]
     for g in range(g0, g1):
         rows = min(GROUP, M - GROUP * g)
         n = 0
         while n + 4 <= N:
-            v = dot4(packed, scale, g, xq, xoff, sx, n, blocks)
+            v = dot4(packed, scale, g, xq, xoff, sx, n, blocks, ahead)
             for r in range(rows):
                 for i in range(4):
                     yt[GROUP * g + r, n + i] = v[GROUP * i + r]
             n += 4
         for i in range(n, N):
-            v = dot(packed, scale, g, xq, xoff, sx, i, blocks)
+            v = dot(packed, scale, g, xq, xoff, sx, i, blocks, ahead)
             for r in range(rows):
                 yt[GROUP * g + r, i] = v[r]
 
 
 @inline
-def _gemv_groups(x, bits, packed, scale, M, b, gelu, blocks, offset, dot, dot4):   # gemv_q8 / gemv_q4's shared body
+def _gemv_groups(x, bits, packed, scale, M, b, gelu, blocks, offset, dot, dot4, ahead):   # gemv_q8 / gemv_q4's shared body
     """One task per group of 8 rows, its rows' block sums in the lanes of one vector (jit.dot_q8 /
     dot_q4), four inputs at a time sharing each block's loads (and int4's unpacking). Inputs are padded
     with zeros to whole blocks (and rows' padding is q = 0), so partial blocks need nothing of their own."""
@@ -387,22 +396,22 @@ def _gemv_groups(x, bits, packed, scale, M, b, gelu, blocks, offset, dot, dot4):
     xq, sx, xoff = _rounded_inputs(x, bits, blocks, offset)
     out = np.empty((N, M), dtype=np.float32)
     for g in numba.prange(packed.shape[0]):
-        _groups_into(xq, sx, xoff, packed, scale, g, g + 1, blocks, out.T, dot, dot4)   # out.T: yt [M, N]
+        _groups_into(xq, sx, xoff, packed, scale, g, g + 1, blocks, out.T, dot, dot4, ahead)   # out.T: yt [M, N]
         for r in range(min(GROUP, M - GROUP * g)):
             _bias(out, b, GROUP * g + r, gelu)
     return out
 
 
 @parallel
-def gemv_q8(x, bits, packed, scale, M, b, gelu):           # [N, K] (and its uint32 view) x quant.Int8Rows (packed, scale, M rows) (+ b [M]) -> [N, M]
+def gemv_q8(x, bits, packed, scale, M, b, gelu, ahead=0):           # [N, K] (and its uint32 view) x quant.Int8Rows (packed, scale, M rows) (+ b [M]) -> [N, M]
     """x . (q * scale) with x rounded to int8 blocks of 32."""
-    return _gemv_groups(x, bits, packed, scale, M, b, gelu, packed.shape[1] // (8 * Q8), 128, dot_q8, dot_q8x4)
+    return _gemv_groups(x, bits, packed, scale, M, b, gelu, packed.shape[1] // (8 * Q8), 128, dot_q8, dot_q8x4, ahead)
 
 
 @parallel
-def gemv_q4(x, bits, packed, scale, M, b, gelu):           # [N, K] (and its uint32 view) x quant.Int4Rows (packed, scale, M rows) (+ b [M]) -> [N, M]
+def gemv_q4(x, bits, packed, scale, M, b, gelu, ahead=0):           # [N, K] (and its uint32 view) x quant.Int4Rows (packed, scale, M rows) (+ b [M]) -> [N, M]
     """x . (q * d) with x rounded to int8 blocks of 32, d each row's block scales."""
-    return _gemv_groups(x, bits, packed, scale, M, b, gelu, scale.shape[1] // GROUP, 8, dot_q4, dot_q4x4)
+    return _gemv_groups(x, bits, packed, scale, M, b, gelu, scale.shape[1] // GROUP, 8, dot_q4, dot_q4x4, ahead)
 
 
 # Prefill's bf16, int8 and int4 products run decode's kernels: 4x4 tiles of bf16 pairs (vdpbf16ps), and the
@@ -636,12 +645,12 @@ def rounded_rows(x, offset, blocks):                       # x [N, K] -> (xq, sx
 
 @serial
 def _groups_q8(xq, sx, xoff, packed, scale, g0, g1, yt):   # quant.Int8Rows (packed, scale): groups g0 .. g1 into yt [M, N]
-    _groups_into(xq, sx, xoff, packed, scale, g0, g1, packed.shape[1] // (8 * Q8), yt, dot_q8, dot_q8x4)
+    _groups_into(xq, sx, xoff, packed, scale, g0, g1, packed.shape[1] // (8 * Q8), yt, dot_q8, dot_q8x4, 0)
 
 
 @serial
 def _groups_q4(xq, sx, xoff, packed, scale, g0, g1, yt):   # quant.Int4Rows (packed, scale): groups g0 .. g1 into yt [M, N]
-    _groups_into(xq, sx, xoff, packed, scale, g0, g1, scale.shape[1] // GROUP, yt, dot_q4, dot_q4x4)
+    _groups_into(xq, sx, xoff, packed, scale, g0, g1, scale.shape[1] // GROUP, yt, dot_q4, dot_q4x4, 0)
 
 
 def _integer_product(x, w, out, b, then, scratch):         # matmul_into for quant.Int8Rows / Int4Rows
@@ -694,9 +703,9 @@ def matmul_rows(x, w, b=None, gelu=False):                 # [..., K] x [M, K] r
     M = w.shape[0]
     if x2.shape[0] <= DECODE_ROWS:
         if isinstance(w, quant.Int4Rows):
-            y = gemv_q4(x2, x2.view(np.uint32), w.packed, w.scale, w.n_out, b, gelu)
+            y = gemv_q4(x2, x2.view(np.uint32), w.packed, w.scale, w.n_out, b, gelu, INT_AHEAD)
         elif isinstance(w, quant.Int8Rows):
-            y = gemv_q8(x2, x2.view(np.uint32), w.packed, w.scale, w.n_out, b, gelu)
+            y = gemv_q8(x2, x2.view(np.uint32), w.packed, w.scale, w.n_out, b, gelu, INT_AHEAD)
         elif isinstance(w, quant.BF16):
             y = gemv_bf16(bf16_bits(x2), w.bits, b, gelu)
         elif isinstance(w, quant.BF16Panels):

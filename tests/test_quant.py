@@ -280,11 +280,11 @@ def _rows_of(dot, inputs):                                 # every group of rows
     import numba
 
     @numba.njit
-    def f(packed, d, xq, xoff, sx, M, blocks):
+    def f(packed, d, xq, xoff, sx, M, blocks, ahead):
         out = np.empty((4, packed.shape[0] * 8), np.float32)
         for g in range(packed.shape[0]):
             for n in range(0, 4, inputs):
-                v = dot(packed, d, g, xq, xoff, sx, n, blocks)
+                v = dot(packed, d, g, xq, xoff, sx, n, blocks, ahead)
                 for i in range(inputs):
                     for r in range(8):
                         out[n + i, 8 * g + r] = v[8 * i + r]
@@ -311,8 +311,9 @@ def test_integer_dots_with_and_without_avx2_equal_the_exact_sum(M, K):
     exact, scale = (prods * sx[:, None]).sum(-1) * w.scale.T, (magnitude * sx[:, None]).sum(-1) * w.scale.T
     rows = kernels.head_rows(w)
     for dot, inputs in ((jit.dot_q8, 1), (jit.dot_q8x4, 4), *((dot, 1) for dot in jit.dot_q8_isa.values())):
-        got = _rows_of(dot, inputs)(rows.packed, rows.scale, xq, (128 * levels).astype(np.int32), sx, M, blocks)
-        assert np.all(np.abs(got - exact) <= 1e-6 * scale)
+        for ahead in (0, 4096):                            # hints (past the last row's end too) change nothing
+            got = _rows_of(dot, inputs)(rows.packed, rows.scale, xq, (128 * levels).astype(np.int32), sx, M, blocks, ahead)
+            assert np.all(np.abs(got - exact) <= 1e-6 * scale)
 
     q4 = rng.integers(-8, 8, size=(M, K)).astype(np.int8)
     for d in (rng.uniform(0.001, 1.0, size=(M, blocks)).astype(np.float32), rng.uniform(0.001, 1.0, size=(M, blocks)).astype(np.float16)):
@@ -322,8 +323,9 @@ def test_integer_dots_with_and_without_avx2_equal_the_exact_sum(M, K):
         packed = matmul.int4_rows(q4, d)
         assert packed.scale.dtype == (np.uint16 if d.dtype == np.float16 else np.float32)
         for dot, inputs in ((jit.dot_q4, 1), (jit.dot_q4x4, 4), *((dot, 1) for dot in jit.dot_q4_isa.values())):
-            got = _rows_of(dot, inputs)(packed.packed, packed.scale, xq, (8 * levels).astype(np.int32), sx, M, blocks)
-            assert np.all(np.abs(got - exact) <= 1e-6 * scale)
+            for ahead in (0, 4096):
+                got = _rows_of(dot, inputs)(packed.packed, packed.scale, xq, (8 * levels).astype(np.int32), sx, M, blocks, ahead)
+                assert np.all(np.abs(got - exact) <= 1e-6 * scale)
 
 
 @pytest.mark.parametrize("n_in", [64, 60, 33])            # whole int4 blocks, a partial last block, an odd input count
