@@ -204,8 +204,10 @@ STREAM_AHEAD = 8 << 10
 # streamed the weights at ~20-27 GB/s. Measured on 2 cores (Zen 3, AVX2), alternating in one process: the 49
 # int4 GEMVs of a GPT-2 124M step (69 MB, from memory) 1.27x at 1 KiB ahead, 1.38-1.40x at 2-16 KiB; the decode
 # step, medians of 12 steps a round, 0 against 4 KiB: int4 1.14x and 1.22x at batch 1 (16 and 20 rounds),
-# 1.07x at 4; int8 1.07x at 1 (0.99-1.07x across 2-8 KiB), 1.05x at 4. Prefill's products, whose group of
-# rows stays in cache across all the inputs, get none.
+# 1.07x at 4; int8 1.07x at 1 (0.99-1.07x across 2-8 KiB), 1.05x at 4; npgpt bench tg128 in 4 pairs of processes:
+# batch 1 int4 1.24x, int8 1.14x, batch 4 0.98x and 1.03x (medians). A core's last hints reach into the other
+# core's first groups (4 KiB a GEMV). Prefill's products, whose group of rows stays in cache across all the
+# inputs, get none.
 INT_AHEAD = 4 << 10
 
 
@@ -403,14 +405,14 @@ def _gemv_groups(x, bits, packed, scale, M, b, gelu, blocks, offset, dot, dot4, 
 
 
 @parallel
-def gemv_q8(x, bits, packed, scale, M, b, gelu, ahead=0):           # [N, K] (and its uint32 view) x quant.Int8Rows (packed, scale, M rows) (+ b [M]) -> [N, M]
-    """x . (q * scale) with x rounded to int8 blocks of 32."""
+def gemv_q8(x, bits, packed, scale, M, b, gelu, ahead=0):  # [N, K] (and its uint32 view) x quant.Int8Rows (packed, scale, M rows) (+ b [M]) -> [N, M]
+    """x . (q * scale) with x rounded to int8 blocks of 32; ahead: bytes on to hint (INT_AHEAD in decode)."""
     return _gemv_groups(x, bits, packed, scale, M, b, gelu, packed.shape[1] // (8 * Q8), 128, dot_q8, dot_q8x4, ahead)
 
 
 @parallel
-def gemv_q4(x, bits, packed, scale, M, b, gelu, ahead=0):           # [N, K] (and its uint32 view) x quant.Int4Rows (packed, scale, M rows) (+ b [M]) -> [N, M]
-    """x . (q * d) with x rounded to int8 blocks of 32, d each row's block scales."""
+def gemv_q4(x, bits, packed, scale, M, b, gelu, ahead=0):  # [N, K] (and its uint32 view) x quant.Int4Rows (packed, scale, M rows) (+ b [M]) -> [N, M]
+    """x . (q * d) with x rounded to int8 blocks of 32, d each row's block scales; ahead: as gemv_q8's."""
     return _gemv_groups(x, bits, packed, scale, M, b, gelu, scale.shape[1] // GROUP, 8, dot_q4, dot_q4x4, ahead)
 
 
