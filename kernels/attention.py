@@ -1,5 +1,5 @@
 """Causal attention. Decode (few queries): one fused pass per query row that reads the KV cache in
-place. Prefill: heads split in bands over the cores, one numba kernel per head (causal_head); with a
+place. Prefill: heads split over numba's threads (attend_heads), one kernel per head (causal_head); with a
 dropout mask (training), per head q.k and p.v as sgemm around an in-place causal softmax kernel."""
 
 import math
@@ -119,6 +119,28 @@ def causal_head(q, k, v, scale, out):                      # one head: q [T, D],
                 for s in range(seen):
                     acc += probs[i, s] * values[s, j]
                 out[t0 + i, j] = acc
+
+
+@parallel
+def attend_heads(qkv, k_cache, v_cache, cached, past, T, H, scale, out, first):   # prefill's attention over numba's threads
+    """Every (row, head) of qkv [B*T, 3C] (rows of T positions: queries, keys, values side by side), a
+    causal_head each, straight from views of qkv: with `cached`, each head's keys and values go into the
+    cache [B, H, n_ctx, D] at positions past .. past + T first and attention reads them from there. Only each
+    row's positions from `first` on attend (their rows of out [B*T, C] are written)."""
+    C = out.shape[1]
+    D = C // H
+    B = qkv.shape[0] // T
+    for i in numba.prange(B * H):
+        b, h = i // H, i % H
+        rows = qkv[b * T : (b + 1) * T]
+        q, o = rows[first:, h * D : h * D + D], out[b * T + first : (b + 1) * T, h * D : h * D + D]
+        k, v = rows[:, C + h * D : C + h * D + D], rows[:, 2 * C + h * D : 2 * C + h * D + D]
+        if cached:
+            k_cache[b, h, past : past + T] = k
+            v_cache[b, h, past : past + T] = v
+            causal_head(q, k_cache[b, h, : past + T], v_cache[b, h, : past + T], scale, o)
+        else:
+            causal_head(q, k, v, scale, o)
 
 
 def prefill_heads(q, k, v, scale, out, mask=None):         # [n, T, D], [n, S, D] x2 -> out [n, T, D]

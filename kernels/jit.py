@@ -4,14 +4,20 @@ Ways to use the cores, never mixed within a phase:
 - decode with float32 or bf16 weights: `team` runs one `nogil` worker per core on a pool of Python
   threads for the whole step, the workers claiming chunks with `atomic_add` (kernels.decode).
 - decode with int8/int4 weights (a few rows): numba `prange` kernels on numba's OpenMP threads; no BLAS.
-- prefill (many rows): `bands` splits the rows over the same pool, each thread running a
-  single-threaded sgemm or a `nogil` numba kernel on its band.
+- prefill (many rows): numba `prange` kernels of one band per thread, on numba's OpenMP threads: float32
+  products call a single-threaded sgemm from inside the kernel (`sgemm_nt`, NumPy's own OpenBLAS by
+  address), the other formats' products, attention's heads, LayerNorm and the input rounding are numba
+  code. (Before, `bands` handed each band, a Python callable, to the Python pool: each hand-off waited
+  for the other core to wake, ~100 us on a VM that halts an idle vCPU at once, 57 a pass. `bands`
+  remains for the op table's kernels (training's forward and gradients, ragged rows) and for prefill's
+  float32 products where NumPy's BLAS is another than its wheels' OpenBLAS: there prefill mixes the pools.)
 OpenBLAS's and OpenMP's worker threads both spin for a while after their work; interleaving them
 on a machine with as many threads as cores halved the speed of whatever ran next (measured: a
 LayerNorm kernel 30x slower right after a multi-threaded sgemm).
 """
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import sys
@@ -772,7 +778,53 @@ dot_q8_isa = {isa: _dot_group("int8", isa=isa) for isa in ISAS}   # for tests: e
 dot_q4_isa = {isa: _dot_group("int4", isa=isa) for isa in ISAS}
 
 
+def blas_sgemm(controller):
+    """The address of cblas_sgemm in the OpenBLAS NumPy runs on, where it is the 64-bit-integer build NumPy's
+    own wheels ship (numpy 2: scipy_cblas_sgemm64_, numpy 1.26: cblas_sgemm64_), for sgemm_nt; else 0
+    (another BLAS: prefill's float32 products then run in `bands`)."""
+    for lib in controller.info():
+        if lib.get("internal_api") != "openblas":
+            continue
+        try:
+            found = ctypes.CDLL(lib["filepath"])
+        except OSError:
+            continue
+        for name in ("scipy_cblas_sgemm64_", "cblas_sgemm64_"):
+            fn = getattr(found, name, None)
+            if fn is not None:
+                return ctypes.cast(fn, ctypes.c_void_p).value
+    return 0
+
+
+@intrinsic
+def sgemm_nt(typingctx, fn, a, b, c):                      # c [m, n] = a [m, K] . b [n, K]^T, by the cblas_sgemm at address fn
+    """float32 2-D arrays, rows strided as they may be, each row's elements one float apart (every caller's
+    are: weight rows, inputs, and bands of a product's columns). BLAS runs on the calling thread: a kernel
+    calls it from each of numba's threads, BLAS held at one thread (blas_per_band). fn: SGEMM, passed
+    in (not a constant) so the kernel's cached code does not hold an address from another process."""
+    arrays = (a, b, c)
+    if not (isinstance(fn, types.Integer) and all(isinstance(t, types.Array) and t.ndim == 2 and t.dtype == types.float32
+                                                  for t in arrays)):
+        return None
+    sig = types.void(types.int64, a, b, c)
+
+    def codegen(context, builder, signature, args):
+        i32, i64, f32, ptr = ir.IntType(32), ir.IntType(64), ir.FloatType(), ir.IntType(8).as_pointer()
+        ms = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args[1:], args[1:])]
+        shape = [cgutils.unpack_tuple(builder, m.shape) for m in ms]
+        ld = [builder.sdiv(cgutils.unpack_tuple(builder, m.strides)[0], ir.Constant(i64, 4)) for m in ms]   # a row's stride in floats
+        data = [builder.bitcast(m.data, ptr) for m in ms]
+        fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, i64, i64, i64, f32, ptr, i64, ptr, i64, f32, ptr, i64])
+        row_major, no_trans, trans = (ir.Constant(i32, v) for v in (101, 111, 112))
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()),
+                     [row_major, no_trans, trans, shape[0][0], shape[1][0], shape[0][1], ir.Constant(f32, 1.0),
+                      data[0], ld[0], data[1], ld[1], ir.Constant(f32, 0.0), data[2], ld[2]])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 _BLAS = ThreadpoolController()
+SGEMM = blas_sgemm(_BLAS)                                   # cblas_sgemm's address for sgemm_nt, or 0
 _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="npgpt")
 
 
@@ -892,6 +944,15 @@ def team(worker, *args):                                   # worker(*args) on ev
     for f in others:
         if not f.cancelled():
             f.result()
+
+
+@contextlib.contextmanager
+def numba_bands():
+    """What a parallel kernel that calls BLAS from numba's threads (jit.sgemm_nt) runs inside: BLAS at one
+    thread, as in `bands` (held to the pass's end inside one, else for this call), and `serialized`."""
+    _hold_blas()
+    with _BLAS_LIMIT, serialized():
+        yield
 
 
 def bands(fn, n, inline_upto=DECODE_ROWS):                 # fn(slice) over range(n), one contiguous band per thread

@@ -1,8 +1,9 @@
 """LayerNorm over the last axis, row by row; many rows are split in bands over the cores."""
 
+import numba
 import numpy as np
 
-from .jit import DECODE_ROWS, bands, serial
+from .jit import DECODE_ROWS, bands, parallel, serial
 
 # Up to this many elements LayerNorm runs on the calling thread: a hand-off to the other core costs more
 # than it saves (C = 768, medians of 300: 128 rows 24 us inline against 116 in bands, 512 rows 96 against
@@ -78,3 +79,11 @@ def layer_norm_backward(dout, x, weight, bias, eps):       # [..., C] x2, [C] x2
     bands(band, x2.shape[0])
     order = sorted(partials)                               # bands finish in any order; sum them in a fixed one
     return dx.reshape(x.shape), sum(partials[k][0] for k in order), sum(partials[k][1] for k in order)
+
+
+@parallel
+def layer_norm_bands(x, weight, bias, eps, out, P):        # layer_norm_rows on P bands of rows at once, numba's threads
+    N = x.shape[0]
+    for p in numba.prange(P):
+        r0, r1 = p * N // P, (p + 1) * N // P
+        layer_norm_rows(x[r0:r1], weight, bias, eps, out[r0:r1])

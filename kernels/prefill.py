@@ -18,15 +18,16 @@ npgpt.model.forward (tests/test_kernels.py)."""
 
 import math
 
+import numba
 import numpy as np
 
 from ..inputs import check_ids
 
-from .attention import prefill_heads
+from .attention import attend_heads
 from .decode import layer_tail
-from .jit import DECODE_ROWS, bands
+from .jit import DECODE_ROWS, serialized
 from .matmul import BIAS, GELU, RESIDUAL, matmul_into, matmul_rows, scratch_size
-from .norm import inline_rows, layer_norm_rows
+from .norm import inline_rows, layer_norm_bands, layer_norm_rows
 
 
 def fits(ids, cache):                                      # a prefill this pass takes: more than decode-sized, rows of one length
@@ -35,29 +36,27 @@ def fits(ids, cache):                                      # a prefill this pass
     return cache is None or (cache.batch > 0 and bool((cache.lengths == cache.lengths[0]).all()))
 
 
-def _layer_norm(x, ln, eps, out):                          # [N, C] -> out [N, C], bands of rows (inline up to norm.inline_rows)
-    bands(lambda r: layer_norm_rows(x[r], ln["weight"], ln["bias"], eps, out[r]), x.shape[0], inline_upto=inline_rows(x.shape[1]))
+def _layer_norm(x, ln, eps, out):                          # [N, C] -> out [N, C], bands of rows on numba's threads (inline up to norm.inline_rows)
+    N = x.shape[0]
+    if N <= inline_rows(x.shape[1]):
+        layer_norm_rows(x, ln["weight"], ln["bias"], eps, out)
+    else:
+        with serialized():
+            layer_norm_bands(x, ln["weight"], ln["bias"], eps, out, min(numba.get_num_threads(), N))
 
 
 def _attend(qkv, kv, past, B, T, H, scale, out, queries=None):   # qkv [B*T, 3C] -> out [B*T, C]; keys and values into kv (or None)
-    """Head by head (bands of the B*H heads over the cores), each as attention's prefill does it (query
-    blocks against only the keys they can see), on views of qkv, the cache and out: nothing is copied
-    but each head's new keys and values into the cache. queries: only each row's last `queries` positions
-    attend (their rows of out are written, no others); every position's key and value still counts."""
-    C = out.shape[1]
-    D = C // H
+    """Head by head (attention.attend_heads: the B*H heads over numba's threads), each as attention's prefill
+    does it (query blocks against only the keys they can see), on views of qkv, the cache and out: nothing
+    is copied but each head's new keys and values into the cache. queries: only each row's last `queries`
+    positions attend (their rows of out are written, no others); every position's key and value still counts."""
     first = T - (T if queries is None else queries)        # each row's first position that attends
-
-    def band(heads):
-        for i in range(heads.start, heads.stop):
-            b, h = divmod(i, H)
-            rows = qkv[b * T : (b + 1) * T]
-            q, k, v = rows[first:, h * D : h * D + D], rows[:, C + h * D : C + h * D + D], rows[:, 2 * C + h * D : 2 * C + h * D + D]
-            if kv is not None:
-                kv.k[b, h, past : past + T], kv.v[b, h, past : past + T] = k, v
-                k, v = kv.k[b, h, : past + T], kv.v[b, h, : past + T]
-            prefill_heads(q[None], k[None], v[None], scale, out[b * T + first : (b + 1) * T, h * D : h * D + D][None])
-    bands(band, B * H, inline_upto=1)
+    with serialized():
+        if kv is None:
+            none = np.empty((0, 0, 0, 0), np.float32)
+            attend_heads(qkv, none, none, False, past, T, H, scale, out, first)
+        else:
+            attend_heads(qkv, kv.k, kv.v, True, past, T, H, scale, out, first)
 
 
 def _last_positions(x, qkv, a, layer, kv, past, B, T, H, scale, eps):   # the last block for each row's last position -> [B, C]

@@ -34,17 +34,21 @@ class Probes:
     """The machine's two ceilings, each quick enough to time again beside every round of runs. Memory read
     bandwidth (GB/s): a 512 MiB read on every thread, timed both ways the kernels stream weights, one run per
     core and 4 runs side by side per core (memory.read_streams); the faster sets the bound. sgemm GFLOP/s at
-    1024x768x3072, timed both ways the machine can run it, BLAS on its own threads and a band of rows per
-    core on single-threaded BLAS (how the kernels' prefill runs it); the faster sets the bound."""
+    1024x768x3072, timed each way the machine can run it, BLAS on its own threads, a band of rows per core
+    on single-threaded BLAS on Python threads (matmul.gemm, as training's gradients run), and a band of
+    columns per numba thread (matmul.matmul_into, as the kernels' prefill runs it, its zero bias added);
+    the fastest sets the bound."""
 
     def __init__(self):
         from .kernels.memory import read_all, read_streams  # jitted code lives in kernels/ (one cache-dir policy)
-        from .kernels.matmul import gemm
+        from .kernels.matmul import BIAS, gemm, matmul_into, scratch_size
 
         self.big = np.ones((_BANDWIDTH_BYTES // 4096, 1024), dtype=np.float32)
         self.reads = (read_all, lambda a: read_streams(a, 64))   # 256 KiB tasks, as the decode step's chunks
         self.a, self.b = np.ones((1024, 768), np.float32), np.ones((768, 3072), np.float32)
-        self.products = (np.matmul, gemm)
+        rows, out = np.ascontiguousarray(self.b.T), np.empty((1024, 3072), np.float32)
+        zero, scratch = np.zeros(3072, np.float32), np.empty(scratch_size(1024, 3072), np.float32)
+        self.products = (np.matmul, gemm, lambda a, b: matmul_into(a, rows, out, zero, BIAS, scratch))
         for read in self.reads:                            # compiled (or loaded) and warm before any timing
             read(self.big)
         for product in self.products:

@@ -9,7 +9,7 @@ import pytest
 
 from npgpt import api, kernels
 import npgpt
-from npgpt.kernels import activation, attention, matmul, norm, softmax
+from npgpt.kernels import activation, attention, jit, matmul, norm, softmax
 from npgpt import model as spec
 from npgpt.cache import KVCache
 from conftest import TINY, max_rel_err
@@ -474,19 +474,105 @@ def test_fused_prefill_takes_one_sequence_and_leaves_ragged_rows_to_the_spec(tin
     assert not prefill.fits(np.zeros((1, 16), np.int64), None)   # decode-sized
 
 
+def _numpy_openblas64():                                   # is NumPy's BLAS the 64-bit-integer OpenBLAS its wheels ship?
+    return any(lib.get("internal_api") == "openblas" and "openblas64" in os.path.basename(lib["filepath"])
+               for lib in jit._BLAS.info())
+
+
 @pytest.mark.parametrize("rows", [17, 130, 600])       # below TRANSPOSED_BELOW (transposed product, read back) and above
 @pytest.mark.parametrize("then", ["bias", "gelu", "residual"])
-def test_prefill_product_on_bands_equals_the_spec(rows, then):
+@pytest.mark.parametrize("threads", ["numba", "python"])   # jit.sgemm_nt from numba's threads, or `bands` (no SGEMM found)
+def test_prefill_product_on_bands_equals_the_spec(rows, then, threads, monkeypatch):
     """matmul_into's bands of columns: each a product x . w_band^T (transposed below 512 input rows,
     w_band . x^T, read back 16 columns at a time with a tail), finished on its thread: + bias, GELU of
     that, or added into out (the residual stream). Tolerance: the product's float32 sums in another
-    order (1e-5 relative); the finish itself is exact against NumPy on the same product below."""
+    order (1e-5 relative); the finish itself is exact against NumPy on the same product below. Both ways
+    of running the bands call the same single-threaded sgemm on the same bands: equal to the last bit."""
     x, w, b = randn(rows, 61), randn(75, 61), randn(75)
     start = randn(rows, 75)
-    out = start.copy()
-    matmul.matmul_into(x, w, out, b, getattr(matmul, then.upper()))
+    if threads == "python":
+        monkeypatch.setattr(jit, "SGEMM", 0)
+    elif _numpy_openblas64():
+        assert jit.SGEMM != 0, "NumPy's own OpenBLAS, but its cblas_sgemm was not found"
+    outs = []
+    for sgemm in (jit.SGEMM, 0):
+        monkeypatch.setattr(jit, "SGEMM", sgemm)
+        out = start.copy()
+        matmul.matmul_into(x, w, out, b, getattr(matmul, then.upper()))
+        outs.append(out)
     want = {"bias": x @ w.T + b, "gelu": spec.gelu(x @ w.T + b), "residual": start + (x @ w.T + b)}[then]
-    assert max_rel_err(out, want) < 1e-5
+    assert max_rel_err(outs[0], want) < 1e-5
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_sgemm_is_looked_for_only_in_openblas_and_its_absence_is_zero():
+    class Libraries:
+        def __init__(self, libs):
+            self.libs = libs
+
+        def info(self):
+            return self.libs
+
+    assert jit.blas_sgemm(Libraries([{"internal_api": "mkl", "filepath": "/nonexistent/libmkl_rt.so"}])) == 0
+    assert jit.blas_sgemm(Libraries([{"internal_api": "openblas", "filepath": "/nonexistent/libopenblas.so"}])) == 0
+    if _numpy_openblas64():
+        assert jit.blas_sgemm(jit._BLAS) == jit.SGEMM != 0
+
+
+def test_sgemm_nt_multiplies_strided_rows():                 # c = a . b^T on views whose rows are strided, as the bands' are
+    if not jit.SGEMM:
+        pytest.skip("no cblas_sgemm found in NumPy's BLAS (another BLAS than its wheels' OpenBLAS)")
+    a, b = randn(9, 40)[2:7, 3:36], randn(13, 50)[:, 5:38]            # [5, 33] and [13, 33]: row strides 40 and 50
+    c = np.zeros((7, 20), np.float32)
+    _sgemm_nt_into(a, b, c[1:6, 4:17], jit.SGEMM)
+    want = np.zeros_like(c)
+    want[1:6, 4:17] = a.astype(np.float64) @ b.T.astype(np.float64)
+    assert max_rel_err(c, want) < 1e-5                     # the rest of c untouched (zeros)
+
+
+@numba.njit(nogil=True)
+def _sgemm_nt_into(a, b, c, fn):
+    jit.sgemm_nt(fn, a, b, c)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("B, T, past, first", [(1, 1, 0, 0), (2, 7, 0, 0), (3, 5, 4, 0), (2, 9, 3, 8), (1, 140, 0, 0)])
+def test_prefill_attention_over_numba_threads_equals_the_spec(cached, B, T, past, first):
+    """attention.attend_heads on prefill's qkv [B*T, 3C]: with a cache, the new keys and values land at
+    positions past .. past + T of each row (the rows' earlier positions are read from there); queries from
+    position `first` on attend, and only their rows of out are written. Tolerance as the module's."""
+    H, D = 3, 10
+    C = H * D
+    qkv = randn(B * T, 3 * C)
+    k_cache, v_cache = randn(B, H, past + T + 2, D), randn(B, H, past + T + 2, D)   # positions >= past + T stay as they were
+    before = (k_cache.copy(), v_cache.copy())
+    out = np.full((B * T, C), 7.0, np.float32)
+    if cached:
+        attention.attend_heads(qkv, k_cache, v_cache, True, past, T, H, np.float32(D ** -0.5), out, first)
+    else:
+        none = np.empty((0, 0, 0, 0), np.float32)
+        attention.attend_heads(qkv, none, none, False, 0, T, H, np.float32(D ** -0.5), out, first)
+        past = 0
+    q, k, v = spec.split_heads(qkv.reshape(B, T, 3 * C), H)    # [B, H, T, D]
+    if cached:
+        k = np.concatenate([before[0][:, :, :past], k], axis=2)
+        v = np.concatenate([before[1][:, :, :past], v], axis=2)
+        np.testing.assert_array_equal(k_cache[:, :, : past + T], k)
+        np.testing.assert_array_equal(v_cache[:, :, : past + T], v)
+        np.testing.assert_array_equal(k_cache[:, :, past + T :], before[0][:, :, past + T :])
+    want = spec.merge_heads(spec.attention(q[:, :, first:], k, v)).reshape(B, T - first, C)
+    got = out.reshape(B, T, C)
+    assert max_rel_err(got[:, first:], want) < TOL
+    assert (got[:, :first] == 7.0).all()
+
+
+def test_layer_norm_bands_equal_layer_norm_rows():         # prefill's LayerNorm above norm.inline_rows, numba's threads
+    x, w, b = randn(1031, 60, scale=3.0), randn(60), randn(60)
+    want, got = np.empty_like(x), np.empty_like(x)
+    norm.layer_norm_rows(x, w, b, 1e-5, want)
+    for P in (1, 2, 3):
+        norm.layer_norm_bands(x, w, b, np.float32(1e-5), got, P)
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("m, n", [(37, 45), (16, 3), (5, 130)])   # a 16-column block and a tail, only blocks, only a tail
