@@ -800,7 +800,7 @@ def blas_sgemm(controller):
 def sgemm_nt(typingctx, fn, a, b, c):                      # c [m, n] = a [m, K] . b [n, K]^T, by the cblas_sgemm at address fn
     """float32 2-D arrays, rows strided as they may be, each row's elements one float apart (every caller's
     are: weight rows, inputs, and bands of a product's columns). BLAS runs on the calling thread: a kernel
-    calls it from each of numba's threads, BLAS held at one thread (blas_per_band). fn: SGEMM, passed
+    calls it from each of numba's threads, BLAS held at one thread (numba_bands). fn: SGEMM, passed
     in (not a constant) so the kernel's cached code does not hold an address from another process."""
     arrays = (a, b, c)
     if not (isinstance(fn, types.Integer) and all(isinstance(t, types.Array) and t.ndim == 2 and t.dtype == types.float32
