@@ -766,10 +766,24 @@ def _host_features():
     return getattr(cpu_target.target_context.codegen(), "_tm_features", "").split(",")
 
 
-# bf16 weights: rows of bf16 pairs where the CPU has vdpbf16ps (decode's dots, prefill's 4x4 tiles), else panels of
+def _host_cpu():                                           # LLVM's name for this CPU ("znver4", "emeraldrapids", ...)
+    return llvm.get_host_cpu_name()
+
+
+def pairs_pay(features, cpu):                              # do bf16 rows of pairs (vdpbf16ps) beat panels on this CPU?
+    """Where vdpbf16ps runs at an FMA's rate, it does twice an FMA's products: on a Zen 4 (where the pairs were
+    tuned) decode 1.4-2x and prefill's tiles beat widening in registers. On Intel's AVX512-BF16 cores it does
+    not: on an Emerald Rapids one zmm or ymm vdpbf16ps retired every 2 cycles (an FMA 2 a cycle) and its
+    latency 8 cycles, so its 4x4 tiles ran bf16 prompts at 0.38-0.51x fp32, and the panels ran them 1.5-1.8x
+    faster than the tiles, decode no slower. Hence pairs only on AMD's cores (LLVM's "znver*") with AVX512-BF16."""
+    return "+avx512bf16" in features and "+avx512vl" in features and cpu.startswith("znver")
+
+
+# bf16 weights: rows of bf16 pairs where vdpbf16ps pays (decode's dots, prefill's 4x4 tiles), else panels of
 # 16 rows (quant.BF16Panels: bf16_panel1 / 4 / 6, the weights widened in registers). Decided here for the Python side
-# (kernels.rows: which layout to prepare); the pairs' intrinsics decide again when they compile, from the same features.
-BF16_PAIRS = "+avx512bf16" in _host_features() and "+avx512vl" in _host_features()
+# (kernels.rows: which layout to prepare); the pairs' intrinsics use vdpbf16ps wherever the CPU has it (tests
+# and quant.BF16 rows given directly run them on any host).
+BF16_PAIRS = pairs_pay(_host_features(), _host_cpu())
 
 dot_bf16, dot_bf16x4, dot_bf16_4x4 = _dot_bf16(1), _dot_bf16(4), _dot_bf16(4, rows=4)
 dot_bf16_isa = {isa: (_dot_bf16(1, isa), _dot_bf16(4, isa), _dot_bf16(4, isa, rows=4)) for isa in ("native", "generic")}   # for tests: each path

@@ -114,6 +114,19 @@ def test_bf16_panels_hold_16_rows_and_multiply_6_4_or_1_inputs_as_float64_sums(K
             np.testing.assert_array_equal(hinted, c)
 
 
+@pytest.mark.parametrize("features, cpu, pairs", [
+    ("+avx2,+avx512f,+avx512vl,+avx512bf16", "znver4", True),            # Zen 4: vdpbf16ps at an FMA's rate
+    ("+avx2,+avx512f,+avx512vl,+avx512bf16", "emeraldrapids", False),    # Intel: at a quarter of it
+    ("+avx2,+avx512f,+avx512vl,+avx512bf16", "sapphirerapids", False),
+    ("+avx2,+avx512f,+avx512vl,-avx512bf16", "znver4", False),           # no AVX512-BF16 at all
+    ("+avx2,+fma", "znver3", False),
+])
+def test_bf16_pairs_only_where_vdpbf16ps_pays(features, cpu, pairs):
+    """jit.pairs_pay: bf16 rows of pairs (vdpbf16ps) on AMD's AVX512-BF16 cores, panels everywhere else."""
+    from npgpt.kernels import jit
+    assert jit.pairs_pay(features.split(","), cpu) is pairs
+
+
 @pytest.mark.parametrize("pairs", [True, False])
 @pytest.mark.parametrize("N, K, M", [(7, 33, 10), (13, 48, 11), (37, 100, 29), (130, 256, 64), (2, 1, 5), (5, 2, 3)])
 @pytest.mark.parametrize("block_bytes", [1 << 20, 6000])   # the panels' input blocks (matmul.PANEL_INPUT_BYTES): one, or many of a few groups and a partial last
