@@ -15,7 +15,7 @@ from .. import quant
 
 from . import jit
 from .activation import _gelu
-from .jit import (DECODE_ROWS, GROUP, PANEL_INPUTS, PANEL_ROWS, bands, bf16_group8, bf16_panel, bf16_panel1, bf16_panel4, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4,
+from .jit import (DECODE_ROWS, GROUP, PANEL_INPUTS, PANEL_ROWS, bands, bf16_group8, bf16_panel, bf16_panel1, bf16_panel4, bf16_panel_wide, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4,
                   dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits, inline,
                   block_peak, pack_panel, parallel, rint, round_block, serial, serialized, sgemm_nt)
 
@@ -559,6 +559,31 @@ def panel_rows(xq, panels, out, m0, m1, ahead=0):          # out[:, m0:m1] = x .
                     out[g * W + i, m] = c[i, m - PANEL_ROWS * p]
 
 
+@inline
+def wide_panel_rows(xq, panels, out, m0, m1):              # panel_rows for groups of 6, two panels against two groups at a time
+    """As panel_rows (m0 a multiple of 16, only rows below m1 and inputs below out's N written), on AVX-512:
+    jit.bf16_panel_wide on panels p, p + 1 and groups g, g + 1; an odd last group, or panel, one at a time."""
+    N, W, G = out.shape[0], xq.shape[2], xq.shape[0]
+    c = np.empty((2 * W, 2 * PANEL_ROWS), np.float32)
+    end = -(-m1 // PANEL_ROWS)
+    p = m0 // PANEL_ROWS
+    while p + 2 <= end:
+        base = PANEL_ROWS * p
+        top = min(m1, base + 2 * PANEL_ROWS)
+        g = 0
+        while g + 2 <= G:
+            bf16_panel_wide(panels[p], panels[p + 1], xq[g], xq[g + 1], c)
+            for i in range(min(2 * W, N - g * W)):
+                for m in range(base, top):
+                    out[g * W + i, m] = c[i, m - base]
+            g += 2
+        if g < G:
+            panel_rows(xq[g:], panels, out[g * W :], base, top)
+        p += 2
+    if p < end:
+        panel_rows(xq, panels, out, PANEL_ROWS * p, m1)
+
+
 @parallel
 def gemv_panels(xq, N, panels, M, b, gelu):                # bf16 inputs (bf16_kmajor) of N rows and quant.BF16Panels (+ b) -> [N, M]
     """A panel a task, against every input (panel_rows)."""
@@ -590,15 +615,15 @@ def _panel_product(x, w, out, b, then, scratch):           # matmul_into for qua
     step = max(1, PANEL_INPUT_BYTES // (xg.itemsize * K * PANEL_INPUTS))   # groups a block (_panel_band)
 
     with serialized():
-        _panel_bands(xg, w.panels, y, b, then, out, step, min(numba.get_num_threads(), w.panels.shape[0]))
+        _panel_bands(xg, w.panels, y, b, then, out, step, min(numba.get_num_threads(), w.panels.shape[0]), jit.PANEL_WIDE)
 
 
 @parallel
-def _panel_bands(xg, panels, y, b, then, out, step, P):   # _panel_product's P bands of panels, numba's threads
+def _panel_bands(xg, panels, y, b, then, out, step, P, wide):   # _panel_product's P bands of panels, numba's threads
     n, M = panels.shape[0], out.shape[1]
     for p in numba.prange(P):
         c0, c1 = PANEL_ROWS * (p * n // P), min(PANEL_ROWS * ((p + 1) * n // P), M)
-        _panel_band(xg, panels, y, c0, c1, step)
+        _panel_band(xg, panels, y, c0, c1, step, wide)
         finish_band(y[:, c0:c1], b[c0:c1], then, out, c0, False)
 
 
@@ -625,12 +650,15 @@ PANEL_INPUT_BYTES = 1 << 20
 
 
 @serial
-def _panel_band(xg, panels, out, m0, m1, step):            # panel_rows on a core's band, the inputs in blocks of `step` groups
+def _panel_band(xg, panels, out, m0, m1, step, wide):      # panel_rows (wide: wide_panel_rows) on a core's band, the inputs in blocks of `step` groups
     N = out.shape[0]
     G, W = xg.shape[0], xg.shape[2]
     for g0 in range(0, G, step):
         g1 = min(g0 + step, G)
-        panel_rows(xg[g0:g1], panels, out[g0 * W : min(N, g1 * W)], m0, m1)
+        if wide:
+            wide_panel_rows(xg[g0:g1], panels, out[g0 * W : min(N, g1 * W)], m0, m1)
+        else:
+            panel_rows(xg[g0:g1], panels, out[g0 * W : min(N, g1 * W)], m0, m1)
 
 
 def _tiled_product(x, w, out, b, then, scratch):          # matmul_into for quant.BF16 rows: 4x4 tiles of bf16 pairs

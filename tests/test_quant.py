@@ -114,6 +114,31 @@ def test_bf16_panels_hold_16_rows_and_multiply_6_4_or_1_inputs_as_float64_sums(K
             np.testing.assert_array_equal(hinted, c)
 
 
+@pytest.mark.parametrize("K", [1, 7, 45, 200])
+def test_wide_panel_product_equals_two_panels_against_two_groups_bit_for_bit(K):
+    """jit.bf16_panel_wide (AVX-512's form of prefill's panel product): panels p and p + 1 against groups g
+    and g + 1 (12 inputs, 32 rows) equal jit.bf16_panel on each panel and group bit for bit (the same
+    float32 FMAs, k in order, per lane), and the float64 sums within 1e-6 of the sum of |products| (at
+    most 200 float32 terms). On a host without AVX-512 LLVM splits its vectors; the sums are the same."""
+    from npgpt.kernels import jit
+    pack, products = _panel_callers()
+    wide_product = numba.njit(lambda pa, pb, xa, xb, c: jit.bf16_panel_wide(pa, pb, xa, xb, c))
+    wb = quant.to_bf16(rng.standard_normal((32, K), dtype=np.float32))
+    panels = matmul.bf16_panels(wb.bits).panels
+    x = rng.standard_normal((12, K), dtype=np.float32)
+    xg = np.empty((2, K, 6), np.float32)
+    matmul.bf16_groups_into(x, xg, 0, 2)
+    c = np.full((12, 32), np.nan, np.float32)
+    wide_product(panels[0], panels[1], xg[0], xg[1], c)
+    one = np.full((6, 16), np.nan, np.float32)
+    for g in range(2):
+        for p in range(2):
+            products[6](panels[p], xg[g], one, 0)
+            np.testing.assert_array_equal(c[6 * g : 6 * g + 6, 16 * p : 16 * p + 16], one, err_msg=f"g={g} p={p}")
+    terms = quant.round_to_bf16(x).astype(np.float64)[:, None, :] * quant.dequantize(wb).astype(np.float64)[None]
+    assert np.all(np.abs(c - terms.sum(-1)) <= 1e-6 * np.abs(terms).sum(-1))
+
+
 @pytest.mark.parametrize("features, cpu, pairs", [
     ("+avx2,+avx512f,+avx512vl,+avx512bf16", "znver4", True),            # Zen 4: vdpbf16ps at an FMA's rate
     ("+avx2,+avx512f,+avx512vl,+avx512bf16", "emeraldrapids", False),    # Intel: at a quarter of it
@@ -127,10 +152,10 @@ def test_bf16_pairs_only_where_vdpbf16ps_pays(features, cpu, pairs):
     assert jit.pairs_pay(features.split(","), cpu) is pairs
 
 
-@pytest.mark.parametrize("pairs", [True, False])
-@pytest.mark.parametrize("N, K, M", [(7, 33, 10), (13, 48, 11), (37, 100, 29), (130, 256, 64), (2, 1, 5), (5, 2, 3)])
+@pytest.mark.parametrize("pairs, wide", [(True, False), (False, False), (False, True)])   # wide: panels two by two (AVX-512)
+@pytest.mark.parametrize("N, K, M", [(7, 33, 10), (13, 48, 11), (37, 100, 29), (130, 256, 64), (2, 1, 5), (5, 2, 3), (25, 40, 40)])
 @pytest.mark.parametrize("block_bytes", [1 << 20, 6000])   # the panels' input blocks (matmul.PANEL_INPUT_BYTES): one, or many of a few groups and a partial last
-def test_bf16_products_on_either_path_equal_the_spec(pairs, N, K, M, block_bytes, monkeypatch):
+def test_bf16_products_on_either_path_equal_the_spec(pairs, wide, N, K, M, block_bytes, monkeypatch):
     """bf16 rows as kernels.head_rows keeps them: quant.BF16 rows where the CPU has vdpbf16ps, else
     quant.BF16Panels. Prefill's product (matmul_into: 4x4 tiles of bf16 pairs, or panels against groups of 6
     inputs) and the GEMV (matmul_rows: one input, 2 and 5 inputs (groups of 4 on panels, a partial one)) on
@@ -140,6 +165,7 @@ def test_bf16_products_on_either_path_equal_the_spec(pairs, N, K, M, block_bytes
     float32). Whichever path this CPU takes natively, both run (the pairs in plain IR without AVX512-BF16)."""
     from npgpt.kernels import jit
     monkeypatch.setattr(jit, "BF16_PAIRS", pairs)
+    monkeypatch.setattr(jit, "PANEL_WIDE", wide)
     monkeypatch.setattr(matmul, "PANEL_INPUT_BYTES", block_bytes)
     x = rng.standard_normal((N, K), dtype=np.float32)
     w, b = quant.to_bf16(rng.standard_normal((M, K), dtype=np.float32)), rng.standard_normal(M, dtype=np.float32)
