@@ -198,7 +198,8 @@ def row_tasks(N, K):                                       # does the float GEMV
 # none. Into L1, or past a chunk's end (into the other core's rows), measured worse. On bf16 pairs (vdpbf16ps) a
 # lone GEMV against 4 inputs ran 1.17x without hints, 1.41-1.46x with them at 4-8 KiB (against the float32-input
 # kernel with its hints). On bf16 panels (AVX2 without AVX512-BF16, panel_rows), from 2 inputs: the model's GEMVs
-# at 4 inputs streamed 1.30-1.38x at 2-8 KiB, the decode step 1.12-1.20x at batch 2-8 (one input: 0.97x, none).
+# at 4 inputs streamed 1.30-1.38x at 2-8 KiB, the decode step 1.12-1.20x at batch 2-8 (one input: 0.97x on a Zen 3,
+# 1.21-1.70x on an Emerald Rapids at 8 KiB, 4 and 16 KiB no different there: hinted from one input since stop 35).
 STREAM_AHEAD = 8 << 10
 # int8 and int4 decode GEMVs (gemv_q8 / gemv_q4, from one input): a hint per line of each block, this many bytes
 # on (jit.dot_q8 / dot_q4's `ahead`). At one input int4 is as dense in work as bf16 at 4: a 128-byte block
@@ -537,16 +538,16 @@ def bf16_unpanel(w):                                       # quant.BF16Panels ->
 def panel_rows(xq, panels, out, m0, m1, ahead=0):          # out[:, m0:m1] = x . w[m0:m1]^T: xq from bf16_groups_into, panels of quant.BF16Panels
     """m0 a multiple of 16. Each panel against every group of inputs (jit.bf16_panel / bf16_panel4 /
     bf16_panel1 by the groups' width: 6, 4 or 1), only rows below m1 and inputs below out's N written.
-    ahead: bytes on to hint into L2 while a panel is read, with groups of 4 inputs (decode's region passes
-    STREAM_AHEAD), never past row m1's panel. The region's bf16 step, alternating in one process (medians
-    of 21): 1.16x at batch 2, 1.20x at 4, 1.12x at 8 with 8 KiB hints; one input 0.97x, so it gets none."""
+    ahead: bytes on to hint into L2 while a panel is read (decode's region passes STREAM_AHEAD), never past
+    row m1's panel. The region's bf16 step on a Zen 3, alternating in one process (medians of 21): 1.16x at
+    batch 2, 1.20x at 4, 1.12x at 8 with 8 KiB hints, one input 0.97x; on an Emerald Rapids, npgpt bench
+    tg128 at batch 1 in three rounds alternating processes: 1.21-1.70x with them, so every width gets them."""
     N, W = out.shape[0], xq.shape[2]
     c = np.empty((W, PANEL_ROWS), np.float32)
     end = -(-m1 // PANEL_ROWS)
-    hint = ahead if W >= 4 else 0
     for p in range(m0 // PANEL_ROWS, end):
         top = min(m1, PANEL_ROWS * p + PANEL_ROWS)
-        a = hint if (end - p) * panels.shape[1] * 32 > hint else 0   # (a panel: 32 bytes a k)
+        a = ahead if (end - p) * panels.shape[1] * 32 > ahead else 0   # (a panel: 32 bytes a k)
         for g in range(xq.shape[0]):
             if W == 1:
                 bf16_panel1(panels[p], xq[g], c, a)
