@@ -722,7 +722,6 @@ def bf16_panel_wide(typingctx, pa, pb, xa, xb, c):
     return sig, codegen
 
 
-
 @intrinsic
 def bf16_group8(typingctx, x, n0, k0, dst):
     """dst[k0 + c, i] = x[n0 + i, k0 + c] rounded to bf16 (as matmul._bf16_of: to nearest even, a NaN stays
@@ -826,11 +825,13 @@ def _host_cpu():                                           # LLVM's name for thi
 
 
 def pairs_pay(features, cpu):                              # do bf16 rows of pairs (vdpbf16ps) beat panels on this CPU?
-    """Where vdpbf16ps runs at an FMA's rate, it does twice an FMA's products: on a Zen 4 (where the pairs were
-    tuned) decode 1.4-2x and prefill's tiles beat widening in registers. On Intel's AVX512-BF16 cores it does
-    not: on an Emerald Rapids one zmm or ymm vdpbf16ps retired every 2 cycles (an FMA 2 a cycle) and its
-    latency 8 cycles, so its 4x4 tiles ran bf16 prompts at 0.38-0.51x fp32, and the panels ran them 1.5-1.8x
-    faster than the tiles, decode no slower. Hence pairs only on AMD's cores (LLVM's "znver*") with AVX512-BF16."""
+    """Where vdpbf16ps runs at an FMA's rate, it does twice an FMA's products: on a Zen 4, where the pairs were
+    tuned, widening the weights instead ran GEMVs from 4 inputs 1.4-2x slower, and the pairs' tiles ran prompts
+    1.23-1.34x float32 tiles (the panels came later, on a Zen 3: the two were never timed on one Zen 4). On
+    Intel's AVX512-BF16 cores it does not pay: on an Emerald Rapids one zmm or ymm vdpbf16ps retired every 2
+    cycles (an FMA 2 a cycle), its latency 8, so its 4x4 tiles ran bf16 prompts at 0.38-0.51x fp32, and the
+    panels ran them 1.5-1.8x faster than the tiles, decode no slower. Hence pairs only on AMD's cores (LLVM's
+    "znver*") with AVX512-BF16."""
     return "+avx512bf16" in features and "+avx512vl" in features and cpu.startswith("znver")
 
 
