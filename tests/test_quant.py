@@ -121,7 +121,7 @@ def test_wide_panel_product_equals_two_panels_against_two_groups_bit_for_bit(K):
     float32 FMAs, k in order, per lane), and the float64 sums within 1e-6 of the sum of |products| (at
     most 200 float32 terms). On a host without AVX-512 LLVM splits its vectors; the sums are the same."""
     from npgpt.kernels import jit
-    pack, products = _panel_callers()
+    _, products = _panel_callers()
     wide_product = numba.njit(lambda pa, pb, xa, xb, c: jit.bf16_panel_wide(pa, pb, xa, xb, c))
     wb = quant.to_bf16(rng.standard_normal((32, K), dtype=np.float32))
     panels = matmul.bf16_panels(wb.bits).panels
@@ -141,7 +141,7 @@ def test_wide_panel_product_equals_two_panels_against_two_groups_bit_for_bit(K):
 
 @pytest.mark.parametrize("features, cpu, pairs", [
     ("+avx2,+avx512f,+avx512vl,+avx512bf16", "znver4", True),            # Zen 4: vdpbf16ps at an FMA's rate
-    ("+avx2,+avx512f,+avx512vl,+avx512bf16", "emeraldrapids", False),    # Intel: at a quarter of it
+    ("+avx2,+avx512f,+avx512vl,+avx512bf16", "emeraldrapids", False),    # Intel: a quarter of an FMA's rate
     ("+avx2,+avx512f,+avx512vl,+avx512bf16", "sapphirerapids", False),
     ("+avx2,+avx512f,+avx512vl,-avx512bf16", "znver4", False),           # no AVX512-BF16 at all
     ("+avx2,+fma", "znver3", False),
@@ -156,13 +156,13 @@ def test_bf16_pairs_only_where_vdpbf16ps_pays(features, cpu, pairs):
 @pytest.mark.parametrize("N, K, M", [(7, 33, 10), (13, 48, 11), (37, 100, 29), (130, 256, 64), (2, 1, 5), (5, 2, 3), (25, 40, 40)])
 @pytest.mark.parametrize("block_bytes", [1 << 20, 6000])   # the panels' input blocks (matmul.PANEL_INPUT_BYTES): one, or many of a few groups and a partial last
 def test_bf16_products_on_either_path_equal_the_spec(pairs, wide, N, K, M, block_bytes, monkeypatch):
-    """bf16 rows as kernels.head_rows keeps them: quant.BF16 rows where the CPU has vdpbf16ps, else
+    """bf16 rows as kernels.head_rows keeps them: quant.BF16 rows where vdpbf16ps pays (jit.BF16_PAIRS), else
     quant.BF16Panels. Prefill's product (matmul_into: 4x4 tiles of bf16 pairs, or panels against groups of 6
-    inputs) and the GEMV (matmul_rows: one input, 2 and 5 inputs (groups of 4 on panels, a partial one)) on
+    inputs, one at a time or, wide (jit.PANEL_WIDE), two panels against two groups) and the GEMV (matmul_rows: one input, 2 and 5 inputs (groups of 4 on panels, a partial one)) on
     odd shapes (partial tiles, panels and groups, K odd, K % 16 left over) against the spec's product of the
     rounded inputs and the widened weights, with a bias and then GELU: 1e-6 relative to the sum of |terms|
     (exact products, float32 sums; GELU: + 1e-5 of the value, the kernels' GELU against the spec's in
-    float32). Whichever path this CPU takes natively, both run (the pairs in plain IR without AVX512-BF16)."""
+    float32). Whichever path this CPU takes natively, all three run (the pairs in plain IR without AVX512-BF16)."""
     from npgpt.kernels import jit
     monkeypatch.setattr(jit, "BF16_PAIRS", pairs)
     monkeypatch.setattr(jit, "PANEL_WIDE", wide)
