@@ -722,45 +722,144 @@ def bf16_panel_wide(typingctx, pa, pb, xa, xb, c):
     return sig, codegen
 
 
+F32_PANEL = 32                                             # f32_panel_wide: 32 float32 weight rows a panel
+
+
 @intrinsic
-def bf16_group8(typingctx, x, n0, k0, dst):
-    """dst[k0 + c, i] = x[n0 + i, k0 + c] rounded to bf16 (as matmul._bf16_of: to nearest even, a NaN stays
-    a NaN, quieted), as float32, for i < 6 and c < 8: 8 columns of a group of 6 inputs into bf16_panel's
-    k-major layout (matmul.bf16_groups_into). Six row loads, the rounding in integer lanes, one 8x8
-    transpose in shuffles (two rows of zeros), and 8 stores 24 bytes apart, each of 8 lanes but the last
-    (a masked store of 6): each store's lanes 6 and 7 land where the next one writes. The caller keeps
-    rows n0 .. n0 + 5 and columns k0 .. k0 + 7 in bounds; nothing here checks. Scalar, with the stores 6
-    floats apart, the same took 0.7 ns a value (2% of bf16 prefill)."""
-    if not (_c_array(x, 2) and _c_array(dst, 2) and x.dtype == dst.dtype == types.float32):
+def pack_f32_panel(typingctx, w, m, panel):
+    """Rows m .. m + 31 of w (float32 [M, K]) -> panel (float32 [K, 32]) over the whole runs of 8 columns
+    (the caller packs the last K % 8): panel[k, j] = w[m + j, k]. Per 8 columns, 4 blocks of 8 rows: 8 loads,
+    one 8x8 transpose in shuffles, 8 stores."""
+    if not (_c_array(w, 2) and _c_array(panel, 2) and w.dtype == panel.dtype == types.float32):
         return None
-    sig = types.void(x, types.intp, types.intp, dst)
+    sig = types.void(w, types.intp, panel)
 
     def codegen(context, builder, signature, args):
-        x, n0, k0, dst = args
+        w, m, panel = args
         t = signature.args
-        i32, f32 = _vector(32, 8), _vector(0, 8)
-        splat = lambda v: ir.Constant(i32, [v] * 8)
-        rows = []
-        for i in range(PANEL_INPUTS):
-            src = _row(builder, context, t[0], x, builder.add(n0, ir.Constant(n0.type, i)), ir.FloatType())
-            u = builder.load(builder.bitcast(builder.gep(src, [k0]), i32.as_pointer()), align=4)
-            rounded = builder.and_(builder.add(builder.add(u, splat(0x7FFF)), builder.and_(builder.lshr(u, splat(16)), splat(1))),
-                                   splat(-(1 << 16)))
-            nan = builder.icmp_unsigned(">", builder.and_(u, splat(0x7FFFFFFF)), splat(0x7F800000))
-            rows.append(builder.select(nan, builder.or_(builder.and_(u, splat(-(1 << 16))), splat(0x400000)), rounded))
-        rows += [ir.Constant(i32, [0] * 8)] * (8 - PANEL_INPUTS)
-        out = _row(builder, context, t[3], dst, k0, ir.FloatType())
-        cols = _transpose8(builder, rows)
-        for c, col in enumerate(cols):
-            at = builder.bitcast(builder.gep(out, [ir.Constant(k0.type, PANEL_INPUTS * c)]), f32.as_pointer())
-            value = builder.bitcast(col, f32)
-            if c < 7:
-                builder.store(value, at, align=4)
-            else:                                          # the last: lanes 6 and 7 would pass the 8 columns' end
-                mask = ir.Constant(ir.VectorType(ir.IntType(1), 8), [1] * PANEL_INPUTS + [0] * (8 - PANEL_INPUTS))
-                _x86(builder, "llvm.masked.store.v8f32.p0", ir.VoidType(), value, at, ir.Constant(ir.IntType(32), 4), mask)
+        i32 = _vector(32, 8)
+        rows = [_row(builder, context, t[0], w, builder.add(m, ir.Constant(m.type, r)), ir.IntType(32)) for r in range(F32_PANEL)]
+        K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, w).shape)[1]
+        out = _row(builder, context, t[2], panel, ir.Constant(K.type, 0), ir.IntType(32))
+        const = lambda v: ir.Constant(K.type, v)
+        with cgutils.for_range(builder, builder.udiv(K, const(8))) as loop:
+            k = builder.mul(loop.index, const(8))
+            for j0 in range(0, F32_PANEL, 8):
+                block = [builder.load(builder.bitcast(builder.gep(rows[j0 + r], [k]), i32.as_pointer()), align=4) for r in range(8)]
+                for c, col in enumerate(_transpose8(builder, block)):
+                    at = builder.gep(out, [builder.add(builder.mul(builder.add(k, const(c)), const(F32_PANEL)), const(j0))])
+                    builder.store(col, builder.bitcast(at, i32.as_pointer()), align=4)
         return context.get_dummy_value()
     return sig, codegen
+
+
+@intrinsic
+def f32_panel_wide(typingctx, pw, xa, xb, c, ahead):
+    """A float32 panel (pack_f32_panel: [K, 32], 32 rows k-major) against two groups of 6 inputs (xa, xb:
+    float32 [K, 6], k-major) -> c float32 [12, 32]: c[i, j] = sum over k of input i's value at k * row j's
+    weight at k, float32 FMAs, k in order. bf16_panel_wide without the widening: per k two 64-byte loads are
+    the 32 rows' weights, each of the 12 inputs broadcast (folded into its FMAs) against both: 24 FMAs into
+    24 sums held in registers, 26 vector operations a k (matmul._f32_panel_product has the figures).
+    ahead (float32, 1-D, may be empty): memory to hint into L2 while the panel is read, its 64-byte lines
+    spread evenly over k (one every 2**s k's, never more than one a k), for the next panel's rows streaming
+    in from memory. The sums are the same either way."""
+    if not (all(_c_array(a, 2) for a in (pw, xa, xb, c)) and pw.dtype == xa.dtype == xb.dtype == c.dtype == types.float32
+            and _c_array(ahead, 1) and ahead.dtype == types.float32):
+        return None
+    sig = types.void(pw, xa, xb, c, ahead)
+
+    def codegen(context, builder, signature, args):
+        t = signature.args
+        f32 = _vector(0, 16)
+        K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, args[0]).shape)[0]
+        zero = ir.Constant(K.type, 0)
+        pw, xa, xb, cp = (_row(builder, context, t[a], args[a], zero, ir.FloatType()) for a in range(4))
+        const = lambda v: ir.Constant(K.type, v)
+        ah = context.make_array(t[4])(context, builder, args[4])
+        n_ahead = cgutils.unpack_tuple(builder, ah.shape)[0]
+        lines_ahead = builder.udiv(builder.add(n_ahead, const(15)), const(16))
+        every = builder.udiv(K, builder.select(builder.icmp_signed(">", lines_ahead, zero), lines_ahead, const(1)))
+        every = builder.select(builder.icmp_signed(">", every, zero), every, const(1))
+        ctlz = builder.call(builder.module.declare_intrinsic("llvm.ctlz", [K.type], ir.FunctionType(K.type, [K.type, ir.IntType(1)])),
+                            [every, ir.Constant(ir.IntType(1), 0)])
+        shift = builder.sub(const(K.type.width - 1), ctlz)               # every k of 2**shift hints a line (<= K / lines)
+        mask = builder.sub(builder.shl(const(1), shift), const(1))
+        hbase = builder.bitcast(ah.data, ir.IntType(8).as_pointer())
+        inputs = 2 * PANEL_INPUTS
+        sums = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 16)) for _ in range(2)] for _ in range(inputs)]
+
+        def step(k, turn):                                 # k's 32 weights against the 12 inputs
+            line = builder.lshr(k, shift)
+            go = builder.and_(builder.icmp_signed("==", builder.and_(k, mask), zero), builder.icmp_signed("<", line, lines_ahead))
+            with builder.if_then(go):
+                _hint_l2(builder, builder.gep(hbase, [builder.mul(line, const(64))]))
+            at = builder.mul(k, const(F32_PANEL))
+            wides = [builder.load(builder.bitcast(builder.gep(pw, [builder.add(at, const(16 * h))]), f32.as_pointer()), align=4)
+                     for h in range(2)]
+            for i in range(inputs):
+                xp = xa if i < PANEL_INPUTS else xb
+                x = builder.load(builder.gep(xp, [builder.add(builder.mul(k, const(PANEL_INPUTS)), const(i % PANEL_INPUTS))]))
+                v = builder.insert_element(ir.Constant(f32, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+                v = builder.shuffle_vector(v, v, ir.Constant(_vector(32, 16), [0] * 16))
+                for h, wv in enumerate(wides):
+                    s = sums[i][h]
+                    builder.store(builder.fadd(builder.load(s), builder.fmul(wv, v, flags=FMA), flags=FMA), s)
+
+        _runs_in_turn(builder, K, 2, step)
+        for i in range(inputs):
+            for h in range(2):
+                builder.store(builder.load(sums[i][h]), builder.bitcast(builder.gep(cp, [const(32 * i + 16 * h)]), f32.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+def _group8(rounded):
+    """jit.bf16_group8 (rounded) or jit.f32_group8 (the values as they are)."""
+    @intrinsic
+    def group8(typingctx, x, n0, k0, dst):
+        """dst[k0 + c, i] = x[n0 + i, k0 + c] as float32 (bf16_group8: rounded to bf16, as matmul._bf16_of: to
+        nearest even, a NaN stays a NaN, quieted), for i < 6 and c < 8: 8 columns of a group of 6 inputs into
+        the panels' k-major layout (matmul.groups_into). Six row loads (bf16: the rounding in integer lanes),
+        one 8x8 transpose in shuffles (two rows of zeros), and 8 stores 24 bytes apart, each of 8 lanes but
+        the last (a masked store of 6): each store's lanes 6 and 7 land where the next one writes. The caller
+        keeps rows n0 .. n0 + 5 and columns k0 .. k0 + 7 in bounds; nothing here checks. Scalar, with the
+        stores 6 floats apart, the same took 0.7 ns a value (2% of bf16 prefill)."""
+        if not (_c_array(x, 2) and _c_array(dst, 2) and x.dtype == dst.dtype == types.float32):
+            return None
+        sig = types.void(x, types.intp, types.intp, dst)
+
+        def codegen(context, builder, signature, args):
+            x, n0, k0, dst = args
+            t = signature.args
+            i32, f32 = _vector(32, 8), _vector(0, 8)
+            splat = lambda v: ir.Constant(i32, [v] * 8)
+            rows = []
+            for i in range(PANEL_INPUTS):
+                src = _row(builder, context, t[0], x, builder.add(n0, ir.Constant(n0.type, i)), ir.FloatType())
+                u = builder.load(builder.bitcast(builder.gep(src, [k0]), i32.as_pointer()), align=4)
+                if rounded:
+                    near = builder.and_(builder.add(builder.add(u, splat(0x7FFF)), builder.and_(builder.lshr(u, splat(16)), splat(1))),
+                                        splat(-(1 << 16)))
+                    nan = builder.icmp_unsigned(">", builder.and_(u, splat(0x7FFFFFFF)), splat(0x7F800000))
+                    u = builder.select(nan, builder.or_(builder.and_(u, splat(-(1 << 16))), splat(0x400000)), near)
+                rows.append(u)
+            rows += [ir.Constant(i32, [0] * 8)] * (8 - PANEL_INPUTS)
+            out = _row(builder, context, t[3], dst, k0, ir.FloatType())
+            cols = _transpose8(builder, rows)
+            for c, col in enumerate(cols):
+                at = builder.bitcast(builder.gep(out, [ir.Constant(k0.type, PANEL_INPUTS * c)]), f32.as_pointer())
+                value = builder.bitcast(col, f32)
+                if c < 7:
+                    builder.store(value, at, align=4)
+                else:                                      # the last: lanes 6 and 7 would pass the 8 columns' end
+                    mask = ir.Constant(ir.VectorType(ir.IntType(1), 8), [1] * PANEL_INPUTS + [0] * (8 - PANEL_INPUTS))
+                    _x86(builder, "llvm.masked.store.v8f32.p0", ir.VoidType(), value, at, ir.Constant(ir.IntType(32), 4), mask)
+            return context.get_dummy_value()
+        return sig, codegen
+    return group8
+
+
+bf16_group8, f32_group8 = _group8(True), _group8(False)
 
 
 TILE_ROWS, TILE_COLS = 6, 16                               # f32_tile: 6 rows of a against 16 columns of b

@@ -2,8 +2,9 @@
 see kernels.prepare): decode streams the rows once on every core, four rows against four inputs at a
 time when a batch has four or more (bf16: a row against four bf16 inputs, as pairs, or without AVX512-BF16
 panels of 16 rows against 4 broadcast inputs; int8 and int4: a group of 8 rows against each input, in integers);
-prefill gives each of numba's threads a band of output columns: a single-threaded sgemm on float32 (called
-from the kernel, jit.sgemm_nt), 4x4 tiles of bf16 pairs (without AVX512-BF16: panels of 16 bf16 rows against
+prefill gives each of numba's threads a band of output columns: on float32, 32 rows at a time packed into a
+panel against pairs of groups of 6 inputs (AVX-512, up to F32_PANEL_UPTO inputs) or a single-threaded sgemm
+(called from the kernel, jit.sgemm_nt), 4x4 tiles of bf16 pairs (without AVX512-BF16: panels of 16 bf16 rows against
 6 inputs, sgemm-style) and integer dots on the rest."""
 
 import numba
@@ -15,8 +16,8 @@ from .. import quant
 
 from . import jit
 from .activation import _gelu
-from .jit import (DECODE_ROWS, GROUP, PANEL_INPUTS, PANEL_ROWS, bands, bf16_group8, bf16_panel, bf16_panel1, bf16_panel4, bf16_panel_wide, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4,
-                  dot_q4, dot_q4x4, dot_q8, dot_q8x4, f32_from_bits, inline,
+from .jit import (DECODE_ROWS, GROUP, PANEL_INPUTS, PANEL_ROWS, bands, bf16_group8, f32_group8, bf16_panel, bf16_panel1, bf16_panel4, bf16_panel_wide, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4,
+                  dot_q4, dot_q4x4, dot_q8, dot_q8x4, F32_PANEL, f32_from_bits, f32_panel_wide, inline, pack_f32_panel,
                   block_peak, pack_panel, parallel, rint, round_block, serial, serialized, sgemm_nt)
 
 
@@ -451,46 +452,56 @@ def _bf16_value(v):                                        # float32 -> its bf16
     return f32_from_bits(np.uint32(_bf16_of(v)) << np.uint32(16))
 
 
-def group8(x, n0, k0, dst):                                # jit.bf16_group8 where both arrays are C-contiguous (numba-only; see overload)
+def group8(x, n0, k0, dst, rounded):                       # jit.bf16_group8 / f32_group8 where both arrays are C-contiguous (numba-only; see overload)
     raise NotImplementedError
 
 
 @overload(group8)
-def _group8(x, n0, k0, dst):
-    """Chosen by layout at compile time: the vector intrinsic takes C-contiguous rows only; any other
+def _group8(x, n0, k0, dst, rounded):
+    """Chosen by layout at compile time: the vector intrinsics take C-contiguous rows only; any other
     layout (a strided view handed to a kernel) gets the same values one at a time."""
     if x.layout == "C" and dst.layout == "C":
-        return lambda x, n0, k0, dst: bf16_group8(x, n0, k0, dst)
+        return lambda x, n0, k0, dst, rounded: bf16_group8(x, n0, k0, dst) if rounded else f32_group8(x, n0, k0, dst)
 
-    def scalar(x, n0, k0, dst):
+    def scalar(x, n0, k0, dst, rounded):
         for c in range(8):
             for i in range(PANEL_INPUTS):
-                dst[k0 + c, i] = _bf16_value(x[n0 + i, k0 + c])
+                dst[k0 + c, i] = _input_value(x[n0 + i, k0 + c], rounded)
     return scalar
 
 
+@inline
+def _input_value(v, rounded):                              # an input as the panels meet it: bf16-rounded, or as it is
+    return _bf16_value(v) if rounded else v
+
+
 @serial
-def bf16_groups_into(x, out, g0, g1):                      # float32 [N, K] -> out float32 [G, K, W], groups g0 .. g1: bf16 values, k-major
-    """Group g holds inputs Wg .. Wg + W - 1 rounded to bf16 (as quant.round_to_bf16), out[g, k, i] = x[Wg + i, k]
-    (jit.bf16_panel broadcasts the W inputs at k from one place); past the last input, zeros."""
+def groups_into(x, out, g0, g1, rounded):                  # float32 [N, K] -> out float32 [G, K, W], groups g0 .. g1, k-major
+    """Group g holds inputs Wg .. Wg + W - 1, out[g, k, i] = x[Wg + i, k] (rounded: to bf16, as quant.round_to_bf16),
+    so jit.bf16_panel and f32_panel_wide broadcast the W inputs at k from one place; past the last input, zeros."""
     N, K = x.shape
     W = out.shape[2]
     for g in range(g0, g1):
         if W == PANEL_INPUTS and g * W + W <= N:           # a whole group of 6: 8 columns at a time in vectors, the rest below
             for k0 in range(0, K - K % 8, 8):
-                group8(x, g * W, k0, out[g])
+                group8(x, g * W, k0, out[g], rounded)
             for k in range(K - K % 8, K):
                 for i in range(W):
-                    out[g, k, i] = _bf16_value(x[g * W + i, k])
+                    out[g, k, i] = _input_value(x[g * W + i, k], rounded)
             continue
         for i in range(W):
             n = g * W + i
             if n < N:
                 for k in range(K):
-                    out[g, k, i] = _bf16_value(x[n, k])
+                    out[g, k, i] = _input_value(x[n, k], rounded)
             else:
                 for k in range(K):
                     out[g, k, i] = np.float32(0.0)
+
+
+@serial
+def bf16_groups_into(x, out, g0, g1):                      # groups_into, rounded to bf16 (bf16_panel's inputs)
+    groups_into(x, out, g0, g1, True)
 
 
 @serial
@@ -607,12 +618,7 @@ def _panel_product(x, w, out, b, then, scratch):           # matmul_into for qua
     N, K = x.shape
     M = w.n_out
     y = scratch[: N * M].reshape(N, M) if then == RESIDUAL else out   # the stream is added to, not written
-    xg = np.empty((-(-N // PANEL_INPUTS), K, PANEL_INPUTS), np.float32)   # the inputs' bf16 values in groups of 6, k-major
-    if xg.shape[0] <= max(1, ROUND_INLINE_VALUES // (K * PANEL_INPUTS)):
-        bf16_groups_into(x, xg, 0, xg.shape[0])
-    else:
-        with serialized():
-            _bf16_groups_bands(x, xg, min(numba.get_num_threads(), xg.shape[0]))
+    xg = _grouped(x, -(-N // PANEL_INPUTS), True)        # the inputs' bf16 values in groups of 6, k-major
     step = max(1, PANEL_INPUT_BYTES // (xg.itemsize * K * PANEL_INPUTS))   # groups a block (_panel_band)
 
     with serialized():
@@ -629,10 +635,20 @@ def _panel_bands(xg, panels, y, b, then, out, step, P, wide):   # _panel_product
 
 
 @parallel
-def _bf16_groups_bands(x, xg, P):                          # bf16_groups_into on P bands of groups, numba's threads
+def _groups_bands(x, xg, P, rounded):                      # groups_into on P bands of groups, numba's threads
     G = xg.shape[0]
     for p in numba.prange(P):
-        bf16_groups_into(x, xg, p * G // P, (p + 1) * G // P)
+        groups_into(x, xg, p * G // P, (p + 1) * G // P, rounded)
+
+
+def _grouped(x, G, rounded):                               # x [N, K] -> float32 [G, K, 6] (groups_into), in bands above ROUND_INLINE_VALUES
+    xg = np.empty((G, x.shape[1], PANEL_INPUTS), np.float32)
+    if G <= max(1, ROUND_INLINE_VALUES // (x.shape[1] * PANEL_INPUTS)):
+        groups_into(x, xg, 0, G, rounded)
+    else:
+        with serialized():
+            _groups_bands(x, xg, min(numba.get_num_threads(), G), rounded)
+    return xg
 
 
 # A prompt's inputs are rounded (bf16 groups, int8 levels) on the calling thread up to this many values,
@@ -845,6 +861,8 @@ def matmul_into(x, w, out, b, then=BIAS, scratch=None):   # x [N, K] . w rows [M
         return _tiled_product(x, w, out, b, then, scratch)
     if isinstance(w, quant.BF16Panels):
         return _panel_product(x, w, out, b, then, scratch)
+    if jit.PANEL_WIDE and N <= F32_PANEL_UPTO and x.flags.c_contiguous and w.flags.c_contiguous:
+        return _f32_panel_product(x, w, out, b, then, scratch)
     if jit.SGEMM and x.flags.c_contiguous and w.flags.c_contiguous and out.flags.c_contiguous:
         with jit.numba_bands():
             _sgemm_bands(x, w, b, then, out, scratch, N < TRANSPOSED_BELOW, min(numba.get_num_threads(), M), jit.SGEMM)
@@ -960,6 +978,78 @@ def _sgemm_bands(x, w, b, then, out, scratch, transposed, P, fn):   # matmul_int
             finish_band(y, b[c0:c1], then, out, c0, False)
 
 
+# Float32 prompts on AVX-512 (jit.PANEL_WIDE), up to F32_PANEL_UPTO inputs: OpenBLAS's sgemm replaced by
+# float32 panels packed per call (jit.f32_panel_wide). See _f32_panel_product.
+F32_PANEL_UPTO = 512
+
+
+@inline
+def _pack_f32(w, m, panel):                                # rows m .. m + 31 of w [M, K] -> panel [K, 32], k-major (rows past M: zeros)
+    M, K = w.shape
+    rows = min(F32_PANEL, M - m)
+    start = 0
+    if rows == F32_PANEL:                                  # whole runs of 8 columns in vectors (jit.pack_f32_panel), the rest here
+        pack_f32_panel(w, m, panel)
+        start = K // 8 * 8
+    for k in range(start, K):
+        for j in range(F32_PANEL):
+            panel[k, j] = w[m + j, k] if j < rows else np.float32(0.0)
+
+
+@serial
+def f32_panel_band(xg, w, out, m0, m1):                    # out[:, m0:m1] = x . w[m0:m1]^T: xg from groups_into, an even count of groups
+    """m0 a multiple of 32. Per 32 rows of w: packed into a panel (_pack_f32), then against every pair of
+    groups (jit.f32_panel_wide), only rows below m1 and inputs below out's N written. While a panel meets
+    the groups, each pair's call hints its share of the next panel's rows into L2 (the weights come from
+    memory: a prompt reads each once)."""
+    N, K = out.shape[0], w.shape[1]
+    G, W = xg.shape[0], xg.shape[2]
+    panel = np.empty((K, F32_PANEL), np.float32)
+    c = np.empty((2 * W, F32_PANEL), np.float32)
+    flat = w.reshape(-1)                                   # (rows m .. m + 31 are one run of flat)
+    for m in range(m0, m1, F32_PANEL):
+        _pack_f32(w, m, panel)
+        top = min(m1, m + F32_PANEL)
+        a0, a1 = top * K, min(m1, top + F32_PANEL) * K     # the next panel's weights in flat
+        each = -(-(a1 - a0) // (G // 2))
+        for g in range(0, G, 2):
+            h0 = min(a1, a0 + g // 2 * each)
+            f32_panel_wide(panel, xg[g], xg[g + 1], c, flat[h0 : min(a1, h0 + each)])
+            for i in range(min(2 * W, N - g * W)):
+                dst, src = out[g * W + i, m:top], c[i]
+                for j in range(top - m):
+                    dst[j] = src[j]
+
+
+@parallel
+def _f32_panel_bands(xg, w, y, b, then, out, P):          # _f32_panel_product's P bands of 32-row panels, numba's threads
+    n, M = -(-w.shape[0] // F32_PANEL), out.shape[1]
+    for p in numba.prange(P):
+        c0, c1 = F32_PANEL * (p * n // P), min(F32_PANEL * ((p + 1) * n // P), M)
+        f32_panel_band(xg, w, y, c0, c1)
+        finish_band(y[:, c0:c1], b[c0:c1], then, out, c0, False)
+
+
+def _f32_panel_product(x, w, out, b, then, scratch):       # matmul_into for float32 rows (C-contiguous x and w) on AVX-512
+    """The inputs in groups of 6, k-major (groups_into, an even count), then each core a band of w's rows,
+    32 at a time packed k-major into an L2-sized panel and met by every pair of groups: bf16's wide
+    panels (jit.bf16_panel_wide) on float32 weights, packed per call since decode, training and the tied
+    head read the rows. Products straight into out (RESIDUAL: into scratch, then added), finished on the
+    same thread. On an Emerald Rapids (2 zmm FMAs a cycle), GPT-2's prefill products on both cores, calls
+    alternating in one process (best / median of 21 GFLOP/s): at 128 inputs 247-265 / 231-248 against
+    OpenBLAS's 210-237 / 197-217; at 512 inputs 267-290 / 245-259 against 246-268 / 215-251. At 2048
+    inputs no faster (271-298 against 242-304; b4 pp512 0.81-0.83x in the model): there OpenBLAS runs.
+    In the model, alternating in one process (medians of 21 and 9): pp128 1.15x, pp512 1.04x, hints of
+    the next panel included (without them 1.07x and 0.97x in the same run)."""
+    N, K = x.shape
+    M = w.shape[0]
+    y = scratch[: N * M].reshape(N, M) if then == RESIDUAL else out
+    G = -(-N // PANEL_INPUTS)
+    xg = _grouped(x, G + G % 2, False)
+    with serialized():
+        _f32_panel_bands(xg, w, y, b, then, out, min(numba.get_num_threads(), -(-M // F32_PANEL)))
+
+
 def _gemm_band(x, w, b, then, out, cols, scratch):         # out's columns `cols` from x [N, K] . w[cols]^T + b[cols] (float32 rows)
     _product(x, w[cols], b[cols], then, out, cols.start, scratch, transposed=True)
 
@@ -1039,3 +1129,4 @@ def linear_backward(dout, x, weight_t, bias):              # [..., out], [..., i
 def lm_head_backward(dout, x, weight):                     # [..., V], [..., C], [V, C] -> dx [..., C], dweight [V, C]
     d2, x2 = dout.reshape(-1, dout.shape[-1]), x.reshape(-1, x.shape[-1])
     return gemm(d2, weight).reshape(x.shape), gemm(d2.T, x2)
+

@@ -490,6 +490,7 @@ def test_prefill_product_on_bands_equals_the_spec(rows, then, threads, monkeypat
     of running the bands call the same single-threaded sgemm on the same bands: equal to the last bit."""
     x, w, b = randn(rows, 61), randn(75, 61), randn(75)
     start = randn(rows, 75)
+    monkeypatch.setattr(jit, "PANEL_WIDE", False)          # (float32 panels: the tests below)
     if threads == "python":
         monkeypatch.setattr(jit, "SGEMM", 0)
     elif _numpy_openblas64():
@@ -503,6 +504,69 @@ def test_prefill_product_on_bands_equals_the_spec(rows, then, threads, monkeypat
     want = {"bias": x @ w.T + b, "gelu": spec.gelu(x @ w.T + b), "residual": start + (x @ w.T + b)}[then]
     assert max_rel_err(outs[0], want) < 1e-5
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("N, K, M", [(17, 1, 1), (17, 7, 33), (25, 45, 70), (131, 200, 95), (512, 61, 75), (23, 16, 64)])
+@pytest.mark.parametrize("then", ["bias", "gelu", "residual"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_panel_product_equals_the_spec(N, K, M, then, threads, monkeypatch):
+    """matmul._f32_panel_product (float32 prompts on AVX-512; on any host here, where LLVM splits the 512-bit
+    vectors): inputs in an even count of groups of 6 (an odd count padded with zeros; a partial last group),
+    weights packed 32 rows at a time (whole runs of 8 columns in vectors, K % 8 and a partial last panel one
+    value at a time), bands of panels on 1 or 2 threads, each finished on its thread. Tolerance: float32
+    sums of K products in another order than NumPy's, 1e-5 relative (as the sgemm bands above)."""
+    x, w, b, start = randn(N, K), randn(M, K), randn(M), randn(N, M)
+    out = start.copy()
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        matmul._f32_panel_product(x, w, out, b, getattr(matmul, then.upper()), np.empty(matmul.scratch_size(N, M), np.float32))
+    finally:
+        numba.set_num_threads(before)
+    want = {"bias": x @ w.T + b, "gelu": spec.gelu(x @ w.T + b), "residual": start + (x @ w.T + b)}[then]
+    assert max_rel_err(out, want) < 1e-5
+
+
+@pytest.mark.parametrize("K", [1, 8, 45, 200])
+def test_float32_panel_kernel_sums_each_input_and_row_and_ignores_its_hints(K):
+    """jit.pack_f32_panel lays 32 rows k-major (checked exactly), and jit.f32_panel_wide sums each of 12
+    inputs against each of 32 rows within 1e-6 of the sum of |products| (float32 sums of at most 200 terms,
+    against float64); the hints of `ahead` (none, some, more lines than k's) leave the sums bit for bit."""
+    pack = numba.njit(lambda w, m, panel: jit.pack_f32_panel(w, m, panel))
+    wide = numba.njit(lambda pw, xa, xb, c, ahead: jit.f32_panel_wide(pw, xa, xb, c, ahead))
+    w = randn(40, K)
+    panel = np.full((K, 32), np.nan, np.float32)
+    pack(w, 5, panel)
+    np.testing.assert_array_equal(panel[: K // 8 * 8], w[5:37, : K // 8 * 8].T)   # (the last K % 8 columns: the caller's)
+    panel[K // 8 * 8 :] = w[5:37, K // 8 * 8 :].T
+    x = randn(12, K)
+    xg = np.full((2, K, 6), np.nan, np.float32)
+    matmul.groups_into(x, xg, 0, 2, False)
+    np.testing.assert_array_equal(xg.transpose(0, 2, 1).reshape(12, K), x)
+    sums = []
+    for ahead in (np.empty(0, np.float32), w.ravel()[:100], w.ravel()):
+        c = np.full((12, 32), np.nan, np.float32)
+        wide(panel, xg[0], xg[1], c, ahead)
+        sums.append(c)
+    terms = x.astype(np.float64)[:, None, :] * w[5:37].astype(np.float64)[None]
+    assert np.all(np.abs(sums[0] - terms.sum(-1)) <= 1e-6 * np.abs(terms).sum(-1))
+    for c in sums[1:]:
+        np.testing.assert_array_equal(c, sums[0])
+
+
+@pytest.mark.parametrize("wide, N, panels", [(True, 17, True), (True, 512, True), (True, 513, False), (False, 128, False)])
+def test_float32_prompts_take_the_panels_on_avx512_up_to_their_limit(wide, N, panels, monkeypatch):
+    """matmul_into on float32 rows: the panels where jit.PANEL_WIDE (AVX-512) and N <= F32_PANEL_UPTO, else the
+    sgemm bands (or `bands`, without SGEMM). Either way the product is the spec's (1e-5, as above)."""
+    monkeypatch.setattr(jit, "PANEL_WIDE", wide)
+    taken = []
+    real = matmul._f32_panel_product
+    monkeypatch.setattr(matmul, "_f32_panel_product", lambda *a: taken.append(1) or real(*a))
+    x, w, b = randn(N, 40), randn(50, 40), randn(50)
+    out = np.empty((N, 50), np.float32)
+    matmul.matmul_into(x, w, out, b)
+    assert bool(taken) is panels
+    assert max_rel_err(out, x @ w.T + b) < 1e-5
 
 
 def test_sgemm_is_looked_for_only_in_openblas_and_its_absence_is_zero():
