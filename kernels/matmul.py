@@ -1036,9 +1036,10 @@ def _f32_panel_product(x, w, out, b, then, scratch):       # matmul_into for flo
     panels (jit.bf16_panel_wide) on float32 weights, packed per call since decode, training and the tied
     head read the rows. Products straight into out (RESIDUAL: into scratch, then added), finished on the
     same thread. On an Emerald Rapids (2 zmm FMAs a cycle), GPT-2's prefill products on both cores, calls
-    alternating in one process (best / median of 21 GFLOP/s): at 128 inputs 247-265 / 231-248 against
-    OpenBLAS's 210-237 / 197-217; at 512 inputs 267-290 / 245-259 against 246-268 / 215-251. At 2048
-    inputs no faster (271-298 against 242-304; b4 pp512 0.81-0.83x in the model): there OpenBLAS runs.
+    alternating in one process (best / median of 21 GFLOP/s, before the hints): at 128 inputs 243-265 /
+    225-248 against OpenBLAS's 210-237 / 197-217; at 512 inputs 267-290 / 245-259 against 246-268 /
+    215-251. At 2048 inputs no faster (271-298 against 242-304 best of 9; b4 pp512 0.81-0.83x in the
+    model; blocks of inputs with the band's panels packed once, no better): there OpenBLAS runs.
     In the model, alternating in one process (medians of 21 and 9): pp128 1.15x, pp512 1.04x, hints of
     the next panel included (without them 1.07x and 0.97x in the same run)."""
     N, K = x.shape
@@ -1129,4 +1130,3 @@ def linear_backward(dout, x, weight_t, bias):              # [..., out], [..., i
 def lm_head_backward(dout, x, weight):                     # [..., V], [..., C], [V, C] -> dx [..., C], dweight [V, C]
     d2, x2 = dout.reshape(-1, dout.shape[-1]), x.reshape(-1, x.shape[-1])
     return gemm(d2, weight).reshape(x.shape), gemm(d2.T, x2)
-
