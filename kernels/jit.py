@@ -668,8 +668,31 @@ def _bf16_panel(inputs):
 bf16_panel, bf16_panel4, bf16_panel1 = _bf16_panel(PANEL_INPUTS), _bf16_panel(4), _bf16_panel(1)
 
 
+def _spread_hints(context, builder, typ, value, K):         # -> hint(k): one line of `value` (a 1-D C array) into L2 every 2**s k's
+    """The lines of a 1-D array (any dtype, maybe empty) spread evenly over a kernel's K steps: a hint at
+    each k that is a multiple of 2**s (2**s <= K / lines, never more than one a k; past K the rest go
+    unhinted), for the next panel's weights streaming in from memory while this one is read."""
+    a = context.make_array(typ)(context, builder, value)
+    const = lambda v: ir.Constant(K.type, v)
+    zero = const(0)
+    lines = builder.udiv(builder.add(builder.mul(cgutils.unpack_tuple(builder, a.shape)[0], a.itemsize), const(63)), const(64))
+    every = builder.udiv(K, builder.select(builder.icmp_signed(">", lines, zero), lines, const(1)))
+    every = builder.select(builder.icmp_signed(">", every, zero), every, const(1))
+    ctlz = builder.call(builder.module.declare_intrinsic("llvm.ctlz", [K.type], ir.FunctionType(K.type, [K.type, ir.IntType(1)])),
+                        [every, ir.Constant(ir.IntType(1), 0)])
+    shift = builder.sub(const(K.type.width - 1), ctlz)     # 2**shift: every's highest bit
+    mask = builder.sub(builder.shl(const(1), shift), const(1))
+    base = builder.bitcast(a.data, ir.IntType(8).as_pointer())
+
+    def hint(k):
+        line = builder.lshr(k, shift)
+        with builder.if_then(builder.and_(builder.icmp_signed("==", builder.and_(k, mask), zero), builder.icmp_signed("<", line, lines))):
+            _hint_l2(builder, builder.gep(base, [builder.mul(line, const(64))]))
+    return hint
+
+
 @intrinsic
-def bf16_panel_wide(typingctx, pa, pb, xa, xb, c):
+def bf16_panel_wide(typingctx, pa, pb, xa, xb, c, ahead):
     """Two panels (pack_panel: uint32 [K, 8] each, rows 16p .. 16p + 31) against two groups of 6 inputs (xa,
     xb: float32 [K, 6], k-major: matmul.bf16_groups_into) -> c float32 [12, 32]: c[i, j] = sum over k of
     input i's value at k (xa's 6, then xb's) * row j's weight at k, in float32, k in order: the same sums as
@@ -679,11 +702,12 @@ def bf16_panel_wide(typingctx, pa, pb, xa, xb, c):
     into its FMAs) against both: 24 FMAs and 24 sums in registers (of AVX-512's 32), 27 vector operations a
     k for 24 FMAs, where bf16_panel's 6 inputs on 16 rows take 15 for 12, at half the width. On an
     Emerald Rapids (2 zmm FMAs a cycle), GPT-2's prefill products at 128 and 512 inputs on both cores (best
-    of 9): 194-258 GFLOP/s, bf16_panel 101-150, OpenBLAS's float32 sgemm 193-286 in the same runs."""
+    of 9): 194-258 GFLOP/s, bf16_panel 101-150, OpenBLAS's float32 sgemm 193-286 in the same runs.
+    ahead: memory to hint into L2 meanwhile (_spread_hints, as f32_panel_wide's); the sums are the same."""
     if not (all(_c_array(a, 2) for a in (pa, pb, xa, xb, c)) and pa.dtype == pb.dtype == types.uint32
-            and xa.dtype == xb.dtype == c.dtype == types.float32):
+            and xa.dtype == xb.dtype == c.dtype == types.float32 and _c_array(ahead, 1)):
         return None
-    sig = types.void(pa, pb, xa, xb, c)
+    sig = types.void(pa, pb, xa, xb, c, ahead)
 
     def codegen(context, builder, signature, args):
         t = signature.args
@@ -696,8 +720,10 @@ def bf16_panel_wide(typingctx, pa, pb, xa, xb, c):
         inputs = 2 * PANEL_INPUTS
         sums = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 16)) for _ in range(2)] for _ in range(inputs)]
         lanes = lambda *r: ir.Constant(_vector(32, len(r)), list(r))
+        hint = _spread_hints(context, builder, t[5], args[5], K)
 
         def step(k, turn):                                 # k's 32 weights against the 12 inputs
+            hint(k)
             at = builder.mul(k, const(8))
             half = lambda p: builder.load(builder.bitcast(builder.gep(p, [at]), i32x8.as_pointer()), align=4)
             u = builder.shuffle_vector(half(pa), half(pb), lanes(*range(16)))   # panel p's rows in lanes 0-7, p + 1's in 8-15
@@ -760,11 +786,11 @@ def f32_panel_wide(typingctx, pw, xa, xb, c, ahead):
     weight at k, float32 FMAs, k in order. bf16_panel_wide without the widening: per k two 64-byte loads are
     the 32 rows' weights, each of the 12 inputs broadcast (folded into its FMAs) against both: 24 FMAs into
     24 sums held in registers, 26 vector operations a k (matmul._f32_panel_product has the figures).
-    ahead (float32, 1-D, may be empty): memory to hint into L2 while the panel is read, its 64-byte lines
-    spread evenly over k (one every 2**s k's, never more than one a k), for the next panel's rows streaming
-    in from memory. The sums are the same either way."""
+    ahead (1-D, may be empty): memory to hint into L2 while the panel is read, its 64-byte lines spread
+    evenly over k (_spread_hints), for the next panel's rows streaming in from memory. The sums are the
+    same either way."""
     if not (all(_c_array(a, 2) for a in (pw, xa, xb, c)) and pw.dtype == xa.dtype == xb.dtype == c.dtype == types.float32
-            and _c_array(ahead, 1) and ahead.dtype == types.float32):
+            and _c_array(ahead, 1)):
         return None
     sig = types.void(pw, xa, xb, c, ahead)
 
@@ -775,24 +801,12 @@ def f32_panel_wide(typingctx, pw, xa, xb, c, ahead):
         zero = ir.Constant(K.type, 0)
         pw, xa, xb, cp = (_row(builder, context, t[a], args[a], zero, ir.FloatType()) for a in range(4))
         const = lambda v: ir.Constant(K.type, v)
-        ah = context.make_array(t[4])(context, builder, args[4])
-        n_ahead = cgutils.unpack_tuple(builder, ah.shape)[0]
-        lines_ahead = builder.udiv(builder.add(n_ahead, const(15)), const(16))
-        every = builder.udiv(K, builder.select(builder.icmp_signed(">", lines_ahead, zero), lines_ahead, const(1)))
-        every = builder.select(builder.icmp_signed(">", every, zero), every, const(1))
-        ctlz = builder.call(builder.module.declare_intrinsic("llvm.ctlz", [K.type], ir.FunctionType(K.type, [K.type, ir.IntType(1)])),
-                            [every, ir.Constant(ir.IntType(1), 0)])
-        shift = builder.sub(const(K.type.width - 1), ctlz)               # every k of 2**shift hints a line (<= K / lines)
-        mask = builder.sub(builder.shl(const(1), shift), const(1))
-        hbase = builder.bitcast(ah.data, ir.IntType(8).as_pointer())
+        hint = _spread_hints(context, builder, t[4], args[4], K)
         inputs = 2 * PANEL_INPUTS
         sums = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 16)) for _ in range(2)] for _ in range(inputs)]
 
         def step(k, turn):                                 # k's 32 weights against the 12 inputs
-            line = builder.lshr(k, shift)
-            go = builder.and_(builder.icmp_signed("==", builder.and_(k, mask), zero), builder.icmp_signed("<", line, lines_ahead))
-            with builder.if_then(go):
-                _hint_l2(builder, builder.gep(hbase, [builder.mul(line, const(64))]))
+            hint(k)
             at = builder.mul(k, const(F32_PANEL))
             wides = [builder.load(builder.bitcast(builder.gep(pw, [builder.add(at, const(16 * h))]), f32.as_pointer()), align=4)
                      for h in range(2)]

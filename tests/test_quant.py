@@ -122,14 +122,16 @@ def test_wide_panel_product_equals_two_panels_against_two_groups_bit_for_bit(K):
     most 200 float32 terms). On a host without AVX-512 LLVM splits its vectors; the sums are the same."""
     from npgpt.kernels import jit
     _, products = _panel_callers()
-    wide_product = numba.njit(lambda pa, pb, xa, xb, c: jit.bf16_panel_wide(pa, pb, xa, xb, c))
+    wide_product = numba.njit(lambda pa, pb, xa, xb, c, ahead: jit.bf16_panel_wide(pa, pb, xa, xb, c, ahead))
     wb = quant.to_bf16(rng.standard_normal((32, K), dtype=np.float32))
     panels = matmul.bf16_panels(wb.bits).panels
     x = rng.standard_normal((12, K), dtype=np.float32)
     xg = np.empty((2, K, 6), np.float32)
     matmul.bf16_groups_into(x, xg, 0, 2)
-    c = np.full((12, 32), np.nan, np.float32)
-    wide_product(panels[0], panels[1], xg[0], xg[1], c)
+    c, hinted = np.full((12, 32), np.nan, np.float32), np.full((12, 32), np.nan, np.float32)
+    wide_product(panels[0], panels[1], xg[0], xg[1], c, np.empty(0, np.uint32))
+    wide_product(panels[0], panels[1], xg[0], xg[1], hinted, panels.ravel())   # hints of every line: the same sums
+    np.testing.assert_array_equal(hinted, c)
     one = np.full((6, 16), np.nan, np.float32)
     for g in range(2):
         for p in range(2):
