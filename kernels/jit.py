@@ -569,6 +569,17 @@ def _transpose8(builder, rows):                            # 8 <8 x i32> rows ->
     return cols
 
 
+def _packing(context, builder, signature, args, count, elem):   # pack_panel / pack_f32_panel's (w, m, panel) -> rows, K, out, const
+    """Pointers to rows m .. m + count - 1 of w (as elem*), w's K, the panel's first row (as i32*), and an
+    integer constant of K's type."""
+    w, m, panel = args
+    t = signature.args
+    rows = [_row(builder, context, t[0], w, builder.add(m, ir.Constant(m.type, r)), elem) for r in range(count)]
+    K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, w).shape)[1]
+    out = _row(builder, context, t[2], panel, ir.Constant(K.type, 0), ir.IntType(32))
+    return rows, K, out, lambda v: ir.Constant(K.type, v)
+
+
 @intrinsic
 def pack_panel(typingctx, w, m, panel):
     """Rows m .. m + 15 of w (bf16 bits, uint16 [M, K]) -> panel (uint32 [K, 8]) over the whole runs of 8
@@ -581,13 +592,8 @@ def pack_panel(typingctx, w, m, panel):
     sig = types.void(w, types.intp, panel)
 
     def codegen(context, builder, signature, args):
-        w, m, panel = args
-        t = signature.args
         i16, i32 = _vector(16, 8), _vector(32, 8)
-        rows = [_row(builder, context, t[0], w, builder.add(m, ir.Constant(m.type, r)), ir.IntType(16)) for r in range(PANEL_ROWS)]
-        K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, w).shape)[1]
-        out = _row(builder, context, t[2], panel, ir.Constant(K.type, 0), ir.IntType(32))
-        const = lambda v: ir.Constant(K.type, v)
+        rows, K, out, const = _packing(context, builder, signature, args, PANEL_ROWS, ir.IntType(16))
         with cgutils.for_range(builder, builder.udiv(K, const(8))) as loop:
             k = builder.mul(loop.index, const(8))
             load = lambda r: builder.zext(builder.load(builder.bitcast(builder.gep(rows[r], [k]), i16.as_pointer()), align=2), i32)
@@ -761,13 +767,8 @@ def pack_f32_panel(typingctx, w, m, panel):
     sig = types.void(w, types.intp, panel)
 
     def codegen(context, builder, signature, args):
-        w, m, panel = args
-        t = signature.args
         i32 = _vector(32, 8)
-        rows = [_row(builder, context, t[0], w, builder.add(m, ir.Constant(m.type, r)), ir.IntType(32)) for r in range(F32_PANEL)]
-        K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, w).shape)[1]
-        out = _row(builder, context, t[2], panel, ir.Constant(K.type, 0), ir.IntType(32))
-        const = lambda v: ir.Constant(K.type, v)
+        rows, K, out, const = _packing(context, builder, signature, args, F32_PANEL, ir.IntType(32))
         with cgutils.for_range(builder, builder.udiv(K, const(8))) as loop:
             k = builder.mul(loop.index, const(8))
             for j0 in range(0, F32_PANEL, 8):
