@@ -45,7 +45,7 @@ def _layer_norm(x, ln, eps, out):                          # [N, C] -> out [N, C
             layer_norm_bands(x, ln["weight"], ln["bias"], eps, out, min(numba.get_num_threads(), N))
 
 
-def _attend(qkv, kv, past, B, T, H, scale, out, queries=None):   # qkv [B*T, 3C] -> out [B*T, C]; keys and values into kv (or None)
+def _attend(qkv, kv, past, T, H, scale, out, queries=None):      # qkv [B*T, 3C] -> out [B*T, C]; keys and values into kv (or None)
     """Head by head (attention.attend_heads: the B*H heads over numba's threads), each as attention's prefill
     does it (query blocks against only the keys they can see), on views of qkv, the cache and out: nothing
     is copied but each head's new keys and values into the cache. queries: only each row's last `queries`
@@ -64,7 +64,7 @@ def _last_positions(x, qkv, a, layer, kv, past, B, T, H, scale, eps):   # the la
     only as keys and values: they go into the cache (and are attended to) as always, but only each row's
     last query attends, and the projection, LayerNorm and MLP run on B rows instead of B*T (at GPT-2's
     shapes 9/12 of the block's products and most of its attention; llama.cpp skips the same MLP rows)."""
-    _attend(qkv, kv, past, B, T, H, scale, a, queries=1)
+    _attend(qkv, kv, past, T, H, scale, a, queries=1)
     ends = np.arange(1, B + 1) * T - 1                     # each row's last position in [B*T]
     x = x[ends]                                            # [B, C], a copy
     layer_tail(x, a[ends], layer, eps, np.empty_like(x))   # as a decode step's
@@ -92,7 +92,7 @@ def forward(params, ids, cfg, cache=None, last=False):    # [T] or [B, T] ids ->
         if last and i == len(params["h"]) - 1:
             x = _last_positions(x, qkv, a, layer, kv, past, B, T, H, scale, cfg.eps)   # [B, C]
             break
-        _attend(qkv, kv, past, B, T, H, scale, a)
+        _attend(qkv, kv, past, T, H, scale, a)
         matmul_into(a, attn["c_proj"]["weight_t"], x, attn["c_proj"]["bias"], RESIDUAL, work)
         _layer_norm(x, layer["ln_2"], cfg.eps, h)
         matmul_into(h, mlp["c_fc"]["weight_t"], g, mlp["c_fc"]["bias"], GELU, work)
