@@ -697,6 +697,26 @@ def _spread_hints(context, builder, typ, value, K):         # -> hint(k): one li
     return hint
 
 
+def _wide_sums(builder):                                   # the wide kernels' 12 x 2 sums of <16 x float>, zeroed
+    return [[cgutils.alloca_once_value(builder, ir.Constant(_vector(0, 16), [0.0] * 16)) for _ in range(2)]
+            for _ in range(2 * PANEL_INPUTS)]
+
+
+def _twelve_against(builder, k, wides, xa, xb, sums):    # sums[i][h] += input i at k (xa's 6, then xb's) * wides[h]
+    """Each of the 12 inputs at k (two groups [K, 6], k-major) broadcast against the two <16 x float> of
+    weights: 24 FMAs (the broadcast folds into each FMA's memory operand)."""
+    f32 = _vector(0, 16)
+    const = lambda v: ir.Constant(k.type, v)
+    for i in range(2 * PANEL_INPUTS):
+        xp = xa if i < PANEL_INPUTS else xb
+        x = builder.load(builder.gep(xp, [builder.add(builder.mul(k, const(PANEL_INPUTS)), const(i % PANEL_INPUTS))]))
+        v = builder.insert_element(ir.Constant(f32, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+        v = builder.shuffle_vector(v, v, ir.Constant(_vector(32, 16), [0] * 16))
+        for h, wv in enumerate(wides):
+            s = sums[i][h]
+            builder.store(builder.fadd(builder.load(s), builder.fmul(wv, v, flags=FMA), flags=FMA), s)
+
+
 @intrinsic
 def bf16_panel_wide(typingctx, pa, pb, xa, xb, c, ahead):
     """Two panels (pack_panel: uint32 [K, 8] each, rows 16p .. 16p + 31) against two groups of 6 inputs (xa,
@@ -724,7 +744,7 @@ def bf16_panel_wide(typingctx, pa, pb, xa, xb, c, ahead):
                               for a in range(5))
         const = lambda v: ir.Constant(K.type, v)
         inputs = 2 * PANEL_INPUTS
-        sums = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 16)) for _ in range(2)] for _ in range(inputs)]
+        sums = _wide_sums(builder)
         lanes = lambda *r: ir.Constant(_vector(32, len(r)), list(r))
         hint = _spread_hints(context, builder, t[5], args[5], K)
 
@@ -735,14 +755,7 @@ def bf16_panel_wide(typingctx, pa, pb, xa, xb, c, ahead):
             u = builder.shuffle_vector(half(pa), half(pb), lanes(*range(16)))   # panel p's rows in lanes 0-7, p + 1's in 8-15
             wides = (builder.bitcast(builder.shl(u, ir.Constant(i32, [16] * 16)), f32),           # rows 0-7 of each panel
                      builder.bitcast(builder.and_(u, ir.Constant(i32, [-(1 << 16)] * 16)), f32))   # rows 8-15
-            for i in range(inputs):
-                xp = xa if i < PANEL_INPUTS else xb
-                x = builder.load(builder.gep(xp, [builder.add(builder.mul(k, const(PANEL_INPUTS)), const(i % PANEL_INPUTS))]))
-                v = builder.insert_element(ir.Constant(f32, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
-                v = builder.shuffle_vector(v, v, ir.Constant(i32, [0] * 16))
-                for h, wv in enumerate(wides):
-                    s = sums[i][h]
-                    builder.store(builder.fadd(builder.load(s), builder.fmul(wv, v, flags=FMA), flags=FMA), s)
+            _twelve_against(builder, k, wides, xa, xb, sums)
 
         _runs_in_turn(builder, K, 2, step)
         for i in range(inputs):
@@ -804,21 +817,14 @@ def f32_panel_wide(typingctx, pw, xa, xb, c, ahead):
         const = lambda v: ir.Constant(K.type, v)
         hint = _spread_hints(context, builder, t[4], args[4], K)
         inputs = 2 * PANEL_INPUTS
-        sums = [[cgutils.alloca_once_value(builder, ir.Constant(f32, [0.0] * 16)) for _ in range(2)] for _ in range(inputs)]
+        sums = _wide_sums(builder)
 
         def step(k, turn):                                 # k's 32 weights against the 12 inputs
             hint(k)
             at = builder.mul(k, const(F32_PANEL))
             wides = [builder.load(builder.bitcast(builder.gep(pw, [builder.add(at, const(16 * h))]), f32.as_pointer()), align=4)
                      for h in range(2)]
-            for i in range(inputs):
-                xp = xa if i < PANEL_INPUTS else xb
-                x = builder.load(builder.gep(xp, [builder.add(builder.mul(k, const(PANEL_INPUTS)), const(i % PANEL_INPUTS))]))
-                v = builder.insert_element(ir.Constant(f32, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
-                v = builder.shuffle_vector(v, v, ir.Constant(_vector(32, 16), [0] * 16))
-                for h, wv in enumerate(wides):
-                    s = sums[i][h]
-                    builder.store(builder.fadd(builder.load(s), builder.fmul(wv, v, flags=FMA), flags=FMA), s)
+            _twelve_against(builder, k, wides, xa, xb, sums)
 
         _runs_in_turn(builder, K, 2, step)
         for i in range(inputs):

@@ -572,6 +572,13 @@ def panel_rows(xq, panels, out, m0, m1, ahead=0):          # out[:, m0:m1] = x .
 
 
 @inline
+def _share(region, j, parts):                              # part j of `parts` near-equal consecutive parts of a 1-D region (the last ones may be short or empty)
+    each = -(-region.shape[0] // max(1, parts))
+    h0 = min(region.shape[0], j * each)
+    return region[h0 : min(region.shape[0], h0 + each)]
+
+
+@inline
 def wide_panel_rows(xq, panels, out, m0, m1):              # panel_rows for groups of 6, two panels against two groups at a time
     """As panel_rows (m0 a multiple of 16, only rows below m1 and inputs below out's N written), on AVX-512:
     jit.bf16_panel_wide on panels p, p + 1 and groups g, g + 1; an odd last group, or panel, one at a time.
@@ -587,11 +594,9 @@ def wide_panel_rows(xq, panels, out, m0, m1):              # panel_rows for grou
         base = PANEL_ROWS * p
         top = min(m1, base + 2 * PANEL_ROWS)
         after = panels[min(end, p + 2) : min(end, p + 4)].reshape(-1)   # the next two panels, hinted as the groups pass
-        each = -(-after.shape[0] // max(1, G // 2))
         g = 0
         while g + 2 <= G:
-            h0 = min(after.shape[0], g // 2 * each)
-            bf16_panel_wide(panels[p], panels[p + 1], xq[g], xq[g + 1], c, after[h0 : min(after.shape[0], h0 + each)])
+            bf16_panel_wide(panels[p], panels[p + 1], xq[g], xq[g + 1], c, _share(after, g // 2, G // 2))
             for i in range(min(2 * W, N - g * W)):
                 for m in range(base, top):
                     out[g * W + i, m] = c[i, m - base]
@@ -1018,10 +1023,8 @@ def f32_panel_band(xg, w, out, m0, m1):                    # out[:, m0:m1] = x .
         _pack_f32(w, m, panel)
         top = min(m1, m + F32_PANEL)
         a0, a1 = top * K, min(m1, top + F32_PANEL) * K     # the next panel's weights in flat
-        each = -(-(a1 - a0) // (G // 2))
         for g in range(0, G, 2):
-            h0 = min(a1, a0 + g // 2 * each)
-            f32_panel_wide(panel, xg[g], xg[g + 1], c, flat[h0 : min(a1, h0 + each)])
+            f32_panel_wide(panel, xg[g], xg[g + 1], c, _share(flat[a0:a1], g // 2, G // 2))
             for i in range(min(2 * W, N - g * W)):
                 dst, src = out[g * W + i, m:top], c[i]
                 for j in range(top - m):
