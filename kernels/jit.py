@@ -697,7 +697,7 @@ def _spread_hints(context, builder, typ, value, K):         # -> hint(k): one li
     return hint
 
 
-def _wide_sums(builder):                                   # the wide kernels' 12 x 2 sums of <16 x float>, zeroed
+def _wide_sums(builder):                                   # f32_panel_wide's 12 x 2 sums of <16 x float>, zeroed
     return [[cgutils.alloca_once_value(builder, ir.Constant(_vector(0, 16), [0.0] * 16)) for _ in range(2)]
             for _ in range(2 * PANEL_INPUTS)]
 
@@ -715,56 +715,6 @@ def _twelve_against(builder, k, wides, xa, xb, sums):    # sums[i][h] += input i
         for h, wv in enumerate(wides):
             s = sums[i][h]
             builder.store(builder.fadd(builder.load(s), builder.fmul(wv, v, flags=FMA), flags=FMA), s)
-
-
-@intrinsic
-def bf16_panel_wide(typingctx, pa, pb, xa, xb, c, ahead):
-    """Two panels (pack_panel: uint32 [K, 8] each, rows 16p .. 16p + 31) against two groups of 6 inputs (xa,
-    xb: float32 [K, 6], k-major: matmul.bf16_groups_into) -> c float32 [12, 32]: c[i, j] = sum over k of
-    input i's value at k (xa's 6, then xb's) * row j's weight at k, in float32, k in order: the same sums as
-    bf16_panel on each panel and group, bit for bit. bf16_panel's outer product on 512-bit vectors (AVX-512;
-    elsewhere LLVM splits them): per k, panel p's 32 bytes and panel p + 1's are one <16 x i32>, `u << 16`
-    and `u & 0xFFFF0000` the 32 rows' weights as two <16 x float>, each of the 12 inputs broadcast (folded
-    into its FMAs) against both: 24 FMAs and 24 sums in registers (of AVX-512's 32), 27 vector operations a
-    k for 24 FMAs, where bf16_panel's 6 inputs on 16 rows take 15 for 12, at half the width. On an
-    Emerald Rapids (2 zmm FMAs a cycle), GPT-2's prefill products at 128 and 512 inputs on both cores (best
-    of 9): 194-258 GFLOP/s, bf16_panel 101-150, OpenBLAS's float32 sgemm 193-286 in the same runs.
-    ahead: memory to hint into L2 meanwhile (_spread_hints, as f32_panel_wide's); the sums are the same."""
-    if not (all(_c_array(a, 2) for a in (pa, pb, xa, xb, c)) and pa.dtype == pb.dtype == types.uint32
-            and xa.dtype == xb.dtype == c.dtype == types.float32 and _c_array(ahead, 1)):
-        return None
-    sig = types.void(pa, pb, xa, xb, c, ahead)
-
-    def codegen(context, builder, signature, args):
-        t = signature.args
-        i32x8, i32, f32 = _vector(32, 8), _vector(32, 16), _vector(0, 16)
-        K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, args[0]).shape)[0]
-        zero = ir.Constant(K.type, 0)
-        pa, pb, xa, xb, cp = (_row(builder, context, t[a], args[a], zero, ir.IntType(32) if a < 2 else ir.FloatType())
-                              for a in range(5))
-        const = lambda v: ir.Constant(K.type, v)
-        inputs = 2 * PANEL_INPUTS
-        sums = _wide_sums(builder)
-        lanes = lambda *r: ir.Constant(_vector(32, len(r)), list(r))
-        hint = _spread_hints(context, builder, t[5], args[5], K)
-
-        def step(k, turn):                                 # k's 32 weights against the 12 inputs
-            hint(k)
-            at = builder.mul(k, const(8))
-            half = lambda p: builder.load(builder.bitcast(builder.gep(p, [at]), i32x8.as_pointer()), align=4)
-            u = builder.shuffle_vector(half(pa), half(pb), lanes(*range(16)))   # panel p's rows in lanes 0-7, p + 1's in 8-15
-            wides = (builder.bitcast(builder.shl(u, ir.Constant(i32, [16] * 16)), f32),           # rows 0-7 of each panel
-                     builder.bitcast(builder.and_(u, ir.Constant(i32, [-(1 << 16)] * 16)), f32))   # rows 8-15
-            _twelve_against(builder, k, wides, xa, xb, sums)
-
-        _runs_in_turn(builder, K, 2, step)
-        for i in range(inputs):
-            lo, hi = builder.load(sums[i][0]), builder.load(sums[i][1])
-            for p, order in enumerate((list(range(8)) + list(range(16, 24)), list(range(8, 16)) + list(range(24, 32)))):
-                row = builder.shuffle_vector(lo, hi, lanes(*order))   # panel p's rows 0-7, then its rows 8-15
-                builder.store(row, builder.bitcast(builder.gep(cp, [const(32 * i + 16 * p)]), f32.as_pointer()), align=4)
-        return context.get_dummy_value()
-    return sig, codegen
 
 
 F32_PANEL = 32                                             # f32_panel_wide: 32 float32 weight rows a panel
@@ -794,11 +744,39 @@ def pack_f32_panel(typingctx, w, m, panel):
 
 
 @intrinsic
+def widen_panels(typingctx, pa, pb, panel):
+    """Two bf16 panels (pack_panel: uint32 [K, 8] each, rows 16p .. 16p + 31) -> panel (float32 [K, 32], as
+    pack_f32_panel lays rows out): panel[k, j] = row j's weight at k, widened as bf16_panel widens them
+    (`u << 16`, `u & 0xFFFF0000`). Per k two 32-byte loads, 4 integer operations, 4 stores. Prefill's bf16
+    products on AVX-512 (matmul.wide_panel_rows) widen each two panels once and run f32_panel_wide on them."""
+    if not (_c_array(pa, 2) and _c_array(pb, 2) and _c_array(panel, 2) and pa.dtype == pb.dtype == types.uint32
+            and panel.dtype == types.float32):
+        return None
+    sig = types.void(pa, pb, panel)
+
+    def codegen(context, builder, signature, args):
+        t = signature.args
+        i32 = _vector(32, 8)
+        K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, args[0]).shape)[0]
+        zero = ir.Constant(K.type, 0)
+        pa, pb, out = (_row(builder, context, t[a], args[a], zero, ir.IntType(32)) for a in range(3))
+        const = lambda v: ir.Constant(K.type, v)
+        with cgutils.for_range(builder, K) as loop:
+            k = loop.index
+            for h, src in enumerate((pa, pb)):
+                u = builder.load(builder.bitcast(builder.gep(src, [builder.mul(k, const(8))]), i32.as_pointer()), align=4)
+                for half, v in enumerate((builder.shl(u, ir.Constant(i32, [16] * 8)), builder.and_(u, ir.Constant(i32, [-(1 << 16)] * 8)))):
+                    at = builder.gep(out, [builder.add(builder.mul(k, const(F32_PANEL)), const(16 * h + 8 * half))])
+                    builder.store(v, builder.bitcast(at, i32.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
 def f32_panel_wide(typingctx, pw, xa, xb, c, ahead):
     """A float32 panel (pack_f32_panel: [K, 32], 32 rows k-major) against two groups of 6 inputs (xa, xb:
     float32 [K, 6], k-major) -> c float32 [12, 32]: c[i, j] = sum over k of input i's value at k * row j's
-    weight at k, float32 FMAs, k in order. bf16_panel_wide without the widening: per k two 64-byte loads are
-    the 32 rows' weights, each of the 12 inputs broadcast (folded into its FMAs) against both: 24 FMAs into
+    weight at k, float32 FMAs, k in order: per k two 64-byte loads are the 32 rows' weights, each of the 12 inputs broadcast (folded into its FMAs) against both: 24 FMAs into
     24 sums held in registers, 26 vector operations a k (matmul._f32_panel_product has the figures).
     ahead (1-D, may be empty): memory to hint into L2 while the panel is read, its 64-byte lines spread
     evenly over k (_spread_hints), for the next panel's rows streaming in from memory. The sums are the
@@ -961,7 +939,7 @@ def pairs_pay(features, cpu):                              # do bf16 rows of pai
 # and quant.BF16 rows given directly run them on any host).
 BF16_PAIRS = pairs_pay(_host_features(), _host_cpu())
 
-# Prefill's bf16 panels two at a time against two groups (bf16_panel_wide) where the CPU has AVX-512: decided
+# Prefill's bf16 panels two at a time, widened, against two groups (f32_panel_wide) where the CPU has AVX-512: decided
 # here for the Python side (matmul._panel_product passes it down, so tests can run either way on any host).
 PANEL_WIDE = "+avx512f" in _host_features()
 

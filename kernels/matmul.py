@@ -16,8 +16,8 @@ from .. import quant
 
 from . import jit
 from .activation import _gelu
-from .jit import (DECODE_ROWS, GROUP, PANEL_INPUTS, PANEL_ROWS, bands, bf16_group8, f32_group8, bf16_panel, bf16_panel1, bf16_panel4, bf16_panel_wide, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4,
-                  dot_q4, dot_q4x4, dot_q8, dot_q8x4, F32_PANEL, f32_from_bits, f32_panel_wide, inline, pack_f32_panel,
+from .jit import (DECODE_ROWS, GROUP, PANEL_INPUTS, PANEL_ROWS, bands, bf16_group8, f32_group8, bf16_panel, bf16_panel1, bf16_panel4, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4,
+                  dot_q4, dot_q4x4, dot_q8, dot_q8x4, F32_PANEL, f32_from_bits, f32_panel_wide, inline, widen_panels, pack_f32_panel,
                   block_peak, pack_panel, parallel, rint, round_block, serial, serialized, sgemm_nt)
 
 
@@ -579,24 +579,31 @@ def _share(region, j, parts):                              # part j of `parts` n
 
 
 @inline
-def wide_panel_rows(xq, panels, out, m0, m1):              # panel_rows for groups of 6, two panels against two groups at a time
-    """As panel_rows (m0 a multiple of 16, only rows below m1 and inputs below out's N written), on AVX-512:
-    jit.bf16_panel_wide on panels p, p + 1 and groups g, g + 1; an odd last group, or panel, one at a time.
-    While two panels meet the groups, each pair's call hints its share of the next two into L2 (as the float32
-    panels do, f32_panel_band). The model's bf16 prompts on an Emerald Rapids, alternating in one process
-    (medians of 15-21 and 9-11): pp128 1.04-1.12x, pp512 0.95-1.10x against none; hints in an input block's
-    first pass only (the panels come from memory once): pp128 1.01x, pp512 0.96x."""
+def wide_panel_rows(xq, panels, out, m0, m1):              # panel_rows for groups of 6 on AVX-512: two panels at a time widened once, then against two groups at a time
+    """As panel_rows (m0 a multiple of 16, only rows below m1 and inputs below out's N written): panels p and
+    p + 1 widened into one float32 panel of 32 rows (jit.widen_panels), then every pair of groups against it
+    (jit.f32_panel_wide: the float32 prompts' kernel, 24 FMAs a k); an odd last group, or panel, one at a
+    time (panel_rows). The same float32 FMAs, k in order, as bf16_panel on each panel and group: the sums
+    are bit for bit those of the narrow path. While two panels meet the groups, each pair's call hints its
+    share of the next two into L2 (the weights come from memory: a prompt reads each once).
+    Widening each two panels once, not per k in every pair's call (jit.bf16_panel_wide before, which spent
+    3 of its 27 vector operations a k on the two widening ops and a shuffle, on the FMAs' ports): GPT-2's
+    bf16 prompts on an Emerald Rapids, alternating in one process (medians of 21 and 9): pp128 1.07x,
+    pp512 1.03x; against fp32 in the same runs, pp128 1.09x (1.02x before), pp512 1.00x (0.97x before)."""
     N, W, G = out.shape[0], xq.shape[2], xq.shape[0]
+    K = panels.shape[1]
     c = np.empty((2 * W, 2 * PANEL_ROWS), np.float32)
+    panel = np.empty((K, 2 * PANEL_ROWS), np.float32)
     end = -(-m1 // PANEL_ROWS)
     p = m0 // PANEL_ROWS
     while p + 2 <= end:
         base = PANEL_ROWS * p
         top = min(m1, base + 2 * PANEL_ROWS)
+        widen_panels(panels[p], panels[p + 1], panel)
         after = panels[min(end, p + 2) : min(end, p + 4)].reshape(-1)   # the next two panels, hinted as the groups pass
         g = 0
         while g + 2 <= G:
-            bf16_panel_wide(panels[p], panels[p + 1], xq[g], xq[g + 1], c, _share(after, g // 2, G // 2))
+            f32_panel_wide(panel, xq[g], xq[g + 1], c, _share(after, g // 2, G // 2))
             for i in range(min(2 * W, N - g * W)):
                 for m in range(base, top):
                     out[g * W + i, m] = c[i, m - base]
@@ -1042,9 +1049,8 @@ def _f32_panel_bands(xg, w, y, b, then, out, P):          # _f32_panel_product's
 
 def _f32_panel_product(x, w, out, b, then, scratch):       # matmul_into for float32 rows (C-contiguous x and w) on AVX-512
     """The inputs in groups of 6, k-major (groups_into, an even count), then each core a band of w's rows,
-    32 at a time packed k-major into an L2-sized panel and met by every pair of groups: bf16's wide
-    panels (jit.bf16_panel_wide) on float32 weights, packed per call since decode, training and the tied
-    head read the rows. Products straight into out (RESIDUAL: into scratch, then added), finished on the
+    32 at a time packed k-major into an L2-sized panel and met by every pair of groups (jit.f32_panel_wide,
+    as bf16's widened panels are), packed per call since decode, training and the tied head read the rows. Products straight into out (RESIDUAL: into scratch, then added), finished on the
     same thread. On an Emerald Rapids (2 zmm FMAs a cycle), GPT-2's prefill products on both cores, calls
     alternating in one process (best / median of 21 GFLOP/s, before the hints): at 128 inputs 243-265 /
     225-248 against OpenBLAS's 210-237 / 197-217; at 512 inputs 267-290 / 245-259 against 246-268 /

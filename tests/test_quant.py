@@ -115,23 +115,31 @@ def test_bf16_panels_hold_16_rows_and_multiply_6_4_or_1_inputs_as_float64_sums(K
 
 
 @pytest.mark.parametrize("K", [1, 7, 45, 200])
-def test_wide_panel_product_equals_two_panels_against_two_groups_bit_for_bit(K):
-    """jit.bf16_panel_wide (AVX-512's form of prefill's panel product): panels p and p + 1 against groups g
-    and g + 1 (12 inputs, 32 rows) equal jit.bf16_panel on each panel and group bit for bit (the same
-    float32 FMAs, k in order, per lane), and the float64 sums within 1e-6 of the sum of |products| (at
-    most 200 float32 terms). On a host without AVX-512 LLVM splits its vectors; the sums are the same."""
+def test_widened_panels_against_two_groups_equal_each_panel_and_group_bit_for_bit(K):
+    """AVX-512's form of prefill's bf16 panel product (matmul.wide_panel_rows): jit.widen_panels turns panels
+    p and p + 1 into one float32 panel of their 32 rows, exactly the weights' float32 values (quant.dequantize,
+    bit for bit, also past a NaN's or an infinity's bits); jit.f32_panel_wide on it against groups g and g + 1
+    (12 inputs) equals jit.bf16_panel on each panel and group bit for bit (the same float32 FMAs, k in order,
+    per lane), and the float64 sums within 1e-6 of the sum of |products| (at most 200 float32 terms). On a
+    host without AVX-512 LLVM splits its vectors; the values are the same."""
     from npgpt.kernels import jit
     _, products = _panel_callers()
-    wide_product = numba.njit(lambda pa, pb, xa, xb, c, ahead: jit.bf16_panel_wide(pa, pb, xa, xb, c, ahead))
+    widen = numba.njit(lambda pa, pb, panel: jit.widen_panels(pa, pb, panel))
+    wide_product = numba.njit(lambda pw, xa, xb, c, ahead: jit.f32_panel_wide(pw, xa, xb, c, ahead))
     wb = quant.to_bf16(rng.standard_normal((32, K), dtype=np.float32))
+    wb.bits[3, 0], wb.bits[30, K - 1] = 0x7FC1, 0xFF80    # a NaN and -inf among the weights (widened as bits)
     panels = matmul.bf16_panels(wb.bits).panels
+    widened = np.full((K, 32), np.nan, np.float32)
+    widen(panels[0], panels[1], widened)
+    np.testing.assert_array_equal(widened.view(np.uint32), quant.dequantize(wb).T.view(np.uint32))
+    wb = quant.to_bf16(rng.standard_normal((32, K), dtype=np.float32))   # finite weights for the sums
+    panels = matmul.bf16_panels(wb.bits).panels
+    widen(panels[0], panels[1], widened)
     x = rng.standard_normal((12, K), dtype=np.float32)
     xg = np.empty((2, K, 6), np.float32)
     matmul.bf16_groups_into(x, xg, 0, 2)
-    c, hinted = np.full((12, 32), np.nan, np.float32), np.full((12, 32), np.nan, np.float32)
-    wide_product(panels[0], panels[1], xg[0], xg[1], c, np.empty(0, np.uint32))
-    wide_product(panels[0], panels[1], xg[0], xg[1], hinted, panels.ravel())   # hints of every line: the same sums
-    np.testing.assert_array_equal(hinted, c)
+    c = np.full((12, 32), np.nan, np.float32)
+    wide_product(widened, xg[0], xg[1], c, np.empty(0, np.float32))
     one = np.full((6, 16), np.nan, np.float32)
     for g in range(2):
         for p in range(2):
@@ -139,6 +147,27 @@ def test_wide_panel_product_equals_two_panels_against_two_groups_bit_for_bit(K):
             np.testing.assert_array_equal(c[6 * g : 6 * g + 6, 16 * p : 16 * p + 16], one, err_msg=f"g={g} p={p}")
     terms = quant.round_to_bf16(x).astype(np.float64)[:, None, :] * quant.dequantize(wb).astype(np.float64)[None]
     assert np.all(np.abs(c - terms.sum(-1)) <= 1e-6 * np.abs(terms).sum(-1))
+
+
+@pytest.mark.parametrize("N, K, M", [(7, 33, 10), (13, 48, 40), (37, 100, 29), (130, 256, 64), (25, 40, 70)])
+def test_bf16_prompts_on_wide_panels_equal_the_narrow_ones_bit_for_bit(N, K, M, monkeypatch):
+    """The bf16 panel product (matmul_into on quant.BF16Panels) wide (jit.PANEL_WIDE: two panels widened once,
+    against two groups at a time; odd last groups and panels one at a time) and narrow (each panel against
+    each group, jit.bf16_panel): the same outputs bit for bit, in blocks of inputs or not."""
+    from npgpt.kernels import jit
+    x = rng.standard_normal((N, K), dtype=np.float32)
+    rows = matmul.bf16_panels(quant.to_bf16(rng.standard_normal((M, K), dtype=np.float32)).bits)
+    b = rng.standard_normal(M, dtype=np.float32)
+    outs = []
+    for wide, block_bytes in ((False, 1 << 20), (True, 1 << 20), (True, 6000)):
+        monkeypatch.setattr(jit, "PANEL_WIDE", wide)
+        monkeypatch.setattr(matmul, "PANEL_INPUT_BYTES", block_bytes)
+        out = np.full((N, M), np.nan, np.float32)
+        matmul.matmul_into(x, rows, out, b, matmul.GELU, np.empty(matmul.scratch_size(N, M), np.float32))
+        outs.append(out)
+    assert np.isfinite(outs[0]).all()
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
 
 
 @pytest.mark.parametrize("features, cpu, pairs", [
