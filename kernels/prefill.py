@@ -23,6 +23,7 @@ import numpy as np
 
 from ..inputs import check_ids
 
+from . import jit
 from .attention import attend_heads
 from .decode import layer_tail
 from .jit import DECODE_ROWS, serialized
@@ -54,9 +55,9 @@ def _attend(qkv, kv, past, T, H, scale, out, queries=None):      # qkv [B*T, 3C]
     with serialized():
         if kv is None:
             none = np.empty((0, 0, 0, 0), np.float32)
-            attend_heads(qkv, none, none, False, past, T, H, scale, out, first)
+            attend_heads(qkv, none, none, False, past, T, H, scale, out, first, jit.PANEL_WIDE)
         else:
-            attend_heads(qkv, kv.k, kv.v, True, past, T, H, scale, out, first)
+            attend_heads(qkv, kv.k, kv.v, True, past, T, H, scale, out, first, jit.PANEL_WIDE)
 
 
 def _last_positions(x, qkv, a, layer, kv, past, B, T, H, scale, eps):   # the last block for each row's last position -> [B, C]

@@ -163,16 +163,22 @@ def test_f32_tile_multiplies_6_rows_by_16_columns_of_strided_arrays(n):
 @pytest.mark.parametrize("T, S, D", [(1, 1, 64), (5, 5, 16), (6, 6, 64), (7, 19, 64), (97, 97, 10), (50, 83, 70),
                                      (300, 300, 64), (13, 40, 33)])
 def test_causal_head_equals_the_spec_on_strided_views(T, S, D):
-    """attention.causal_head (prefill: blocks of 6 queries, 16 keys or dims a tile) against the spec's
-    attention, on q, k, v and out as prefill hands them over: column slices of wider rows. T not a multiple
-    of 6, S past T (a cached prefix), head dims below 16, 16, 64 and with a tail (70, 33) of dims done one
-    at a time."""
-    qkv, out = randn(S, 3 * D + 11), np.full((T, D + 4), 9.0, np.float32)
+    """attention.causal_head (prefill: blocks of 6 queries, 16 keys or dims a tile) and causal_head_wide
+    (AVX-512's: blocks of 12 queries, 32 keys or dims a product) against the spec's attention, on q, k, v
+    and out as prefill hands them over: column slices of wider rows. T not a multiple of 6 or 12, S past T
+    (a cached prefix), head dims below 16, 16, 64 and with a tail (70, 33) of dims. The two run the same
+    FMAs in the same order: equal bit for bit (on a host without AVX-512 LLVM splits the wide vectors)."""
+    qkv = randn(S, 3 * D + 11)
     q, k, v = qkv[S - T :, 1 : D + 1], qkv[:, D + 1 : 2 * D + 1], qkv[:, 2 * D + 1 : 3 * D + 1]
-    attention.causal_head(q, k, v, np.float32(1 / np.sqrt(D)), out[:, 2 : D + 2])
     want = spec.attention(q[None, None], k[None, None], v[None, None])[0, 0]
-    assert max_rel_err(out[:, 2 : D + 2], want) < TOL
-    assert (out[:, :2] == 9.0).all() and (out[:, D + 2 :] == 9.0).all()
+    outs = []
+    for head in (attention.causal_head, attention.causal_head_wide):
+        out = np.full((T, D + 4), 9.0, np.float32)
+        head(q, k, v, np.float32(1 / np.sqrt(D)), out[:, 2 : D + 2])
+        assert max_rel_err(out[:, 2 : D + 2], want) < TOL, head
+        assert (out[:, :2] == 9.0).all() and (out[:, D + 2 :] == 9.0).all()
+        outs.append(out)
+    np.testing.assert_array_equal(outs[1], outs[0])
 
 
 def test_decode_attention_reads_the_kv_cache_in_place():
@@ -599,9 +605,10 @@ def _sgemm_nt_into(a, b, c, fn):
     jit.sgemm_nt(fn, a, b, c)
 
 
+@pytest.mark.parametrize("wide", [False, True])         # causal_head_wide (AVX-512's) or causal_head
 @pytest.mark.parametrize("cached", [False, True])
 @pytest.mark.parametrize("B, T, past, first", [(1, 1, 0, 0), (2, 7, 0, 0), (3, 5, 4, 0), (2, 9, 3, 8), (1, 140, 0, 0)])
-def test_prefill_attention_over_numba_threads_equals_the_spec(cached, B, T, past, first):
+def test_prefill_attention_over_numba_threads_equals_the_spec(cached, B, T, past, first, wide):
     """attention.attend_heads on prefill's qkv [B*T, 3C]: with a cache, the new keys and values land at
     positions past .. past + T of each row (the rows' earlier positions are read from there); queries from
     position `first` on attend, and only their rows of out are written. Tolerance as the module's."""
@@ -612,10 +619,10 @@ def test_prefill_attention_over_numba_threads_equals_the_spec(cached, B, T, past
     before = (k_cache.copy(), v_cache.copy())
     out = np.full((B * T, C), 7.0, np.float32)
     if cached:
-        attention.attend_heads(qkv, k_cache, v_cache, True, past, T, H, np.float32(D ** -0.5), out, first)
+        attention.attend_heads(qkv, k_cache, v_cache, True, past, T, H, np.float32(D ** -0.5), out, first, wide)
     else:
         none = np.empty((0, 0, 0, 0), np.float32)
-        attention.attend_heads(qkv, none, none, False, 0, T, H, np.float32(D ** -0.5), out, first)
+        attention.attend_heads(qkv, none, none, False, 0, T, H, np.float32(D ** -0.5), out, first, wide)
         past = 0
     q, k, v = spec.split_heads(qkv.reshape(B, T, 3 * C), H)    # [B, H, T, D]
     if cached:
