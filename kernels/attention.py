@@ -164,7 +164,7 @@ def causal_head_wide(q, k, v, scale, out):                 # causal_head on AVX-
             probs[:, p * W : p * W + W] = c
         for i in range(rows):
             softmax_row(probs[i, :seen], S - T + t0 + i + 1, scale)   # query t0 + i sees keys 0 .. S-T+t0+i; 0 past them
-        for k0 in range(0, seen, 8):                       # (probs' columns up to a whole 8 past seen: zeros)
+        for k0 in range(0, seen, 8):                       # (columns past seen, to a whole 8, go along unread: K = seen below)
             group8(probs, 0, k0, weights[0], False)
             group8(probs, PANEL_INPUTS, k0, weights[1], False)
         for h in range(Q):
@@ -185,9 +185,10 @@ def _causal(q, k, v, scale, out, wide):                    # causal_head_wide if
 @parallel
 def attend_heads(qkv, k_cache, v_cache, cached, past, T, H, scale, out, first, wide):   # prefill's attention over numba's threads
     """Every (row, head) of qkv [B*T, 3C] (rows of T positions: queries, keys, values side by side), a
-    causal_head each (wide: causal_head_wide), straight from views of qkv: with `cached`, each head's keys and values go into the
-    cache [B, H, n_ctx, D] at positions past .. past + T first and attention reads them from there. Only each
-    row's positions from `first` on attend (their rows of out [B*T, C] are written)."""
+    causal_head each (wide: causal_head_wide), straight from views of qkv: with `cached`, each head's keys
+    and values go into the cache [B, H, n_ctx, D] at positions past .. past + T first and attention reads
+    them from there. Only each row's positions from `first` on attend (their rows of out [B*T, C] are
+    written)."""
     C = out.shape[1]
     D = C // H
     B = qkv.shape[0] // T
@@ -205,8 +206,9 @@ def attend_heads(qkv, k_cache, v_cache, cached, past, T, H, scale, out, first, w
 
 
 def prefill_heads(q, k, v, scale, out, mask=None):         # [n, T, D], [n, S, D] x2 -> out [n, T, D]
-    """Per head: causal_head (causal_head_wide on AVX-512); with a dropout mask, per block of 128 queries as sgemm against only the keys
-    the block can see (T=512: 62% of the masked upper triangle of q.k^T never computed)."""
+    """Per head: causal_head (causal_head_wide on AVX-512); with a dropout mask, per block of 128 queries
+    as sgemm against only the keys the block can see (T=512: 62% of the masked upper triangle of q.k^T never
+    computed)."""
     T, S = q.shape[1], k.shape[1]
     for h in range(q.shape[0]):
         if mask is None and q.strides[2] == k.strides[2] == v.strides[2] == out.strides[2] == 4:

@@ -776,8 +776,9 @@ def widen_panels(typingctx, pa, pb, panel):
 def f32_panel_wide(typingctx, pw, xa, xb, c, ahead):
     """A float32 panel (pack_f32_panel: [K, 32], 32 rows k-major) against two groups of 6 inputs (xa, xb:
     float32 [K, 6], k-major) -> c float32 [12, 32]: c[i, j] = sum over k of input i's value at k * row j's
-    weight at k, float32 FMAs, k in order: per k two 64-byte loads are the 32 rows' weights, each of the 12 inputs broadcast (folded into its FMAs) against both: 24 FMAs into
-    24 sums held in registers, 26 vector operations a k (matmul._f32_panel_product has the figures).
+    weight at k, float32 FMAs, k in order: per k two 64-byte loads are the 32 rows' weights, each of the 12
+    inputs broadcast (folded into its FMAs) against both: 24 FMAs into 24 sums held in registers, 26 vector
+    operations a k (matmul._f32_panel_product has the figures).
     ahead (1-D, may be empty): memory to hint into L2 while the panel is read, its 64-byte lines spread
     evenly over k (_spread_hints), for the next panel's rows streaming in from memory. The sums are the
     same either way."""

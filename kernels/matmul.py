@@ -579,7 +579,7 @@ def _share(region, j, parts):                              # part j of `parts` n
 
 
 @inline
-def wide_panel_rows(xq, panels, out, m0, m1):              # panel_rows for groups of 6 on AVX-512: two panels at a time widened once, then against two groups at a time
+def wide_panel_rows(xq, panels, out, m0, m1):              # panel_rows for groups of 6 on AVX-512: two panels widened at once
     """As panel_rows (m0 a multiple of 16, only rows below m1 and inputs below out's N written): panels p and
     p + 1 widened into one float32 panel of 32 rows (jit.widen_panels), then every pair of groups against it
     (jit.f32_panel_wide: the float32 prompts' kernel, 24 FMAs a k); an odd last group, or panel, one at a
@@ -1050,8 +1050,8 @@ def _f32_panel_bands(xg, w, y, b, then, out, P):          # _f32_panel_product's
 def _f32_panel_product(x, w, out, b, then, scratch):       # matmul_into for float32 rows (C-contiguous x and w) on AVX-512
     """The inputs in groups of 6, k-major (groups_into, an even count), then each core a band of w's rows,
     32 at a time packed k-major into an L2-sized panel and met by every pair of groups (jit.f32_panel_wide,
-    as bf16's widened panels are), packed per call since decode, training and the tied head read the rows. Products straight into out (RESIDUAL: into scratch, then added), finished on the
-    same thread. On an Emerald Rapids (2 zmm FMAs a cycle), GPT-2's prefill products on both cores, calls
+    as bf16's widened panels are), packed per call since decode, training and the tied head read the rows.
+    Products straight into out (RESIDUAL: into scratch, then added), finished on the same thread. On an Emerald Rapids (2 zmm FMAs a cycle), GPT-2's prefill products on both cores, calls
     alternating in one process (best / median of 21 GFLOP/s, before the hints): at 128 inputs 243-265 /
     225-248 against OpenBLAS's 210-237 / 197-217; at 512 inputs 267-290 / 245-259 against 246-268 /
     215-251. At 2048 inputs no faster (271-298 against 242-304 best of 9; b4 pp512 0.81-0.83x in the
