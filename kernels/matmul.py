@@ -16,6 +16,7 @@ from .. import quant
 
 from . import jit
 from .activation import _gelu
+from .memory import ordinary_pages
 from .jit import (DECODE_ROWS, GROUP, PANEL_INPUTS, PANEL_ROWS, bands, bf16_group8, f32_group8, bf16_panel, bf16_panel1, bf16_panel4, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4,
                   dot_q4, dot_q4x4, dot_q8, dot_q8x4, F32_PANEL, f32_from_bits, f32_panel_wide, inline, widen_panels, pack_f32_panel,
                   block_peak, pack_panel, parallel, rint, round_block, serial, serialized, sgemm_nt)
@@ -1124,7 +1125,15 @@ def linear(x, weight_t, bias):                             # [..., in], [out, in
 
 
 def lm_head(x, weight):                                    # [..., C], [V, C] -> [..., V]; wte already has rows per output
-    return matmul_rows(x, weight)
+    """matmul_rows, the logits of a prompt's positions in ordinary pages (memory.ordinary_pages: the largest
+    array a pass makes, fresh each call)."""
+    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    if x2.shape[0] <= DECODE_ROWS:
+        return matmul_rows(x, weight)
+    V = weight.shape[0]
+    y = ordinary_pages((x2.shape[0], V))
+    matmul_into(x2, weight, y, np.zeros(V, np.float32), BIAS)
+    return y.reshape(*x.shape[:-1], V)
 
 
 def gemm(a, b):                                            # [N, K] x [K, M] -> [N, M] float32, on every core

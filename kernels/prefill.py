@@ -27,7 +27,7 @@ from . import jit
 from .attention import attend_heads
 from .decode import layer_tail
 from .jit import DECODE_ROWS, serialized
-from .matmul import BIAS, GELU, RESIDUAL, matmul_into, matmul_rows, scratch_size
+from .matmul import BIAS, GELU, RESIDUAL, lm_head, matmul_into, scratch_size
 from .norm import inline_rows, layer_norm_bands, layer_norm_rows
 
 
@@ -102,5 +102,5 @@ def forward(params, ids, cfg, cache=None, last=False):    # [T] or [B, T] ids ->
         cache.advance(T)
     out = np.empty_like(x)
     _layer_norm(x, params["ln_f"], cfg.eps, out)
-    logits = matmul_rows(out, params["lm_head"]["weight"]).reshape(B, 1 if last else T, -1)
+    logits = lm_head(out, params["lm_head"]["weight"]).reshape(B, 1 if last else T, -1)
     return logits[0] if one_sequence else logits

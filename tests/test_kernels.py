@@ -452,7 +452,7 @@ def test_fused_prefill_of_the_last_logits_runs_the_last_blocks_projection_and_ml
 
     fused = npgpt.Model(tiny_params, TINY, backend="numba")
     seen = []
-    for module, name in ((prefill, "matmul_into"), (prefill, "matmul_rows"), (decode, "matmul_rows")):   # (decode.layer_tail: the last block's)
+    for module, name in ((prefill, "matmul_into"), (prefill, "lm_head"), (decode, "matmul_rows")):   # (decode.layer_tail: the last block's)
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda x, w, *a, real=real, **k: seen.append((id(w), x.shape[0])) or real(x, w, *a, **k))
     B, T = 3, 20
@@ -694,6 +694,35 @@ def test_huge_pages_copy_values_into_separate_pages():
     ca[...] = -1                                           # separate pages: writing one leaves the others
     assert np.array_equal(cb, b) and np.array_equal(cbig, big)
     assert cbig.ctypes.data % memory.HUGE_PAGE == 0         # a fresh segment starts on a huge page
+
+
+@pytest.mark.skipif(not kernels.memory.SMALL_PAGES, reason="no MADV_NOHUGEPAGE here (Linux only): NumPy's arrays")
+def test_ordinary_pages_make_separate_writable_arrays_from_their_threshold(monkeypatch):
+    """memory.ordinary_pages: from ORDINARY_FROM bytes on an array of its own mapping, C-contiguous and
+    writable, of the shape and dtype asked (an int or a tuple); below it, and for no bytes at all, NumPy's."""
+    from npgpt.kernels import memory
+    monkeypatch.setattr(memory, "ORDINARY_FROM", 4096)
+    a, b = memory.ordinary_pages((37, 1000)), memory.ordinary_pages(5000, np.uint16)
+    small, empty = memory.ordinary_pages((3, 4)), memory.ordinary_pages((0, 7))
+    assert a.shape == (37, 1000) and a.dtype == np.float32 and b.shape == (5000,) and b.dtype == np.uint16
+    assert _mapped(a) and _mapped(b) and not _mapped(small) and not _mapped(empty) and empty.shape == (0, 7)
+    for x in (a, b):
+        assert x.flags.c_contiguous and x.flags.writeable
+    a[...] = 3.5
+    b[...] = 7
+    assert (a == 3.5).all() and (b == 7).all()
+
+
+@pytest.mark.parametrize("N", [17, 40])
+def test_lm_head_logits_in_ordinary_pages_equal_the_rows_product(N, monkeypatch):
+    """matmul.lm_head past decode's rows: the logits (memory.ordinary_pages, here from any size) equal
+    matmul_rows' product bit for bit (the same product into another array), [..., V] shaped as x."""
+    from npgpt.kernels import memory
+    monkeypatch.setattr(memory, "ORDINARY_FROM", 1)
+    x, w = randn(2, N, 24), randn(300, 24)
+    got = matmul.lm_head(x, w)
+    assert got.shape == (2, N, 300) and (_mapped(got) or not memory.SMALL_PAGES)
+    np.testing.assert_array_equal(got, matmul.matmul_rows(x, w))
 
 
 @needs_huge_pages
