@@ -1,4 +1,5 @@
-"""Where the streamed weights live, and the machine's read bandwidth that bounds decode (npgpt bench)."""
+"""Where the streamed weights live (huge pages), where a prompt's logits go (ordinary pages), and the
+machine's read bandwidth that bounds decode (npgpt bench)."""
 
 import mmap
 
@@ -36,9 +37,9 @@ def ordinary_pages(shape, dtype=np.float32):               # a new, uninitialize
     """For a large array made fresh by every call and handed back: a prompt's logits at every position
     ([N, V]: 103 MB at 512 tokens, 412 MB at 4 x 512). An array that size is a fresh mapping each time
     (past glibc's largest mmap threshold, 32 MiB), which NumPy advises to take transparent huge pages. On
-    this project's KVM host such memory, once freed, is soon handed back to the host, and faulting it in
-    again 2 MiB at a time ran from 0.17 to 10 ms a MiB: a fresh 412 MB array, allocated and written, took
-    68 ms or 1.5-4.3 s from call to call; in 4 KiB pages 153-185 ms. Alternating in one process, the
+    this project's KVM host faulting them in 2 MiB at a time ran from 0.17 to 10 ms a MiB (likely memory
+    the guest had freed and reported back to the host; not confirmed): a fresh 412 MB array, allocated and
+    written, took 68 ms or 1.5-4.3 s from call to call; in 4 KiB pages 153-185 ms (once 3.3 s). Alternating in one process, the
     model's every-position logits (kernels.prefill, matmul.lm_head) here against NumPy's arrays: 4 x 512
     tokens 1.96x with transformers taking turns (as npgpt bench --compare torch runs), 1.67x without;
     2 x 256 and 1 x 512 (103 MB) 1.70x and 1.75x with it, 1.17x without; but 2 x 128 (51 MB) 0.84x, so
