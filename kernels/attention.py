@@ -79,6 +79,17 @@ def attention(q, k, v, mask=None, lengths=None):           # [B, H, T, D], [B, H
     return out.reshape(B, H, T, D)
 
 
+@inline
+def _keys_packed(k, W):                                    # keys [S, D] -> [ceil(S / W), D, W]: packed[p, d, j] = k[p * W + j, d] (0 past S)
+    S, D = k.shape
+    packed = np.zeros(((S + W - 1) // W, D, W), dtype=np.float32)
+    for p in range(packed.shape[0]):
+        for d in range(D):
+            for j in range(min(W, S - p * W)):
+                packed[p, d, j] = k[p * W + j, d]
+    return packed
+
+
 @serial
 def causal_head(q, k, v, scale, out):                      # one head: q [T, D], keys and values [S, D] -> out [T, D]
     """Causal attention of one head, in blocks of 6 queries, each against only the keys it can see (the
@@ -91,11 +102,7 @@ def causal_head(q, k, v, scale, out):                      # one head: q [T, D],
     S = k.shape[0]
     R, W = TILE_ROWS, TILE_COLS
     P = (S + W - 1) // W
-    packed = np.zeros((P, D, W), dtype=np.float32)         # packed[p, d, j] = k[p * W + j, d]
-    for p in range(P):
-        for d in range(D):
-            for j in range(min(W, S - p * W)):
-                packed[p, d, j] = k[p * W + j, d]
+    packed = _keys_packed(k, W)
     values = np.ascontiguousarray(v)                       # rows 4 D bytes apart, not 12 C (a copy, unless the cache's)
     block = np.zeros((R, D), dtype=np.float32)             # the block's queries (rows past T stay as they were: never written out)
     probs = np.zeros((R, P * W), dtype=np.float32)
@@ -138,11 +145,7 @@ def causal_head_wide(q, k, v, scale, out):                 # causal_head on AVX-
     S = k.shape[0]
     R, W = 2 * PANEL_INPUTS, F32_PANEL
     P, Q = (S + W - 1) // W, (D + W - 1) // W
-    keys = np.zeros((P, D, W), dtype=np.float32)           # keys[p, d, j] = k[p * W + j, d]
-    for p in range(P):
-        for d in range(D):
-            for j in range(min(W, S - p * W)):
-                keys[p, d, j] = k[p * W + j, d]
+    keys = _keys_packed(k, W)
     values = np.zeros((Q, S, W), dtype=np.float32)         # values[h, s, j] = v[s, h * W + j] (0 past D)
     for h in range(Q):
         for s in range(S):
