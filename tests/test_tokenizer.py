@@ -29,3 +29,38 @@ def test_damaged_vocabulary_is_refused(tmp_path, monkeypatch):
             tokenizer.get_encoding()
     finally:
         tokenizer.get_encoding.cache_clear()
+
+
+def _shipped():
+    return tuple(open(path, "rb").read() for path, _ in (tokenizer.VOCAB_BPE, tokenizer.ENCODER_JSON))
+
+
+def test_ranks_equal_tiktokens_own_loader_on_the_same_files(monkeypatch):
+    import tiktoken.load
+    # tiktoken's reader replaced by a plain one: before 0.9 it opens local paths only through blobfile
+    monkeypatch.setattr(tiktoken.load, "read_file_cached", lambda path, expected_hash=None: open(path, "rb").read())
+    theirs = tiktoken.load.data_gym_to_mergeable_bpe_ranks(tokenizer.VOCAB_BPE[0], tokenizer.ENCODER_JSON[0])
+    ours = tokenizer.mergeable_ranks(*_shipped())
+    assert len(ours) == 50256 and ours == theirs
+
+
+def test_the_encoding_is_built_without_tiktokens_file_loader(monkeypatch):
+    import tiktoken.load
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tiktoken's file loader was called")
+    monkeypatch.setattr(tiktoken.load, "read_file", refuse)
+    monkeypatch.setattr(tiktoken.load, "read_file_cached", refuse)
+    tokenizer.get_encoding.cache_clear()
+    try:
+        assert tokenizer.get_encoding().encode("Hello world") == [15496, 995]
+    finally:
+        tokenizer.get_encoding.cache_clear()
+
+
+def test_vocabulary_files_that_disagree_are_refused():
+    vocab_bpe, encoder_json = _shipped()
+    changed = encoder_json.replace(b'"Hello": 15496', b'"Hello": 15497')
+    assert changed != encoder_json
+    with pytest.raises(npgpt.TokenizerError, match="vocab.bpe and encoder.json disagree"):
+        tokenizer.mergeable_ranks(vocab_bpe, changed)
