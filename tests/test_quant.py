@@ -465,17 +465,18 @@ def test_prefill_tiles_and_integer_dots_equal_the_spec(fmt, N, K, M, then, inlin
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("then", ["bias", "gelu", "residual"])
 def test_integer_products_in_sub_bands_of_any_size_equal_each_other_bit_for_bit(fmt, then, monkeypatch):
-    """A thread's band of groups of 8 rows is multiplied and finished matmul.sub_groups(N) groups at a time:
-    1 group, 3 (the band's last sub-band partial), or the whole band at once give the same bits (each
-    output is one group's dot, whichever sub-band it falls in) and equal the spec within 1e-5 (float32 sums
-    in another order). 299 rows: the last group partial."""
+    """A thread's band of groups of 8 rows is multiplied and finished matmul.sub_groups(N) groups by up to
+    SUB_INPUTS inputs at a time: 1 group, 3 (the band's last sub-band partial) or the whole band at once,
+    by all 37 inputs or 16 or 8 at a time (the last block partial), give the same bits (each output is one
+    group's dot of one input, whichever block it falls in) and equal the spec within 1e-5 (float32 sums in
+    another order). 299 rows: the last group partial."""
     N, K, M = 37, 100, 299
     x, b, start = (rng.standard_normal(s, dtype=np.float32) for s in ((N, K), M, (N, M)))
     w = quant.convert(rng.standard_normal((K, M), dtype=np.float32) * np.float32(0.2), fmt, 1)
-    row_bytes = 4 * matmul.GROUP * (-(-N // 16) * 16 + 16)           # a group's share of a sub-band's buffer
     outs = []
-    for sub in (1, 3, 1000):
-        monkeypatch.setattr(matmul, "SUB_BYTES", sub * row_bytes)
+    for sub, inputs in ((1, 37), (3, 16), (1000, 37), (2, 8), (1000, 16)):
+        monkeypatch.setattr(matmul, "SUB_INPUTS", inputs)
+        monkeypatch.setattr(matmul, "SUB_BYTES", sub * 4 * matmul.GROUP * (-(-min(N, inputs) // 16) * 16 + 16))
         assert matmul.sub_groups(N) == sub
         out = start.copy()
         matmul.matmul_into(x, kernels.rows(w), out, b, getattr(matmul, then.upper()))
