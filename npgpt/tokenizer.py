@@ -44,11 +44,14 @@ def mergeable_ranks(vocab_bpe, encoder_json):              # the two files' byte
     order, symbols = _bytes_of_symbols()
     raw = lambda token: bytes(symbols[c] for c in token)
     ranks = {bytes([b]): rank for rank, b in enumerate(order)}
-    for line in vocab_bpe.decode("utf-8").split("\n")[1:]:
-        if line:
-            first, second = line.split(" ")
-            ranks[raw(first) + raw(second)] = len(ranks)
-    ids = {raw(token): i for token, i in json.loads(encoder_json).items() if token != "<|endoftext|>"}
+    try:
+        for line in vocab_bpe.decode("utf-8").split("\n")[1:]:
+            if line:
+                first, second = line.split(" ")
+                ranks[raw(first) + raw(second)] = len(ranks)
+        ids = {raw(token): i for token, i in json.loads(encoder_json).items() if token != "<|endoftext|>"}
+    except (KeyError, ValueError) as e:                    # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise TokenizerError(f"GPT-2's vocabulary files cannot be read as BPE merges and token ids: {e!r}") from None
     if ids != ranks:
         raise TokenizerError("vocab.bpe and encoder.json disagree on GPT-2's tokens")
     return ranks

@@ -64,3 +64,10 @@ def test_vocabulary_files_that_disagree_are_refused():
     assert changed != encoder_json
     with pytest.raises(npgpt.TokenizerError, match="vocab.bpe and encoder.json disagree"):
         tokenizer.mergeable_ranks(vocab_bpe, changed)
+
+
+@pytest.mark.parametrize("vocab_extra, encoder_json", [(b"a b c\n", None), (b"\xff\xfe b\n", None), (b"", b"{not json")])
+def test_vocabulary_files_that_do_not_parse_are_refused(vocab_extra, encoder_json):
+    vocab_bpe, shipped_json = _shipped()
+    with pytest.raises(npgpt.TokenizerError, match="cannot be read as BPE merges"):
+        tokenizer.mergeable_ranks(vocab_bpe + vocab_extra, encoder_json or shipped_json)
