@@ -893,11 +893,11 @@ def matmul_into(x, w, out, b, then=BIAS, scratch=None):   # x [N, K] . w rows [M
     scratch: float32, scratch_size(N, M) elements, where products wait to be finished (kernels.prefill passes
     one buffer to every product of a pass: a fresh array per band is fresh pages to fault in; integer rows
     use none, see SUB_BYTES)."""
+    if isinstance(w, (quant.Int8Rows, quant.Int4Rows)):
+        return _integer_product(x, w, out, b, then)
     N, M = x.shape[0], w.shape[0]
     # np.empty touches no page: where every product goes straight into out, this scratch costs nothing
     scratch = np.empty(scratch_size(N, M), np.float32) if scratch is None else scratch
-    if isinstance(w, (quant.Int8Rows, quant.Int4Rows)):
-        return _integer_product(x, w, out, b, then)
     if isinstance(w, quant.BF16):                          # (inputs on bf16's values, as the spec)
         return _tiled_product(x, w, out, b, then, scratch)
     if isinstance(w, quant.BF16Panels):

@@ -49,7 +49,7 @@ def ordinary_pages(shape, dtype=np.float32):               # a new, uninitialize
     shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if not SMALL_PAGES or nbytes == 0 or nbytes < ORDINARY_FROM:
+    if not SMALL_PAGES or nbytes < ORDINARY_FROM:
         return np.empty(shape, dtype)
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
     try:
