@@ -111,6 +111,20 @@ def test_one_input_gemv_reads_four_rows_a_quarter_apart(span, dtype):
     assert (out[:, :m0] == 5.0).all() and (out[:, m1:] == 5.0).all()
 
 
+@pytest.mark.parametrize("n_in, n_out", [(77, 3), (77, 301), (3072, 37), (2048, 130)])   # fewer rows than a task; partial last tasks
+def test_one_input_gemv_tasks_of_many_rows_equal_a_row_at_a_time(n_in, n_out):
+    """matmul.gemv at one input (the LM head of generation's prefill, the spec's small products) cuts the rows
+    into tasks of ~ONE_INPUT_TASK_BYTES, each streamed as 4 runs (float_rows): every output is still its row's
+    dot (_dot, k in order), so the result equals the same GEMV one row at a time bit for bit, and the float64
+    product within TOL. (Tasks of 4+ rows here: the last one partial at every shape but the first.)"""
+    x, w, b = randn(1, n_in), randn(n_out, n_in), randn(n_out)
+    got = matmul.gemv(x, w, b, False)
+    rowwise = np.concatenate([matmul.gemv(x, w[m : m + 1], b[m : m + 1], False) for m in range(n_out)], axis=1)
+    assert np.array_equal(got, rowwise)
+    assert max_rel_err(got, x.astype(np.float64) @ w.astype(np.float64).T + b) < TOL
+    assert max(4, matmul.ONE_INPUT_TASK_BYTES // (n_in * 4)) < n_out or n_out == 3   # the shapes do cut into several tasks
+
+
 def test_read_streams_sums_every_row_as_read_all():
     """memory.read_streams (npgpt bench's second read of the bandwidth ceiling: 4 runs a quarter of a task
     apart) against memory.read_all's row sums, tasks of 7 rows over 1001 (partial quarters and task)."""
