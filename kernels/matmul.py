@@ -44,27 +44,26 @@ def _dot(x, n, w, m):                                      # x[n] . w[m] (widene
 
 
 @inline
-def _dot_4_streams(x, w, out, m, q):                       # out[0, m + j q] = x[0] . w[m + j q] for j < 4 (widened)
+def _dot_4_streams(x, n, w, m, q, out):                    # out[n, m + j q] = x[n] . w[m + j q] for j < 4 (widened)
     s0, s1, s2, s3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
     for k in range(x.shape[1]):
-        v = x[0, k]
+        v = x[n, k]
         s0 += v * widen(w, m, k)
         s1 += v * widen(w, m + q, k)
         s2 += v * widen(w, m + 2 * q, k)
         s3 += v * widen(w, m + 3 * q, k)
-    out[0, m], out[0, m + q], out[0, m + 2 * q], out[0, m + 3 * q] = s0, s1, s2, s3
+    out[n, m], out[n, m + q], out[n, m + 2 * q], out[n, m + 3 * q] = s0, s1, s2, s3
 
 
 @inline
-def _dot_4x4(x, n, w, m, out):                             # out[n:n+4, m:m+4] = x[n:n+4] . w[m:m+4]^T (widened)
-    """16 dots in registers: each load (of an input or a widened weight) feeds four FMAs, and each weight
-    row is widened once for four inputs. A row against four inputs at a time needs 1.25 loads per FMA,
-    and the core has fewer load ports than FMA lanes: this tile runs 1.5-2x faster at 8-16 inputs."""
+def _dot_4x4_streams(x, n, w, m, q, out):                  # out[n + i, m + j q] = x[n + i] . w[m + j q] for i, j < 4 (widened)
+    """16 dots in registers: each load (of an input or a widened weight) feeds four FMAs, and the four
+    weight rows, a quarter of the caller's range apart, are four runs of memory in flight at once."""
     K = x.shape[1]
     a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
     c0 = c1 = c2 = c3 = d0 = d1 = d2 = d3 = np.float32(0.0)
     for k in range(K):
-        w0, w1, w2, w3 = widen(w, m, k), widen(w, m + 1, k), widen(w, m + 2, k), widen(w, m + 3, k)
+        w0, w1, w2, w3 = widen(w, m, k), widen(w, m + q, k), widen(w, m + 2 * q, k), widen(w, m + 3 * q, k)
         x0, x1, x2, x3 = x[n, k], x[n + 1, k], x[n + 2, k], x[n + 3, k]
         a0 += x0 * w0
         a1 += x0 * w1
@@ -82,10 +81,10 @@ def _dot_4x4(x, n, w, m, out):                             # out[n:n+4, m:m+4] =
         d1 += x3 * w1
         d2 += x3 * w2
         d3 += x3 * w3
-    out[n, m], out[n, m + 1], out[n, m + 2], out[n, m + 3] = a0, a1, a2, a3
-    out[n + 1, m], out[n + 1, m + 1], out[n + 1, m + 2], out[n + 1, m + 3] = b0, b1, b2, b3
-    out[n + 2, m], out[n + 2, m + 1], out[n + 2, m + 2], out[n + 2, m + 3] = c0, c1, c2, c3
-    out[n + 3, m], out[n + 3, m + 1], out[n + 3, m + 2], out[n + 3, m + 3] = d0, d1, d2, d3
+    out[n, m], out[n, m + q], out[n, m + 2 * q], out[n, m + 3 * q] = a0, a1, a2, a3
+    out[n + 1, m], out[n + 1, m + q], out[n + 1, m + 2 * q], out[n + 1, m + 3 * q] = b0, b1, b2, b3
+    out[n + 2, m], out[n + 2, m + q], out[n + 2, m + 2 * q], out[n + 2, m + 3 * q] = c0, c1, c2, c3
+    out[n + 3, m], out[n + 3, m + q], out[n + 3, m + 2 * q], out[n + 3, m + 3 * q] = d0, d1, d2, d3
 
 
 # bf16 inputs for bf16 rows: a bf16 matmul rounds its inputs to bf16 (quant.round_to_bf16), so each product of
@@ -153,22 +152,6 @@ def bf16_rows(xd, w, out, m0, m1, ahead=0):                # out[:, m0:m1] = xd 
 
 
 @inline
-def _dot_1x4(x, n, w, m, out):                             # out[n:n+4, m] = x[n:n+4] . w[m] (widened)
-    """One weight row against four inputs: each widened weight feeds four FMAs, and a thread reads the
-    weights as one sequential stream. Streaming from memory at K = 768 this ran 1.3-1.5x faster than the
-    4x4 tile (which reads four rows at once); it needs the four inputs in L1 (see ROW_INPUT_BYTES)."""
-    x0, x1, x2, x3 = x[n], x[n + 1], x[n + 2], x[n + 3]
-    a0 = a1 = a2 = a3 = np.float32(0.0)
-    for k in range(x.shape[1]):
-        wk = widen(w, m, k)
-        a0 += x0[k] * wk
-        a1 += x1[k] * wk
-        a2 += x2[k] * wk
-        a3 += x3[k] * wk
-    out[n, m], out[n + 1, m], out[n + 2, m], out[n + 3, m] = a0, a1, a2, a3
-
-
-@inline
 def _bias(out, b, m, gelu):                                # out[:, m] += b[m] (b may be None), then GELU if asked
     """GELU here, on the thread that computed column m: the MLP's first GEMV hands its successor
     activated values, with no kernel call (or pass over [B, 4C] on one core) of its own."""
@@ -177,17 +160,7 @@ def _bias(out, b, m, gelu):                                # out[:, m] += b[m] (
         out[n, m] = _gelu(v) if gelu else v
 
 
-TILE_FROM = 4                                              # from this many inputs, four inputs at a time
-# ...against one weight row (_dot_1x4) while the inputs take at most this many bytes (they stay in L1),
-# else against four rows (_dot_4x4). Measured streaming from memory, 4 inputs (medians of 5): at K = 768
-# (12 KiB of inputs) a row at a time ran 1.3x (fp32) and 1.5x (bf16) faster than the 4x4 tile; at K = 3072
-# (48 KiB) the tile ran 1.5-1.7x faster.
-ROW_INPUT_BYTES = 16 << 10
-
-
-@inline
-def row_tasks(N, K):                                       # does the float GEMV take one weight row a task at N inputs of K?
-    return N < TILE_FROM or N * K * 4 <= ROW_INPUT_BYTES
+TILE_FROM = 4                                              # from this many inputs, four inputs at a time (bf16 rows' hints too)
 
 
 # From 4 inputs a streamed bf16 GEMV computes about as long as it reads, and the hardware's prefetchers, which
@@ -217,47 +190,36 @@ INT_AHEAD = 4 << 10
 
 
 @inline
-def float_rows(x, w, out, m0, m1):                         # out[:, m0:m1] = x . w[m0:m1]^T (widened); N < 4 or K small: a row at a time
-    """Rows m0 .. m1 of a float32 GEMV (or bf16 rows widened) against all N inputs: a row against 4 inputs
-    at a time while the inputs fit in L1 (or there are fewer than 4), else 4x4 tiles (what neither covers: dots).
-    One input (batch-1 decode's chunks): 4 rows a quarter of the range apart at once, 4 runs of memory in
-    flight instead of 1. The fp32 decode step against a row at a time, alternating processes, 8 rounds on a
-    busy Zen 3: 1.04-1.45x (median 1.10x)."""
+def float_rows(x, w, out, m0, m1):                         # out[:, m0:m1] = x . w[m0:m1]^T (widened)
+    """Rows m0 .. m1 of a float32 GEMV (or bf16 rows widened) against all N inputs: 4 rows a quarter of
+    the range apart at once (4 runs of memory in flight instead of 1), against 4 inputs at a time (16 dots
+    in registers, _dot_4x4_streams), the last N % 4 inputs one at a time against the same 4 rows; the last
+    (m1 - m0) % 4 rows a dot each. One input against a row at a time, the fp32 decode step, alternating
+    processes, 8 rounds on a busy Zen 3: 1.04-1.45x (median 1.10x). From 2 inputs the rows were one run a
+    thread before (a row against 4 inputs while they fit in 16 KiB, else 4x4 tiles of adjacent rows): the
+    48 GEMVs of a GPT-2 124M layer stack streamed from memory in chunks of 256 KiB on 2 cores (Emerald
+    Rapids, alternating in one process, medians of 7) now 1.02x at 1 input, 1.35x at 2, 1.34x at 3 and 4,
+    1.07x at 8, 1.14x at 16."""
     N = x.shape[0]
-    if N == 1:                                             # one input: four rows a quarter of the range apart at once
-        q = (m1 - m0) // 4
-        for m in range(m0, m0 + q):
-            _dot_4_streams(x, w, out, m, q)
-        for m in range(m0 + 4 * q, m1):
-            out[0, m] = _dot(x, 0, w, m)
-    elif row_tasks(N, x.shape[1]):
-        for m in range(m0, m1):
-            n = 0
-            while n + 4 <= N:
-                _dot_1x4(x, n, w, m, out)
-                n += 4
-            for i in range(n, N):
-                out[i, m] = _dot(x, i, w, m)
-    else:
-        m = m0
-        while m < m1:
-            n = 0
-            if m + 4 <= m1:
-                while n + 4 <= N:
-                    _dot_4x4(x, n, w, m, out)
-                    n += 4
-            for r in range(m, min(m + 4, m1)):             # what tiles do not cover: the last N % 4 inputs, M % 4 rows
-                for i in range(n, N):
-                    out[i, r] = _dot(x, i, w, r)
-            m += 4
+    q = (m1 - m0) // 4
+    for m in range(m0, m0 + q):
+        n = 0
+        while n + 4 <= N:
+            _dot_4x4_streams(x, n, w, m, q, out)
+            n += 4
+        for i in range(n, N):
+            _dot_4_streams(x, i, w, m, q, out)
+    for m in range(m0 + 4 * q, m1):
+        for i in range(N):
+            out[i, m] = _dot(x, i, w, m)
 
 
-# A one-input GEMV outside the decode step (the LM head and the last block of generation's prefill, the spec's
-# small products) in tasks of about this many weight bytes, so float_rows streams 4 runs of each: a task of
-# one row streamed one run. GPT-2's head (154 MB, from memory) alternating in one process, medians of 15 on an
-# Emerald Rapids: 7.81 ms a row a task, 6.19 / 6.10 / 6.02 ms at 16 / 64 / 256 rows (49 / 196 / 786 KB), a
-# 4-run read of the same bytes (memory.read_streams) 5.84; the sums are the same (each row's dot is _dot's).
-ONE_INPUT_TASK_BYTES = 64 << 10
+# A GEMV outside the decode step (the LM head and the last block of generation's prefill, the spec's small
+# products) in tasks of about this many weight bytes, so float_rows streams 4 runs of each: tasks of one row
+# (below 4 inputs) streamed one run. GPT-2's head (154 MB, from memory) at one input, alternating in one
+# process, medians of 15 on an Emerald Rapids: 7.81 ms a row a task, 6.19 / 6.10 / 6.02 ms at 16 / 64 / 256
+# rows (49 / 196 / 786 KB), a 4-run read of the same bytes (memory.read_streams) 5.84.
+GEMV_TASK_BYTES = 64 << 10
 
 
 @parallel
@@ -269,9 +231,7 @@ def gemv(x, w, b, gelu):                                   # [N, K] x [M, K] row
     N = x.shape[0]
     M = w.shape[0]
     out = np.empty((N, M), dtype=np.float32)
-    rows = 1 if row_tasks(N, x.shape[1]) else 4            # weight rows a task
-    if N == 1:                                             # ~ONE_INPUT_TASK_BYTES a task, 4 streams in flight (float_rows)
-        rows = max(4, ONE_INPUT_TASK_BYTES // (x.shape[1] * w.itemsize))
+    rows = max(4, GEMV_TASK_BYTES // (x.shape[1] * w.itemsize))   # weight rows a task: 4 runs in flight (float_rows)
     for t in numba.prange((M + rows - 1) // rows):
         m0, m1 = rows * t, min(rows * t + rows, M)
         float_rows(x, w, out, m0, m1)

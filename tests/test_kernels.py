@@ -93,17 +93,19 @@ def test_linear(rows, n_in, n_out):
 
 
 @pytest.mark.parametrize("span", [(0, 2), (3, 6), (5, 9), (10, 17), (0, 97), (40, 301)])   # q = 0 (rows one at a time), 0, 1, 1 + 3 left over, ...
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 9])             # inputs: 4 at a time (16 dots), the last n % 4 one at a time
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_one_input_gemv_reads_four_rows_a_quarter_apart(span, dtype):
-    """matmul.float_rows with one input (the float32 decode step's chunks): rows m0 .. m1 as 4 runs a quarter
-    of the span apart, side by side, the last (m1 - m0) % 4 one at a time; nothing outside m0 .. m1 written.
-    Against float64 products (bf16: of the widened rows), within TOL of the largest."""
+def test_gemv_rows_read_four_rows_a_quarter_apart(span, n, dtype):
+    """matmul.float_rows (the float32 decode step's chunks, gemv's tasks): rows m0 .. m1 as 4 runs a quarter
+    of the span apart, side by side, against 4 inputs at a time and the rest one at a time, the last
+    (m1 - m0) % 4 rows a dot each; nothing outside m0 .. m1 written. Against float64 products (bf16: of the
+    widened rows), within TOL of the largest."""
     from npgpt import quant
 
-    x, w = randn(1, 77), randn(301, 77)
+    x, w = randn(n, 77), randn(301, 77)
     bits = quant.to_bf16(w).bits if dtype == "bf16" else w
     wide = quant.dequantize(quant.to_bf16(w)) if dtype == "bf16" else w
-    out = np.full((1, 301), 5.0, np.float32)
+    out = np.full((n, 301), 5.0, np.float32)
     numba.njit(lambda x, w, out, m0, m1: matmul.float_rows(x, w, out, m0, m1))(x, bits, out, *span)
     m0, m1 = span
     want = x.astype(np.float64) @ wide[m0:m1].astype(np.float64).T
@@ -111,18 +113,21 @@ def test_one_input_gemv_reads_four_rows_a_quarter_apart(span, dtype):
     assert (out[:, :m0] == 5.0).all() and (out[:, m1:] == 5.0).all()
 
 
+@pytest.mark.parametrize("n", [1, 3, 4, 9])
 @pytest.mark.parametrize("n_in, n_out", [(77, 3), (77, 301), (3072, 37), (2048, 130)])   # fewer rows than a task; partial last tasks
-def test_one_input_gemv_tasks_of_many_rows_equal_a_row_at_a_time(n_in, n_out):
-    """matmul.gemv at one input (the LM head of generation's prefill, the spec's small products) cuts the rows
-    into tasks of ~ONE_INPUT_TASK_BYTES, each streamed as 4 runs (float_rows): every output is still its row's
-    dot (_dot, k in order), so the result equals the same GEMV one row at a time bit for bit, and the float64
-    product within TOL. (Tasks of 4+ rows here: the last one partial at every shape but the first.)"""
-    x, w, b = randn(1, n_in), randn(n_out, n_in), randn(n_out)
+def test_gemv_in_tasks_of_many_rows(n, n_in, n_out):
+    """matmul.gemv (the LM head of generation's prefill, the spec's small products) cuts the rows into tasks
+    of ~GEMV_TASK_BYTES, each streamed as 4 runs (float_rows). Below 4 inputs every output is still its row's
+    dot (_dot, k in order), so the result equals the same GEMV one row at a time bit for bit; from 4, 4x4
+    tiles (vectorized in their own order): the float64 product within TOL, as at every n. (Tasks of 4+ rows
+    here: the last one partial at every shape but the first.)"""
+    x, w, b = randn(n, n_in), randn(n_out, n_in), randn(n_out)
     got = matmul.gemv(x, w, b, False)
-    rowwise = np.concatenate([matmul.gemv(x, w[m : m + 1], b[m : m + 1], False) for m in range(n_out)], axis=1)
-    assert np.array_equal(got, rowwise)
+    if n < 4:
+        rowwise = np.concatenate([matmul.gemv(x, w[m : m + 1], b[m : m + 1], False) for m in range(n_out)], axis=1)
+        assert np.array_equal(got, rowwise)
     assert max_rel_err(got, x.astype(np.float64) @ w.astype(np.float64).T + b) < TOL
-    assert max(4, matmul.ONE_INPUT_TASK_BYTES // (n_in * 4)) < n_out or n_out == 3   # the shapes do cut into several tasks
+    assert max(4, matmul.GEMV_TASK_BYTES // (n_in * 4)) < n_out or n_out == 3   # the shapes do cut into several tasks
 
 
 def test_read_streams_sums_every_row_as_read_all():

@@ -419,7 +419,7 @@ def test_int4_is_blockwise_symmetric_and_packs_two_per_byte(n_in):
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 13, 16, 17, 300])         # GEMV up to 16 rows, tiled sgemm above
-# fp32/bf16 from 4 rows: a row against 4 inputs while they fit ROW_INPUT_BYTES (4 x 768, 13 x 60), else 4x4 tiles (7 x 768); int8/int4: 4 inputs per load
+# fp32 (and bf16 widened): 4 rows a quarter of a task apart against 4 inputs at a time, the rest one at a time; int8/int4: 4 inputs per load
 @pytest.mark.parametrize("n_in, n_out", [(60, 180), (180, 60), (768, 301), (61, 37)])   # bf16: even n_in as pairs (runs of 8 and a tail), odd as is
 def test_linear_on_quantized_weights(fmt, rows, n_in, n_out):
     x, b = rng.standard_normal((rows, n_in), dtype=np.float32), rng.standard_normal(n_out, dtype=np.float32)
