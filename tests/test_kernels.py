@@ -334,7 +334,7 @@ WIDE = npgpt.Config(n_vocab=97, n_ctx=16, n_embd=1032, n_head=8, n_layer=3)   # 
 def test_one_region_decode_step_equals_kernel_calls_in_any_chunks_on_any_threads(fmt, cfg, B, chunk_bytes, threads, monkeypatch):
     """kernels.decode.fused_step against the same step as a kernel call each (tested against the spec in
     every format above, and run here by taking the region away): GEMVs cut into 8-row chunks (last ones
-    partial) or whole, rows past 4 inputs at a time and 4x4 tiles (WIDE), on one thread (every chunk on
+    partial) or whole, 4 rows a quarter of a chunk apart against 4 inputs at a time and the rest one at a time, on one thread (every chunk on
     the calling thread) or two; bf16 rows and inputs as uint32 pairs (matmul.bf16_rows, with vdpbf16ps), from
     4 inputs with hints 2 lines ahead (matmul.STREAM_AHEAD, shortened so they land inside these small chunks;
     none for float32), or bf16 panels (without: chunks of 16 rows, partial panels at the end, hints from 2
