@@ -674,6 +674,63 @@ def _bf16_panel(inputs):
 bf16_panel, bf16_panel4, bf16_panel1 = _bf16_panel(PANEL_INPUTS), _bf16_panel(4), _bf16_panel(1)
 
 
+@intrinsic
+def bf16_panel4_pair(typingctx, pa, pb, xg, c, ahead):
+    """bf16_panel4 on two panels at once, in 512-bit vectors: pa and pb (pack_panel: uint32 [K, 8] each, 16
+    rows) against 4 inputs (xg float32 [K, 4], k-major) -> c float32 [4, 32]: c[i, j] for pa's rows j < 16, pb's
+    at 16 + j. Per k one load a panel, its halves widened as bf16_panel4 widens them (`u << 16`, `u &
+    0xFFFF0000`) and joined into one <16 x float> a panel, each input broadcast against both: 8 FMAs of 16
+    lanes a k into 8 sums, where bf16_panel4 took 8 FMAs of 8 lanes for one panel (with AVX-512, 2 FMAs a
+    cycle, 64 weight bytes a k in the time of 32). The same float32 FMAs, k in order, into one sum each: the
+    same outputs bit for bit as bf16_panel4 on each panel. ahead > 0: a hint per 64 bytes of each panel
+    that the line `ahead` bytes on will be read (into L2), as bf16_panel4's; the two panels are two runs of
+    memory in flight (matmul.panel_rows pairs panels half its range apart)."""
+    if not (_c_array(pa, 2) and _c_array(pb, 2) and _c_array(xg, 2) and _c_array(c, 2) and pa.dtype == pb.dtype == types.uint32
+            and xg.dtype == c.dtype == types.float32 and isinstance(ahead, types.Integer)):
+        return None
+    sig = types.void(pa, pb, xg, c, types.intp)
+
+    def codegen(context, builder, signature, args):
+        pa, pb, xg, c, ahead = args
+        t = signature.args
+        i32, f16x = _vector(32, 8), _vector(0, 16)
+        K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, pa).shape)[0]
+        zero = ir.Constant(K.type, 0)
+        const = lambda v: ir.Constant(K.type, v)
+        wps = [_row(builder, context, t[a], v, zero, ir.IntType(32)) for a, v in ((0, pa), (1, pb))]
+        xp = _row(builder, context, t[2], xg, zero, ir.FloatType())
+        cp = _row(builder, context, t[3], c, zero, ir.FloatType())
+        sums = [[cgutils.alloca_once_value(builder, ir.Constant(f16x, [0.0] * 16)) for _ in range(2)] for _ in range(4)]
+        hinted = builder.icmp_signed(">", ahead, zero)
+        join = ir.Constant(_vector(32, 16), list(range(16)))
+
+        def step(k, turn):                                 # k's 32 weights (16 a panel) against the 4 inputs
+            wides = []
+            for wp in wps:
+                if turn % 2 == 0:                          # 32 bytes a k a panel: a hint every other k, one a line
+                    with builder.if_then(hinted):
+                        lines = builder.bitcast(wp, ir.IntType(8).as_pointer())
+                        _hint_l2(builder, builder.gep(lines, [builder.add(builder.mul(k, const(32)), ahead)]))
+                u = builder.load(builder.bitcast(builder.gep(wp, [builder.mul(k, const(8))]), i32.as_pointer()), align=4)
+                lo = builder.bitcast(builder.shl(u, ir.Constant(i32, [16] * 8)), _vector(0, 8))             # rows 0-7 at k
+                hi = builder.bitcast(builder.and_(u, ir.Constant(i32, [-(1 << 16)] * 8)), _vector(0, 8))   # rows 8-15
+                wides.append(builder.shuffle_vector(lo, hi, join))
+            for i in range(4):
+                x = builder.load(builder.gep(xp, [builder.add(builder.mul(k, const(4)), const(i))]))
+                v = builder.insert_element(ir.Constant(f16x, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+                v = builder.shuffle_vector(v, v, ir.Constant(_vector(32, 16), [0] * 16))
+                for h, wv in enumerate(wides):
+                    s = sums[i][h]
+                    builder.store(builder.fadd(builder.load(s), builder.fmul(wv, v, flags=FMA), flags=FMA), s)
+
+        _runs_in_turn(builder, K, 2, step)
+        for i in range(4):
+            for h in range(2):
+                builder.store(builder.load(sums[i][h]), builder.bitcast(builder.gep(cp, [const(32 * i + 16 * h)]), f16x.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 def _spread_hints(context, builder, typ, value, K):         # -> hint(k): one line of `value` (a 1-D C array) into L2 every 2**s k's
     """The lines of a 1-D array (any dtype, maybe empty) spread evenly over a kernel's K steps: a hint at
     each k that is a multiple of 2**s (2**s <= K / lines, never more than one a k; past K the rest go

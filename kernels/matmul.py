@@ -17,7 +17,7 @@ from .. import quant
 from . import jit
 from .activation import _gelu
 from .memory import ordinary_pages
-from .jit import (DECODE_ROWS, GROUP, PANEL_INPUTS, PANEL_ROWS, bands, bf16_group8, f32_group8, bf16_panel, bf16_panel1, bf16_panel4, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4,
+from .jit import (DECODE_ROWS, GROUP, PANEL_INPUTS, PANEL_ROWS, bands, bf16_group8, f32_group8, bf16_panel, bf16_panel1, bf16_panel4, bf16_panel4_pair, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4,
                   dot_q4, dot_q4x4, dot_q8, dot_q8x4, F32_PANEL, f32_from_bits, f32_panel_wide, inline, widen_panels, pack_f32_panel,
                   block_peak, pack_panel, parallel, rint, round_block, serial, serialized, sgemm_nt)
 
@@ -523,11 +523,29 @@ def panel_rows(xq, panels, out, m0, m1, ahead=0):          # out[:, m0:m1] = x .
     ahead: bytes on to hint into L2 while a panel is read (decode's region passes STREAM_AHEAD), never past
     row m1's panel. The region's bf16 step on a Zen 3, alternating in one process (medians of 21): 1.16x at
     batch 2, 1.20x at 4, 1.12x at 8 with 8 KiB hints, one input 0.97x; on an Emerald Rapids, npgpt bench
-    tg128 at batch 1 in three rounds alternating processes: 1.21-1.70x with them, so every width gets them."""
+    tg128 at batch 1 in three rounds alternating processes: 1.21-1.70x with them, so every width gets them.
+    Groups of 4 (decode from 2 inputs) with AVX-512 (jit.PANEL_WIDE): panel p with panel p + half of the
+    range at once (jit.bf16_panel4_pair: 512-bit FMAs, two runs of memory in flight), an odd last panel
+    alone; the same sums bit for bit."""
     N, W = out.shape[0], xq.shape[2]
     c = np.empty((W, PANEL_ROWS), np.float32)
     end = -(-m1 // PANEL_ROWS)
-    for p in range(m0 // PANEL_ROWS, end):
+    first = m0 // PANEL_ROWS
+    if W == 4 and jit.PANEL_WIDE:                          # panels p and p + half together (jit.bf16_panel4_pair)
+        half = (end - first) // 2
+        c2 = np.empty((4, 2 * PANEL_ROWS), np.float32)
+        for p in range(first, first + half):
+            q = p + half
+            a = ahead if (end - q) * panels.shape[1] * 32 > ahead else 0
+            for g in range(xq.shape[0]):
+                bf16_panel4_pair(panels[p], panels[q], xq[g], c2, a)
+                for i in range(min(4, N - g * 4)):
+                    for m in range(PANEL_ROWS * p, PANEL_ROWS * p + PANEL_ROWS):   # (p < q: a whole panel)
+                        out[g * 4 + i, m] = c2[i, m - PANEL_ROWS * p]
+                    for m in range(PANEL_ROWS * q, min(m1, PANEL_ROWS * q + PANEL_ROWS)):
+                        out[g * 4 + i, m] = c2[i, PANEL_ROWS + m - PANEL_ROWS * q]
+        first += 2 * half
+    for p in range(first, end):
         top = min(m1, PANEL_ROWS * p + PANEL_ROWS)
         a = ahead if (end - p) * panels.shape[1] * 32 > ahead else 0   # (a panel: 32 bytes a k)
         for g in range(xq.shape[0]):

@@ -149,6 +149,59 @@ def test_widened_panels_against_two_groups_equal_each_panel_and_group_bit_for_bi
     assert np.all(np.abs(c - terms.sum(-1)) <= 1e-6 * np.abs(terms).sum(-1))
 
 
+@pytest.mark.parametrize("K", [1, 7, 45, 200])
+def test_panel_pairs_against_four_inputs_equal_each_panel_bit_for_bit(K):
+    """jit.bf16_panel4_pair (bf16 decode from 2 inputs with AVX-512: two panels' 32 rows in 512-bit FMAs)
+    equals jit.bf16_panel4 on each panel bit for bit (the same float32 FMAs, k in order, per lane), with
+    and without L2 hints; the float64 sums within 1e-6 of the sum of |products| (at most 200 terms). On a
+    host without AVX-512 LLVM splits its vectors; the values are the same."""
+    from npgpt.kernels import jit
+    _, products = _panel_callers()
+    pair = numba.njit(lambda pa, pb, xg, c, ahead: jit.bf16_panel4_pair(pa, pb, xg, c, ahead))
+    wb = quant.to_bf16(rng.standard_normal((32, K), dtype=np.float32))
+    panels = matmul.bf16_panels(wb.bits).panels
+    x = rng.standard_normal((4, K), dtype=np.float32)
+    xg = np.empty((1, K, 4), np.float32)
+    matmul.bf16_groups_into(x, xg, 0, 1)
+    c, hinted, one = np.full((4, 32), np.nan, np.float32), np.full((4, 32), np.nan, np.float32), np.full((4, 16), np.nan, np.float32)
+    pair(panels[0], panels[1], xg[0], c, 0)
+    pair(panels[0], panels[1], xg[0], hinted, 64)
+    np.testing.assert_array_equal(hinted, c)
+    for p in range(2):
+        products[4](panels[p], xg[0], one, 0)
+        np.testing.assert_array_equal(c[:, 16 * p : 16 * p + 16], one, err_msg=f"p={p}")
+    terms = quant.round_to_bf16(x).astype(np.float64)[:, None, :] * quant.dequantize(wb).astype(np.float64)[None]
+    assert np.all(np.abs(c - terms.sum(-1)) <= 1e-6 * np.abs(terms).sum(-1))
+
+
+@pytest.mark.parametrize("span", [(0, 16), (0, 37), (16, 80), (32, 96), (0, 130), (48, 200)])   # 1, 3 (last partial), 4, 4, 9 (partial), 10 panels
+@pytest.mark.parametrize("n", [2, 4, 5])
+def test_decode_panels_in_pairs_equal_one_panel_at_a_time(span, n):
+    """matmul.panel_rows on groups of 4 inputs (bf16 decode from 2 inputs), as this host runs it (with AVX-512:
+    panel p with p + half of the range, jit.bf16_panel4_pair, an odd last panel alone), against each panel
+    and group through jit.bf16_panel4 alone: bit for bit; nothing outside m0 .. m1 written."""
+    _, products = _panel_callers()
+    one = products[4]
+    rows = numba.njit(lambda xq, panels, out, m0, m1, ahead: matmul.panel_rows(xq, panels, out, m0, m1, ahead))
+    K, M = 45, 200
+    panels = matmul.bf16_panels(quant.to_bf16(rng.standard_normal((M, K), dtype=np.float32)).bits).panels
+    x = rng.standard_normal((n, K), dtype=np.float32)
+    G = -(-n // 4)
+    xq = np.zeros((G, K, 4), np.float32)
+    matmul.bf16_groups_into(x, xq, 0, G)
+    m0, m1 = span
+    out, want = np.full((n, M), 5.0, np.float32), np.full((n, M), 5.0, np.float32)
+    rows(xq, panels, out, m0, m1, 64)
+    c = np.empty((4, 16), np.float32)
+    for p in range(m0 // 16, -(-m1 // 16)):
+        for g in range(G):
+            one(panels[p], xq[g], c, 0)
+            for i in range(min(4, n - 4 * g)):
+                top = min(m1, 16 * p + 16)
+                want[4 * g + i, 16 * p : top] = c[i, : top - 16 * p]
+    np.testing.assert_array_equal(out, want)
+
+
 @pytest.mark.parametrize("N, K, M", [(7, 33, 10), (13, 48, 40), (37, 100, 29), (130, 256, 64), (25, 40, 70)])
 def test_bf16_prompts_on_wide_panels_equal_the_narrow_ones_bit_for_bit(N, K, M, monkeypatch):
     """The bf16 panel product (matmul_into on quant.BF16Panels) wide (jit.PANEL_WIDE: two panels widened once,
