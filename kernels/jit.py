@@ -693,14 +693,14 @@ def bf16_panel4_pair(typingctx, pa, pb, xg, c, ahead):
     def codegen(context, builder, signature, args):
         pa, pb, xg, c, ahead = args
         t = signature.args
-        i32, f16x = _vector(32, 8), _vector(0, 16)
+        i32, f32x16 = _vector(32, 8), _vector(0, 16)
         K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, pa).shape)[0]
         zero = ir.Constant(K.type, 0)
         const = lambda v: ir.Constant(K.type, v)
         wps = [_row(builder, context, t[a], v, zero, ir.IntType(32)) for a, v in ((0, pa), (1, pb))]
         xp = _row(builder, context, t[2], xg, zero, ir.FloatType())
         cp = _row(builder, context, t[3], c, zero, ir.FloatType())
-        sums = [[cgutils.alloca_once_value(builder, ir.Constant(f16x, [0.0] * 16)) for _ in range(2)] for _ in range(4)]
+        sums = [[cgutils.alloca_once_value(builder, ir.Constant(f32x16, [0.0] * 16)) for _ in range(2)] for _ in range(4)]
         hinted = builder.icmp_signed(">", ahead, zero)
         join = ir.Constant(_vector(32, 16), list(range(16)))
 
@@ -717,7 +717,7 @@ def bf16_panel4_pair(typingctx, pa, pb, xg, c, ahead):
                 wides.append(builder.shuffle_vector(lo, hi, join))
             for i in range(4):
                 x = builder.load(builder.gep(xp, [builder.add(builder.mul(k, const(4)), const(i))]))
-                v = builder.insert_element(ir.Constant(f16x, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+                v = builder.insert_element(ir.Constant(f32x16, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
                 v = builder.shuffle_vector(v, v, ir.Constant(_vector(32, 16), [0] * 16))
                 for h, wv in enumerate(wides):
                     s = sums[i][h]
@@ -726,7 +726,7 @@ def bf16_panel4_pair(typingctx, pa, pb, xg, c, ahead):
         _runs_in_turn(builder, K, 2, step)
         for i in range(4):
             for h in range(2):
-                builder.store(builder.load(sums[i][h]), builder.bitcast(builder.gep(cp, [const(32 * i + 16 * h)]), f16x.as_pointer()), align=4)
+                builder.store(builder.load(sums[i][h]), builder.bitcast(builder.gep(cp, [const(32 * i + 16 * h)]), f32x16.as_pointer()), align=4)
         return context.get_dummy_value()
     return sig, codegen
 
