@@ -225,6 +225,13 @@ def _row(builder, context, typ, value, i, elem):          # pointer to row i of 
     return builder.bitcast(at, elem.as_pointer())
 
 
+def _bf16_halves(builder, u):                              # <8 x i32> of bf16 pairs -> (low halves, high halves) as <8 x float>
+    """Each uint32 holds two bf16 values: `u << 16` is the low one's float32, `u & 0xFFFF0000` the high one's."""
+    i32, f32 = _vector(32, 8), _vector(0, 8)
+    return (builder.bitcast(builder.shl(u, ir.Constant(i32, [16] * 8)), f32),
+            builder.bitcast(builder.and_(u, ir.Constant(i32, [-(1 << 16)] * 8)), f32))
+
+
 def _splat(builder, value):                                # float32 -> <8 x float> (a load's value: one broadcast load)
     f32 = _vector(0, 8)
     v = builder.insert_element(ir.Constant(f32, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
@@ -522,8 +529,7 @@ def _dot_bf16(inputs, isa="native", rows=1):
             hint = builder.icmp_signed(">", ahead, ir.Constant(ahead.type, 0))
 
             def halves(v):                                 # 8 pairs -> (elements 2i, elements 2i + 1) as float32
-                return (builder.bitcast(builder.shl(v, ir.Constant(i32, [16] * 8)), f32),
-                        builder.bitcast(builder.and_(v, ir.Constant(i32, [-(1 << 16)] * 8)), f32))
+                return _bf16_halves(builder, v)
 
             def run(j, c):                                 # run j of 8 pairs into chain c of every input
                 at = builder.mul(j, const(8))
@@ -651,8 +657,7 @@ def _bf16_panel(inputs):
                     with builder.if_then(hinted):
                         _hint_l2(builder, builder.gep(lines, [builder.add(builder.mul(k, const(32)), ahead)]))
                 u = builder.load(builder.bitcast(builder.gep(wp, [builder.mul(k, const(8))]), i32.as_pointer()), align=4)
-                halves = (builder.bitcast(builder.shl(u, ir.Constant(i32, [16] * 8)), f32),             # rows 0-7 at k
-                          builder.bitcast(builder.and_(u, ir.Constant(i32, [-(1 << 16)] * 8)), f32))     # rows 8-15
+                halves = _bf16_halves(builder, u)          # rows 0-7 at k, rows 8-15
                 for i in range(inputs):
                     v = _splat(builder, builder.load(builder.gep(xp, [builder.add(builder.mul(k, const(inputs)), const(i))])))
                     for h, wv in enumerate(halves):
@@ -712,9 +717,7 @@ def bf16_panel4_pair(typingctx, pa, pb, xg, c, ahead):
                         lines = builder.bitcast(wp, ir.IntType(8).as_pointer())
                         _hint_l2(builder, builder.gep(lines, [builder.add(builder.mul(k, const(32)), ahead)]))
                 u = builder.load(builder.bitcast(builder.gep(wp, [builder.mul(k, const(8))]), i32.as_pointer()), align=4)
-                lo = builder.bitcast(builder.shl(u, ir.Constant(i32, [16] * 8)), _vector(0, 8))             # rows 0-7 at k
-                hi = builder.bitcast(builder.and_(u, ir.Constant(i32, [-(1 << 16)] * 8)), _vector(0, 8))   # rows 8-15
-                wides.append(builder.shuffle_vector(lo, hi, join))
+                wides.append(builder.shuffle_vector(*_bf16_halves(builder, u), join))   # rows 0-7 at k, then 8-15
             for i in range(4):
                 x = builder.load(builder.gep(xp, [builder.add(builder.mul(k, const(4)), const(i))]))
                 v = builder.insert_element(ir.Constant(f32x16, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
