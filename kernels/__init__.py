@@ -1,7 +1,8 @@
 """numba kernels for GPT-2's hot paths, as an op table with the call shapes of npgpt.model's ops.
 
 Layout: the kernel GEMV streams weight rows, so `prepare` stores each Conv1D weight [in, out] once as
-`weight_t` [out, in] (the LM head, wte [V, C], already has that layout). Calling the NumPy spec's
+`weight_t` [out, in] (the LM head, wte [V, C], already has that layout), in the format's own layout of
+rows (float32 on AVX-512: panels of 32 rows, quant.F32Panels). Calling the NumPy spec's
 `linear` on a prepared dict fails loudly (no `weight` key) instead of multiplying the wrong way.
 """
 
@@ -45,14 +46,15 @@ def _bf16_rows(bits):                                      # bf16 rows' bits [ou
     return quant.BF16(bits) if jit.BF16_PAIRS else matmul.bf16_panels(bits)
 
 
-def rows(w):                                               # Conv1D weight [in, out] in any format -> rows [out, in]
+def rows(w, f32_panels=False):                            # Conv1D weight [in, out] in any format -> rows [out, in]
+    """f32_panels: float32 weights as quant.F32Panels (rows in panels of 32, k-major), else plain rows."""
     if isinstance(w, quant.BF16):
         return _bf16_rows(matmul.transpose(w.bits))
     if isinstance(w, quant.Int8):
         return matmul.int8_rows(w.q.T, w.scale.ravel())
     if isinstance(w, quant.Int4):                          # blocks run along the input axis 0
         return matmul.int4_rows(w.q.T, w.scale.T)
-    return matmul.transpose(w)
+    return matmul.f32_panels(w) if f32_panels else matmul.transpose(w)
 
 
 def head_rows(w):                                          # LM head [V, C]: already rows; int8 and int4 into groups of 8 rows
@@ -67,10 +69,13 @@ def transpose_linear(layer):                               # {"weight": [in, out
     return {"weight_t": rows(layer["weight"]), "bias": layer["bias"]}
 
 
-def prepare(params):
-    """params in the kernels' layout; arrays the kernels read as they are (embeddings, LayerNorm) are shared."""
+def prepare(params, training=False):
+    """params in the kernels' layout; arrays the kernels read as they are (embeddings, LayerNorm) are shared.
+    float32 linear weights: on AVX-512 (jit.PANEL_WIDE) as panels of 32 rows (quant.F32Panels), which prompts'
+    products read as they are (no packing per call) and decode streams; training (its backward reads rows:
+    matmul.linear_backward) and other CPUs get rows. The tied LM head stays wte's rows either way."""
     with serialized():                                     # the transposes are parallel kernels
-        return _prepare(params)
+        return _prepare(params, jit.PANEL_WIDE and not training)
 
 
 def _in_huge_pages(w, source, pages):                   # w (prepared from source) with the arrays prepare made moved to pages
@@ -81,11 +86,11 @@ def _in_huge_pages(w, source, pages):                   # w (prepared from sourc
     return type(w)(*map(move, w)) if isinstance(w, tuple) else move(w)
 
 
-def _prepare(params):
+def _prepare(params, f32_panels):
     pages = memory.HugePages()                             # the streamed weights in huge pages (memory.HugePages)
 
     def linear(layer):
-        return {"weight_t": _in_huge_pages(rows(layer["weight"]), layer["weight"], pages), "bias": layer["bias"]}
+        return {"weight_t": _in_huge_pages(rows(layer["weight"], f32_panels), layer["weight"], pages), "bias": layer["bias"]}
 
     blocks = [{**block, "attn": {name: linear(block["attn"][name]) for name in ("c_attn", "c_proj")},
                "mlp": {name: linear(block["mlp"][name]) for name in ("c_fc", "c_proj")}}
@@ -103,7 +108,10 @@ def prepare_again(prepared, params, layers=None):
             block, source = prepared["h"][i], params["h"][i]
             for group in ("attn", "mlp"):
                 for name, layer in block[group].items():
-                    matmul.transpose_into(source[group][name]["weight"], layer["weight_t"])
+                    if isinstance(layer["weight_t"], quant.F32Panels):
+                        matmul.f32_panels_into(source[group][name]["weight"], layer["weight_t"].panels)
+                    else:
+                        matmul.transpose_into(source[group][name]["weight"], layer["weight_t"])
 
 
 def unrows(w):                                             # inverse of rows: [out, in] -> Conv1D [in, out]
@@ -111,6 +119,8 @@ def unrows(w):                                             # inverse of rows: [o
         return quant.BF16(matmul.transpose(w.bits))
     if isinstance(w, quant.BF16Panels):
         return quant.BF16(matmul.transpose(matmul.bf16_unpanel(w)))
+    if isinstance(w, quant.F32Panels):
+        return matmul.f32_unpanel_conv1d(w)
     if isinstance(w, quant.Int8Rows):
         q, scale = matmul.int8_unrows(w)
         return quant.Int8(np.ascontiguousarray(q.T), scale.reshape(1, -1))

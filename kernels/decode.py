@@ -31,8 +31,8 @@ from ..model import forward_packed as spec_forward_packed
 from .activation import _gelu
 from .attention import attend_row
 from .jit import DECODE_ROWS, atomic_add, atomic_read, inline, parallel, prefetch4, serial, spin_pause, team
-from .matmul import (BIAS, GELU, RESIDUAL, STREAM_AHEAD, bf16_bits, bf16_kmajor, bf16_rows, float_rows, matmul_rows,
-                     panel_rows)
+from .matmul import (BIAS, GELU, RESIDUAL, STREAM_AHEAD, bf16_bits, bf16_kmajor, bf16_rows, f32_panel_rows, float_rows,
+                     matmul_rows, panel_rows)
 from .norm import layer_norm_rows
 
 
@@ -94,18 +94,31 @@ def _claim(sync, at, parts, me, n, q):                     # the next chunk of k
     return c if c < (p + 1) * n // parts else -1
 
 
+def panel_size(w):                                         # (rows a panel, bytes a weight) of a 3-D panels array (numba-only; see overload)
+    raise NotImplementedError
+
+
+@overload(panel_size)
+def _panel_size(w):
+    """quant.BF16Panels' (uint32: two bf16 weights each): 16 rows of 2 bytes; quant.F32Panels': 32 of 4."""
+    if w.dtype == types.uint32:
+        return lambda w: (16, 2)
+    return lambda w: (32, 4)
+
+
 @inline
-def chunk_rows(w, chunk_bytes):                            # weight rows in a GEMV chunk: ~chunk_bytes, a multiple of 8 (panels: of 16)
-    if w.ndim == 3:                                        # quant.BF16Panels' panels: 2 bytes a weight
-        r = chunk_bytes // (w.shape[1] * 2)
-        return max(16, r - r % 16)
+def chunk_rows(w, chunk_bytes):                            # weight rows in a GEMV chunk: ~chunk_bytes, a multiple of 8 (panels: whole panels)
+    if w.ndim == 3:
+        rows, size = panel_size(w)
+        r = chunk_bytes // (w.shape[1] * size)
+        return max(rows, r - r % rows)
     r = chunk_bytes // (w.shape[1] * w.itemsize)
     return max(8, r - r % 8)
 
 
 @inline
-def weight_count(w):                                       # a GEMV's weight rows (panels: rounded up to 16; the chunks past M are empty)
-    return w.shape[0] * 16 if w.ndim == 3 else w.shape[0]
+def weight_count(w):                                       # a GEMV's weight rows (panels: rounded up to whole panels; the chunks past M are empty)
+    return w.shape[0] * panel_size(w)[0] if w.ndim == 3 else w.shape[0]
 
 
 def region_inputs(x, w):                                   # a GEMV's inputs as the region's kernel for w reads them (numba-only; see overload)
@@ -118,9 +131,9 @@ def _region_inputs(x, w):
     k-major (matmul.bf16_kmajor); float32: x itself."""
     if w.dtype == types.uint16:
         return lambda x, w: bf16_bits(x)
-    if w.ndim == 3:                                        # quant.BF16Panels: k-major bf16 values (matmul.bf16_kmajor)
+    if w.ndim == 3 and w.dtype == types.uint32:            # quant.BF16Panels: k-major bf16 values (matmul.bf16_kmajor)
         return lambda x, w: bf16_kmajor(x)
-    return lambda x, w: x
+    return lambda x, w: x                                  # float32 rows or quant.F32Panels
 
 
 def weight_rows(xd, w, out, m0, m1, ahead):                # out[:, m0:m1] = xd . w[m0:m1]^T (numba-only; see overload)
@@ -130,11 +143,14 @@ def weight_rows(xd, w, out, m0, m1, ahead):                # out[:, m0:m1] = xd 
 @overload(weight_rows)
 def _weight_rows(xd, w, out, m0, m1, ahead):
     """bf16 rows: matmul.bf16_rows (bf16 pairs), bf16 panels: matmul.panel_rows, each hinting `ahead` bytes
-    on (from 4 and from 2 inputs); float32: matmul.float_rows (no hints: see matmul.STREAM_AHEAD)."""
+    on (from 4 and from 2 inputs); float32: matmul.float_rows, float32 panels: matmul.f32_panel_rows (no hints:
+    see matmul.STREAM_AHEAD)."""
     if w.dtype == types.uint16:
         return lambda xd, w, out, m0, m1, ahead: bf16_rows(xd, w, out, m0, m1, ahead)
-    if w.ndim == 3:
+    if w.ndim == 3 and w.dtype == types.uint32:
         return lambda xd, w, out, m0, m1, ahead: panel_rows(xd, w, out, m0, m1, ahead)
+    if w.ndim == 3:
+        return lambda xd, w, out, m0, m1, ahead: f32_panel_rows(xd, w, out, m0, m1)
     return lambda xd, w, out, m0, m1, ahead: float_rows(xd, w, out, m0, m1)
 
 
@@ -155,13 +171,18 @@ def _gemv_chunk(xd, w, b, out, c, R, then, stream, ahead):   # chunk c (R rows) 
 
 
 @inline
-def _weight(kind, layer, head):                            # the GEMV weight of kernel `kind` (for the others, any)
-    return head if kind == HEAD else layer[2] if kind == QKV else layer[4] if kind == PROJ else layer[8] if kind == FC else layer[10]
+def _weight(kind, layer):                                  # the layer's GEMV weight of kernel `kind` (for the others, any)
+    return layer[2] if kind == QKV else layer[4] if kind == PROJ else layer[8] if kind == FC else layer[10]
 
 
 @inline
 def _chunks(kind, layer, head, B, chunk_bytes):            # how many chunks kernel `kind` (attention or a GEMV) is cut into, and a GEMV chunk's rows
-    w = _weight(kind, layer, head)
+    """The head apart from the layer's weights: it may be laid out otherwise (float32: wte's rows, the layers'
+    weights panels)."""
+    if kind == HEAD:
+        R = chunk_rows(head, chunk_bytes)
+        return -(-weight_count(head) // R), R
+    w = _weight(kind, layer)
     R = chunk_rows(w, chunk_bytes)
     if kind == ATTEND:
         return B * layer[12].shape[1], R
@@ -187,11 +208,11 @@ def _kernels(x, h, bufs, layer, ln_f, head, lengths, scale, eps, chunk_bytes, ah
             phase += 1
             continue
         n, R = _chunks(kind, layer, head, B, chunk_bytes)
-        w, src = _weight(kind, layer, head), a if kind == PROJ else g if kind == FC_PROJ else h   # a GEMV's weight and inputs
+        w, src = _weight(kind, layer), a if kind == PROJ else g if kind == FC_PROJ else h   # a GEMV's weight (the head's below) and inputs
         bias = b_attn if kind == QKV else b_proj if kind == PROJ else b_fc if kind == FC else b_fcp   # (not the head's)
         out = qkv if kind == QKV else g if kind == FC else logits if kind == HEAD else y
         then = RESIDUAL if kind == PROJ or kind == FC_PROJ else GELU if kind == FC else BIAS
-        xd = region_inputs(src if kind in GEMVS else src[:0], w)   # (bf16: this thread's own copy)
+        xd = region_inputs(src if kind in GEMVS else src[:0], w)   # (bf16: this thread's own copy; the head's as its layers')
         at = (parts + 1) * LINE * phase                    # this kernel's counters: claimed per part, then done
         q = 0
         while q < parts:
@@ -234,7 +255,7 @@ def fused_step(x, bufs, layers, ln_f, head, lengths, scale, eps, chunk_bytes, ah
 def _region_weight(w):                                     # a prepared weight as fused_step reads it (float32, bf16 bits or panels), or None
     if isinstance(w, np.ndarray):
         return w
-    return w.bits if isinstance(w, quant.BF16) else w.panels if isinstance(w, quant.BF16Panels) else None
+    return w.bits if isinstance(w, quant.BF16) else w.panels if isinstance(w, (quant.BF16Panels, quant.F32Panels)) else None
 
 
 def one_region(params, cache):                             # (fused_step's layers, head), or None: int8/int4 weights run kernel by kernel
@@ -247,7 +268,7 @@ def one_region(params, cache):                             # (fused_step's layer
         layers.append((layer["ln_1"]["weight"], layer["ln_1"]["bias"], ws[0], attn["c_attn"]["bias"], ws[1], attn["c_proj"]["bias"],
                        layer["ln_2"]["weight"], layer["ln_2"]["bias"], ws[2], mlp["c_fc"]["bias"], ws[3], mlp["c_proj"]["bias"], kv.k, kv.v))
     head = _region_weight(params["lm_head"]["weight"])
-    kinds = {tuple((a.dtype, a.flags.c_contiguous) for a in layer) for layer in layers}   # one compiled layer for all
+    kinds = {tuple((a.dtype, a.ndim, a.flags.c_contiguous) for a in layer) for layer in layers}   # one compiled layer for all
     if head is None or not head.flags.c_contiguous or len(kinds) != 1 or {layers[0][i].dtype for i in (2, 4, 8, 10)} != {head.dtype}:
         return None                                        # (a hand-built dict mixing float32 and bf16, say)
     return tuple(layers), head

@@ -18,7 +18,7 @@ from . import jit
 from .activation import _gelu
 from .memory import ordinary_pages
 from .jit import (DECODE_ROWS, GROUP, PANEL_INPUTS, PANEL_ROWS, bands, bf16_group8, f32_group8, bf16_panel, bf16_panel1, bf16_panel4, bf16_panel4_pair, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4,
-                  dot_q4, dot_q4x4, dot_q8, dot_q8x4, F32_PANEL, f32_from_bits, f32_panel_wide, inline, widen_panels, pack_f32_panel,
+                  dot_q4, dot_q4x4, dot_q8, dot_q8x4, F32_PANEL, F32_RUNS, f32_from_bits, f32_panel_halves4, f32_panel_run1, f32_panel_run2, f32_panel_runs1, f32_panel_runs2, f32_panel_wide, inline, widen_panels, pack_f32_panel,
                   block_peak, pack_panel, parallel, rint, round_block, serial, serialized, sgemm_nt)
 
 
@@ -214,6 +214,53 @@ def float_rows(x, w, out, m0, m1):                         # out[:, m0:m1] = x .
             out[i, m] = _dot(x, i, w, m)
 
 
+@inline
+def _runs_into(dst, a, b, tail, i):                        # dst = input i's sums of runs 0 and 1 (a[i]), 2 and 3 (b[i]), then the tail's
+    for j in range(dst.shape[0]):
+        dst[j] = (a[i, j] + a[i, F32_PANEL + j]) + (b[i, j] + b[i, F32_PANEL + j]) + tail[i, j]
+
+
+@inline
+def f32_panel_rows(x, panels, out, m0, m1):               # out[:, m0:m1] = x . w[m0:m1]^T, w as float32 panels (quant.F32Panels' [P, K, 32])
+    """m0 a multiple of 32 (only rows below m1 written). Each panel's k range read as F32_RUNS = 4 runs at once
+    (4 runs of memory in flight from one input, as float_rows reads 4 rows): against 4 inputs at a time, half
+    the runs a call (jit.f32_panel_halves4: 16 sums), then 2 and 1 inputs all 4 runs a call (jit.f32_panel_runs2
+    / runs1). Each output is the sum of its runs' sums, pairwise, and of the last K % 4 steps' (run2 / run1).
+    Every run is the same FMA chain whichever call computes it, so every output is the same sum whatever N is."""
+    N, K = x.shape
+    kn = K // F32_RUNS
+    rest = K - F32_RUNS * kn
+    c = np.empty((2, 2 * F32_RUNS * F32_PANEL), np.float32)   # runs1 / runs2's [inputs, 4 x 32], or two halves4's [4, 2 x 32]
+    t = np.zeros((4, F32_PANEL), np.float32)
+    lo, hi = c.reshape(4, F32_RUNS * F32_PANEL)[:, :2 * F32_PANEL], c.reshape(4, F32_RUNS * F32_PANEL)[:, 2 * F32_PANEL :]
+    for p in range(m0 // F32_PANEL, -(-m1 // F32_PANEL)):
+        base = F32_PANEL * p
+        top = min(m1, base + F32_PANEL)
+        n = 0
+        while n < N:
+            step = 4 if N - n >= 4 else 2 if N - n >= 2 else 1
+            if step == 4:
+                f32_panel_halves4(panels, p, 0, kn, x, n, c[:1])   # (c[0]: runs 0, 1 of 4 inputs, [4, 64])
+                f32_panel_halves4(panels, p, 2 * kn, kn, x, n, c[1:])   # (c[1]: runs 2, 3)
+            elif step == 2:
+                f32_panel_runs2(panels, p, 0, kn, x, n, c)
+            else:
+                f32_panel_runs1(panels, p, 0, kn, x, n, c)
+            if rest > 0:
+                for i in range(0, step, 2):
+                    if step - i >= 2:
+                        f32_panel_run2(panels, p, F32_RUNS * kn, rest, x, n + i, t[i : i + 2])
+                    else:
+                        f32_panel_run1(panels, p, F32_RUNS * kn, rest, x, n + i, t[i : i + 1])
+            for i in range(step):
+                dst = out[n + i, base:top]
+                if step == 4:
+                    _runs_into(dst, c[0].reshape(4, 2 * F32_PANEL), c[1].reshape(4, 2 * F32_PANEL), t, i)
+                else:
+                    _runs_into(dst, lo, hi, t, i)
+            n += step
+
+
 # A GEMV outside the decode step (the LM head and the last block of generation's prefill, the spec's small
 # products) in tasks of about this many weight bytes, so float_rows streams 4 runs of each: tasks of one row
 # (below 4 inputs) streamed one run. GPT-2's head (154 MB, from memory) at one input, alternating in one
@@ -238,6 +285,51 @@ def gemv(x, w, b, gelu):                                   # [N, K] x [M, K] row
         for m in range(m0, m1):
             _bias(out, b, m, gelu)
     return out
+
+
+@parallel
+def gemv_f32_panels(x, panels, M, b, gelu):               # [N, K] x quant.F32Panels' panels of M rows (+ b) -> [N, M] (GELU'd if gelu)
+    """A panel a task (f32_panel_rows: ~96 KB at K = 768, 4 runs of it in flight)."""
+    out = np.empty((x.shape[0], M), dtype=np.float32)
+    for p in numba.prange(panels.shape[0]):
+        m1 = min(F32_PANEL * p + F32_PANEL, M)
+        f32_panel_rows(x, panels, out, F32_PANEL * p, m1)
+        for m in range(F32_PANEL * p, m1):
+            _bias(out, b, m, gelu)
+    return out
+
+
+@parallel
+def _f32_panels_into(w, panels):                           # Conv1D [K, M] -> panels [P, K, 32]: panels[p, k, j] = w[k, 32p + j] (0 past M)
+    K, M = w.shape
+    for p in numba.prange(panels.shape[0]):
+        m0 = F32_PANEL * p
+        n = min(F32_PANEL, M - m0)
+        for k in range(K):
+            src, dst = w[k, m0 : m0 + n], panels[p, k]
+            for j in range(n):
+                dst[j] = src[j]
+            for j in range(n, F32_PANEL):
+                dst[j] = np.float32(0.0)
+
+
+def f32_panels_into(w, panels):                            # a Conv1D weight [in, out] into quant.F32Panels' panels, in place
+    _f32_panels_into(np.ascontiguousarray(w, dtype=np.float32), panels)
+
+
+def f32_panels(w):                                         # Conv1D float32 [in, out] -> quant.F32Panels of its rows [out, in]
+    K, M = w.shape
+    panels = np.empty((-(-M // F32_PANEL), K, F32_PANEL), np.float32)
+    f32_panels_into(w, panels)
+    return quant.F32Panels(panels, M)
+
+
+def f32_unpanel(w):                                        # quant.F32Panels -> its rows, float32 [M, K] (a copy)
+    return np.ascontiguousarray(w.panels.transpose(0, 2, 1).reshape(-1, w.panels.shape[1])[: w.n_out])
+
+
+def f32_unpanel_conv1d(w):                                 # quant.F32Panels -> the Conv1D weight [in, out] (a copy)
+    return np.ascontiguousarray(w.panels.transpose(1, 0, 2).reshape(w.panels.shape[1], -1)[:, : w.n_out])
 
 
 @inline
@@ -851,6 +943,8 @@ def matmul_rows(x, w, b=None, gelu=False):                 # [..., K] x [M, K] r
             y = gemv_bf16(bf16_bits(x2), w.bits, b, gelu)
         elif isinstance(w, quant.BF16Panels):
             y = gemv_panels(bf16_kmajor(x2), x2.shape[0], w.panels, w.n_out, b, gelu)
+        elif isinstance(w, quant.F32Panels):
+            y = gemv_f32_panels(x2, w.panels, w.n_out, b, gelu)
         else:
             y = gemv(x2, w, b, gelu)
     else:
@@ -890,6 +984,13 @@ def matmul_into(x, w, out, b, then=BIAS, scratch=None):   # x [N, K] . w rows [M
         return _tiled_product(x, w, out, b, then, scratch)
     if isinstance(w, quant.BF16Panels):
         return _panel_product(x, w, out, b, then, scratch)
+    if isinstance(w, quant.F32Panels):                     # in blocks of inputs up to F32_PANEL_UPTO, near-equal, whole pairs of groups
+        x = np.ascontiguousarray(x)
+        each = -(-N // -(-N // F32_PANEL_UPTO))
+        each = -(-each // (2 * PANEL_INPUTS)) * 2 * PANEL_INPUTS
+        for n0 in range(0, N, each):
+            _f32_panel_product(x[n0 : n0 + each], w, out[n0 : n0 + each], b, then, scratch)
+        return
     if jit.PANEL_WIDE and N <= F32_PANEL_UPTO and x.flags.c_contiguous and w.flags.c_contiguous:
         return _f32_panel_product(x, w, out, b, then, scratch)
     if jit.SGEMM and x.flags.c_contiguous and w.flags.c_contiguous and out.flags.c_contiguous:
@@ -1008,7 +1109,8 @@ def _sgemm_bands(x, w, b, then, out, scratch, transposed, P, fn):   # matmul_int
 
 
 # Float32 prompts on AVX-512 (jit.PANEL_WIDE), up to F32_PANEL_UPTO inputs: OpenBLAS's sgemm replaced by
-# float32 panels packed per call (jit.f32_panel_wide). See _f32_panel_product.
+# float32 panels packed per call (jit.f32_panel_wide), or, on quant.F32Panels, read as they are (more inputs
+# than this: in blocks of up to this many, each panel read once a block). See _f32_panel_product.
 F32_PANEL_UPTO = 512
 
 
@@ -1025,35 +1127,54 @@ def _pack_f32(w, m, panel):                                # rows m .. m + 31 of
             panel[k, j] = w[m + j, k] if j < rows else np.float32(0.0)
 
 
+@inline
+def _panel_groups(panel, xg, c, out, m, top, after):      # a packed panel (rows m .. top - 1 of out) against every pair of groups
+    """jit.f32_panel_wide per pair of groups, each call hinting its share of `after` (the next panel's
+    weights) into L2; only inputs below out's N written."""
+    N, G, W = out.shape[0], xg.shape[0], xg.shape[2]
+    for g in range(0, G, 2):
+        f32_panel_wide(panel, xg[g], xg[g + 1], c, _share(after, g // 2, G // 2))
+        for i in range(min(2 * W, N - g * W)):
+            dst, src = out[g * W + i, m:top], c[i]
+            for j in range(top - m):
+                dst[j] = src[j]
+
+
 @serial
 def f32_panel_band(xg, w, out, m0, m1):                    # out[:, m0:m1] = x . w[m0:m1]^T: xg from groups_into, an even count of groups
     """m0 a multiple of 32. Per 32 rows of w: packed into a panel (_pack_f32), then against every pair of
     groups (jit.f32_panel_wide), only rows below m1 and inputs below out's N written. While a panel meets
     the groups, each pair's call hints its share of the next panel's rows into L2 (the weights come from
     memory: a prompt reads each once)."""
-    N, K = out.shape[0], w.shape[1]
-    G, W = xg.shape[0], xg.shape[2]
+    K, W = w.shape[1], xg.shape[2]
     panel = np.empty((K, F32_PANEL), np.float32)
     c = np.empty((2 * W, F32_PANEL), np.float32)
     flat = w.reshape(-1)                                   # (rows m .. m + 31 are one run of flat)
     for m in range(m0, m1, F32_PANEL):
         _pack_f32(w, m, panel)
         top = min(m1, m + F32_PANEL)
-        a0, a1 = top * K, min(m1, top + F32_PANEL) * K     # the next panel's weights in flat
-        for g in range(0, G, 2):
-            f32_panel_wide(panel, xg[g], xg[g + 1], c, _share(flat[a0:a1], g // 2, G // 2))
-            for i in range(min(2 * W, N - g * W)):
-                dst, src = out[g * W + i, m:top], c[i]
-                for j in range(top - m):
-                    dst[j] = src[j]
+        _panel_groups(panel, xg, c, out, m, top, flat[top * K : min(m1, top + F32_PANEL) * K])
+
+
+@serial
+def f32_panels_band(xg, panels, out, m0, m1):              # f32_panel_band on weights already packed (quant.F32Panels' panels)
+    c = np.empty((2 * xg.shape[2], F32_PANEL), np.float32)
+    end = -(-m1 // F32_PANEL)
+    for p in range(m0 // F32_PANEL, end):
+        m = F32_PANEL * p
+        _panel_groups(panels[p], xg, c, out, m, min(m1, m + F32_PANEL), panels[min(end, p + 1) : min(end, p + 2)].reshape(-1))
 
 
 @parallel
 def _f32_panel_bands(xg, w, y, b, then, out, P):          # _f32_panel_product's P bands of 32-row panels, numba's threads
-    n, M = -(-w.shape[0] // F32_PANEL), out.shape[1]
+    M = out.shape[1]                                       # (w: float32 rows, packed as they are met, or quant.F32Panels' panels)
+    n = w.shape[0] if w.ndim == 3 else -(-M // F32_PANEL)
     for p in numba.prange(P):
         c0, c1 = F32_PANEL * (p * n // P), min(F32_PANEL * ((p + 1) * n // P), M)
-        f32_panel_band(xg, w, y, c0, c1)
+        if w.ndim == 3:
+            f32_panels_band(xg, w, y, c0, c1)
+        else:
+            f32_panel_band(xg, w, y, c0, c1)
         finish_band(y[:, c0:c1], b[c0:c1], then, out, c0, False)
 
 
@@ -1073,6 +1194,7 @@ def _f32_panel_product(x, w, out, b, then, scratch):       # matmul_into for flo
     y = scratch[: N * M].reshape(N, M) if then == RESIDUAL else out
     G = -(-N // PANEL_INPUTS)
     xg = _grouped(x, G + G % 2, False)
+    w = w.panels if isinstance(w, quant.F32Panels) else w
     with serialized():
         _f32_panel_bands(xg, w, y, b, then, out, min(numba.get_num_threads(), -(-M // F32_PANEL)))
 
@@ -1157,7 +1279,10 @@ def gemm(a, b):                                            # [N, K] x [K, M] -> 
 
 
 def linear_backward(dout, x, weight_t, bias):              # [..., out], [..., in], [out, in], [out] -> dx, dweight [in, out], dbias [out]
+    """weight_t: float32 rows, or quant.F32Panels (an inference model's layout, unpacked into rows here: a
+    model made trainable, Model.trainable_params, keeps rows)."""
     d2, x2 = dout.reshape(-1, dout.shape[-1]), x.reshape(-1, x.shape[-1])
+    weight_t = f32_unpanel(weight_t) if isinstance(weight_t, quant.F32Panels) else weight_t
     return gemm(d2, weight_t).reshape(x.shape), gemm(x2.T, d2), d2.sum(axis=0)
 
 

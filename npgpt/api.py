@@ -46,7 +46,7 @@ def resolve_backend(name):
     """(op table, params preparation, context a forward pass runs in, forward, forward_packed) of a backend:
     'numpy' is the spec in npgpt.model, 'numba' the kernels package (whose forwards fuse a decode step)."""
     if name == "numpy":
-        return REFERENCE, lambda params: params, contextlib.nullcontext, forward, forward_packed
+        return REFERENCE, lambda params, training=False: params, contextlib.nullcontext, forward, forward_packed
     if name == "numba":
         from . import kernels                              # imported on demand: numba start-up is not free
         return kernels.KERNELS, kernels.prepare, kernels.runtime, kernels.forward, kernels.forward_packed
@@ -102,7 +102,7 @@ class Model:
         if tied:
             flat["lm_head.weight"] = flat["wte.weight"]
         self._checkpoint = weight_io.unflatten(flat)       # kept from now on: training updates it in place
-        self.params = self._prepare(self._checkpoint)      # the backend's arrays, now over the writable copies
+        self.params = self._prepare(self._checkpoint, training=True)   # the backend's arrays over the writable copies, as training reads them
         return self.state_dict()
 
     def refresh(self, layers=None):

@@ -114,6 +114,23 @@ class BF16Panels(NamedTuple):
         return self.panels.nbytes
 
 
+class F32Panels(NamedTuple):
+    """float32 weights as the kernels keep them for inference on AVX-512 CPUs: rows of outputs [out, in] in
+    panels of 32 (built by npgpt.kernels.matmul.f32_panels). Panel p holds rows 32p .. 32p + 31 k-major (rows
+    past `n_out` are padding, 0): panels[p, k, j] is row 32p + j's weight at input k, so two 64-byte loads
+    are all 32 rows' weights at k, the layout prefill's products and decode's GEMVs both read."""
+    panels: np.ndarray                                     # float32 [ceil(out / 32), in, 32]
+    n_out: int
+
+    @property
+    def shape(self):
+        return (self.n_out, self.panels.shape[1])
+
+    @property
+    def nbytes(self):
+        return self.panels.nbytes
+
+
 def offset_nibbles(q, rows, cols):                         # int8 [r, c] in [-8, 7] -> uint8 q + 8 [rows, cols], padded with q = 0
     u = np.full((rows, cols), 8, np.uint8)
     u[: q.shape[0], : q.shape[1]] = (q + np.int8(8)).view(np.uint8)

@@ -594,6 +594,130 @@ def test_float32_prompts_take_the_panels_on_avx512_up_to_their_limit(wide, N, pa
     assert max_rel_err(out, x @ w.T + b) < 1e-5
 
 
+@pytest.mark.parametrize("K", [1, 3, 4, 7, 45, 200])
+def test_float32_panel_runs_sum_each_run_of_k_for_each_input_and_row(K):
+    """jit.f32_panel_runs1 / runs2 (decode's float32 panels): panel p's k range from k0 in F32_RUNS runs of kn
+    steps, each run's 32 sums a block of c per input; run1 / run2 one run. Each sum against float64 within
+    1e-6 of the sum of |products|; an input's sums the same bit for bit alone (runs1) or beside another (runs2)."""
+    runs1 = numba.njit(lambda *a: jit.f32_panel_runs1(*a))
+    runs2 = numba.njit(lambda *a: jit.f32_panel_runs2(*a))
+    run1 = numba.njit(lambda *a: jit.f32_panel_run1(*a))
+    R = jit.F32_RUNS
+    panels, x = randn(3, K, 32), randn(4, K)
+    kn = K // R
+    c1, c2 = np.full((1, 32 * R), np.nan, np.float32), np.full((2, 32 * R), np.nan, np.float32)
+    runs1(panels, 2, 0, kn, x, 3, c1)
+    runs2(panels, 2, 0, kn, x, 2, c2)
+    np.testing.assert_array_equal(c1[0], c2[1])
+    for s in range(R):
+        terms = x[2:4, s * kn : (s + 1) * kn, None].astype(np.float64) * panels[2, s * kn : (s + 1) * kn].astype(np.float64)
+        assert np.all(np.abs(c2[:, 32 * s : 32 * s + 32] - terms.sum(1)) <= 1e-6 * np.abs(terms).sum(1))
+    t = np.full((1, 32), np.nan, np.float32)
+    run1(panels, 1, R * kn, K - R * kn, x, 0, t)           # the steps past the runs
+    terms = x[0, R * kn :, None].astype(np.float64) * panels[1, R * kn :].astype(np.float64)
+    assert np.all(np.abs(t[0] - terms.sum(0)) <= 1e-6 * np.abs(terms).sum(0))
+
+
+@pytest.mark.parametrize("span", [(0, 1), (0, 32), (32, 77), (64, 130)])   # a partial panel, whole ones, a partial last one
+@pytest.mark.parametrize("K", [5, 77, 200])
+def test_float32_panel_rows_equal_float64_and_each_input_alone_bit_for_bit(span, K):
+    """matmul.f32_panel_rows (the decode step's chunks and GEMVs on quant.F32Panels): rows m0 .. m1 against 2
+    inputs at a time, then an odd last one; nothing outside m0 .. m1 written. Against float64 within TOL, and
+    each input's outputs equal to the same GEMV on that input alone, bit for bit (the same sums whatever N)."""
+    m0, m1 = span
+    w = randn(130, K)
+    panels = matmul.f32_panels(np.ascontiguousarray(w.T)).panels
+    rows = numba.njit(lambda x, p, out, m0, m1: matmul.f32_panel_rows(x, p, out, m0, m1))
+    x = randn(5, K)
+    out = np.full((5, 130), 5.0, np.float32)
+    rows(x, panels, out, m0, m1)
+    assert max_rel_err(out[:, m0:m1], x.astype(np.float64) @ w[m0:m1].astype(np.float64).T) < TOL
+    assert (out[:, :m0] == 5.0).all() and (out[:, m1:] == 5.0).all()
+    for n in range(5):
+        alone = np.full((1, 130), 5.0, np.float32)
+        rows(x[n : n + 1], panels, alone, m0, m1)
+        np.testing.assert_array_equal(alone[0], out[n])
+
+
+@pytest.mark.parametrize("n_in, n_out", [(7, 1), (77, 64), (45, 97)])
+def test_float32_panels_lay_out_rows_32_at_a_time_and_give_them_back(n_in, n_out):
+    """matmul.f32_panels of a Conv1D weight [in, out]: panels[p, k, j] = w[k, 32p + j], zeros past n_out;
+    f32_unpanel / f32_unpanel_conv1d give the rows and the Conv1D weight back exactly; f32_panels_into
+    rewrites the same array in place (kernels.prepare_again)."""
+    from npgpt import quant
+
+    w = randn(n_in, n_out)
+    got = matmul.f32_panels(w)
+    P = -(-n_out // 32)
+    assert isinstance(got, quant.F32Panels) and got.panels.shape == (P, n_in, 32) and got.shape == (n_out, n_in)
+    padded = np.zeros((n_in, 32 * P), np.float32)
+    padded[:, :n_out] = w
+    np.testing.assert_array_equal(got.panels, padded.reshape(n_in, P, 32).transpose(1, 0, 2))
+    np.testing.assert_array_equal(matmul.f32_unpanel(got), w.T)
+    np.testing.assert_array_equal(matmul.f32_unpanel_conv1d(got), w)
+    before = got.panels
+    matmul.f32_panels_into(2 * w, got.panels)
+    assert got.panels is before
+    np.testing.assert_array_equal(matmul.f32_unpanel_conv1d(got), 2 * w)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 130, 513])   # GEMV to 16 rows, the panels' product to 512, OpenBLAS on rows past it
+@pytest.mark.parametrize("n_in, n_out", [(60, 180), (768, 50), (61, 37)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_linear_on_float32_panels_equals_the_spec(rows, n_in, n_out, gelu):
+    """matmul_rows on quant.F32Panels (kernels.prepare's float32 layout on AVX-512; run on any host): the
+    GEMV (gemv_f32_panels), the prompts' product on the panels as they are, and past F32_PANEL_UPTO inputs
+    OpenBLAS on the rows unpacked. Within TOL of the spec (float32 sums in another order)."""
+    x, w, b = randn(rows, n_in), randn(n_in, n_out, scale=0.1), randn(n_out)
+    got = matmul.matmul_rows(x, kernels.rows(w, f32_panels=True), b, gelu=gelu)
+    want = spec.linear(x, w, b)
+    assert got.shape == (rows, n_out) and max_rel_err(got, spec.gelu(want) if gelu else want) < TOL
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_prepare_lays_float32_out_as_panels_on_avx512_except_for_training(tiny_params, wide, monkeypatch):
+    """kernels.prepare: float32 linear weights as quant.F32Panels where jit.PANEL_WIDE, else rows; training=True
+    rows always (the backward reads rows); the tied head stays wte. unprepare gives the checkpoint back
+    exactly, and prepare_again rewrites the panels in place after the weights change."""
+    from npgpt import quant
+
+    monkeypatch.setattr(jit, "PANEL_WIDE", wide)
+    for training in (False, True):
+        prepared = kernels.prepare(tiny_params, training=training)
+        w = prepared["h"][1]["mlp"]["c_fc"]["weight_t"]
+        assert isinstance(w, quant.F32Panels) is (wide and not training)
+        assert prepared["lm_head"]["weight"] is tiny_params["lm_head"]["weight"]
+        back = kernels.unprepare(prepared)
+        for i, block in enumerate(tiny_params["h"]):
+            for group, name in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
+                np.testing.assert_array_equal(back["h"][i][group][name]["weight"], block[group][name]["weight"])
+    params = {**tiny_params, "h": [{**b, "mlp": {**b["mlp"], "c_fc": {**b["mlp"]["c_fc"]}}} for b in tiny_params["h"]]}
+    prepared = kernels.prepare(params)
+    before = prepared["h"][0]["mlp"]["c_fc"]["weight_t"]
+    params["h"][0]["mlp"]["c_fc"]["weight"] = changed = params["h"][0]["mlp"]["c_fc"]["weight"] * 3
+    kernels.prepare_again(prepared, params, layers=[0])
+    assert prepared["h"][0]["mlp"]["c_fc"]["weight_t"] is before
+    np.testing.assert_array_equal(kernels.unprepare(prepared)["h"][0]["mlp"]["c_fc"]["weight"], changed)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_fused_decode_and_prefill_on_float32_rows_and_panels_equal_the_spec(tiny_params, wide, monkeypatch):
+    """The fused decode step and prefill with float32 weights prepared as rows and as panels (jit.PANEL_WIDE
+    forced either way, so both run on any host): logits within 1e-4 of the spec's (as the fused tests above)."""
+    monkeypatch.setattr(jit, "PANEL_WIDE", wide)
+    ref, fused = npgpt.Model(tiny_params, TINY), npgpt.Model(tiny_params, TINY, backend="numba")
+    assert isinstance(fused.params["h"][0]["attn"]["c_attn"]["weight_t"], np.ndarray) is not wide
+    monkeypatch.setattr(kernels, "spec_forward", None)     # the fused paths only
+    ids = rng.integers(0, TINY.n_vocab, size=(3, 21))
+    caches = [ref.new_cache(batch=3), fused.new_cache(batch=3)]
+    got, want = fused.forward(ids, caches[1], last=True), ref.forward(ids, caches[0], last=True)
+    assert max_rel_err(got, want) < 1e-4
+    for _ in range(2):
+        step = rng.integers(0, TINY.n_vocab, size=(3, 1))
+        got, want = fused.forward(step, caches[1], last=True), ref.forward(step, caches[0], last=True)
+        assert max_rel_err(got, want) < 1e-4
+
+
 def test_sgemm_is_looked_for_only_in_openblas_and_its_absence_is_zero():
     class Libraries:
         def __init__(self, libs):
@@ -752,7 +876,7 @@ def test_prepare_puts_the_weights_it_made_in_huge_pages(tiny_params, fmt):
     prepared = kernels.prepare(params)
     for i, block in enumerate(params["h"]):
         for group, name in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
-            got, want = prepared["h"][i][group][name]["weight_t"], kernels.rows(block[group][name]["weight"])
+            got, want = prepared["h"][i][group][name]["weight_t"], kernels.rows(block[group][name]["weight"], jit.PANEL_WIDE)
             assert type(got) is type(want)
             for g, w in zip(*((got,), (want,)) if isinstance(want, np.ndarray) else (got, want)):
                 if isinstance(w, np.ndarray):
