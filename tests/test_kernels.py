@@ -674,6 +674,23 @@ def test_linear_on_float32_panels_equals_the_spec(rows, n_in, n_out, gelu):
     assert got.shape == (rows, n_out) and max_rel_err(got, spec.gelu(want) if gelu else want) < TOL
 
 
+@pytest.mark.parametrize("N", [17, 600, 1100])            # one block, two (300 each), three (372, 372, 356)
+@pytest.mark.parametrize("then", ["bias", "gelu", "residual"])
+def test_prompt_products_on_float32_panels_run_in_blocks_of_inputs_and_equal_the_spec(N, then, monkeypatch):
+    """matmul_into on quant.F32Panels: blocks of near-equal input counts up to F32_PANEL_UPTO (whole pairs of
+    groups), each the panels' product with its epilogue on its own rows of out. 1e-5 as the panel product above."""
+    calls = []
+    real = matmul._f32_panel_product
+    monkeypatch.setattr(matmul, "_f32_panel_product", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    x, w, b, start = randn(N, 40), randn(40, 70), randn(70), randn(N, 70)
+    out = start.copy()
+    matmul.matmul_into(x, matmul.f32_panels(w), out, b, getattr(matmul, then.upper()))
+    assert sum(calls) == N and max(calls) <= matmul.F32_PANEL_UPTO and len(calls) == -(-N // matmul.F32_PANEL_UPTO)
+    y = x @ w + b
+    want = {"bias": y, "gelu": spec.gelu(y), "residual": start + y}[then]
+    assert max_rel_err(out, want) < 1e-5
+
+
 @pytest.mark.parametrize("wide", [False, True])
 def test_prepare_lays_float32_out_as_panels_on_avx512_except_for_training(tiny_params, wide, monkeypatch):
     """kernels.prepare: float32 linear weights as quant.F32Panels where jit.PANEL_WIDE, else rows; training=True
