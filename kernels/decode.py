@@ -143,8 +143,8 @@ def weight_rows(xd, w, out, m0, m1, ahead):                # out[:, m0:m1] = xd 
 @overload(weight_rows)
 def _weight_rows(xd, w, out, m0, m1, ahead):
     """bf16 rows: matmul.bf16_rows (bf16 pairs), bf16 panels: matmul.panel_rows, each hinting `ahead` bytes
-    on (from 4 and from 2 inputs); float32: matmul.float_rows, float32 panels: matmul.f32_panel_rows (no hints:
-    see matmul.STREAM_AHEAD)."""
+    on (from 4 and from 2 inputs); float32: matmul.float_rows (no hints: see matmul.STREAM_AHEAD), float32 panels:
+    matmul.f32_panel_rows (which hints the runs it reads next itself: see jit.F32_RUNS)."""
     if w.dtype == types.uint16:
         return lambda xd, w, out, m0, m1, ahead: bf16_rows(xd, w, out, m0, m1, ahead)
     if w.ndim == 3 and w.dtype == types.uint32:

@@ -232,7 +232,8 @@ def f32_panel_rows(x, panels, out, m0, m1):               # out[:, m0:m1] = x . 
     rest = K - F32_RUNS * kn
     c = np.empty((2, 2 * F32_RUNS * F32_PANEL), np.float32)   # runs1 / runs2's [inputs, 4 x 32], or two halves4's [4, 2 x 32]
     t = np.zeros((4, F32_PANEL), np.float32)
-    lo, hi = c.reshape(4, F32_RUNS * F32_PANEL)[:, :2 * F32_PANEL], c.reshape(4, F32_RUNS * F32_PANEL)[:, 2 * F32_PANEL :]
+    per_input = c.reshape(4, F32_RUNS * F32_PANEL)       # runs1 / runs2's sums: runs 0 and 1, then 2 and 3, of each input
+    lo, hi = per_input[:, : 2 * F32_PANEL], per_input[:, 2 * F32_PANEL :]
     for p in range(m0 // F32_PANEL, -(-m1 // F32_PANEL)):
         base = F32_PANEL * p
         top = min(m1, base + F32_PANEL)
