@@ -97,6 +97,10 @@ class Int4Rows(NamedTuple):
     nbytes = _ROWS_NBYTES
 
 
+_PANELS_SHAPE = property(lambda self: (self.n_out, self.panels.shape[1]))   # BF16Panels' and F32Panels' [out, in]
+_PANELS_NBYTES = property(lambda self: self.panels.nbytes)
+
+
 class BF16Panels(NamedTuple):
     """BF16 as the kernels keep it on CPUs without AVX512-BF16: rows of outputs [out, in] in panels of 16
     (built by npgpt.kernels.matmul.bf16_panels). Panel p holds rows 16p .. 16p + 15 k-major (rows past
@@ -104,14 +108,8 @@ class BF16Panels(NamedTuple):
     16p + 8 + j's in its high ones, so one 32-byte load is all 16 rows' weights at k."""
     panels: np.ndarray                                     # uint32 [ceil(out / 16), in, 8]
     n_out: int
-
-    @property
-    def shape(self):
-        return (self.n_out, self.panels.shape[1])
-
-    @property
-    def nbytes(self):
-        return self.panels.nbytes
+    shape = _PANELS_SHAPE
+    nbytes = _PANELS_NBYTES
 
 
 class F32Panels(NamedTuple):
@@ -121,14 +119,8 @@ class F32Panels(NamedTuple):
     are all 32 rows' weights at k, the layout prefill's products and decode's GEMVs both read."""
     panels: np.ndarray                                     # float32 [ceil(out / 32), in, 32]
     n_out: int
-
-    @property
-    def shape(self):
-        return (self.n_out, self.panels.shape[1])
-
-    @property
-    def nbytes(self):
-        return self.panels.nbytes
+    shape = _PANELS_SHAPE
+    nbytes = _PANELS_NBYTES
 
 
 def offset_nibbles(q, rows, cols):                         # int8 [r, c] in [-8, 7] -> uint8 q + 8 [rows, cols], padded with q = 0
