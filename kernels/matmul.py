@@ -1179,11 +1179,11 @@ def _f32_panel_bands(xg, w, y, b, then, out, P):          # _f32_panel_product's
         finish_band(y[:, c0:c1], b[c0:c1], then, out, c0, False)
 
 
-def _f32_panel_product(x, w, out, b, then, scratch):       # matmul_into for float32 rows (C-contiguous x and w) on AVX-512
+def _f32_panel_product(x, w, out, b, then, scratch):       # matmul_into for float32 rows or quant.F32Panels (C-contiguous x and w) on AVX-512
     """The inputs in groups of 6, k-major (groups_into, an even count), then each core a band of w's rows,
-    32 at a time packed k-major into an L2-sized panel and met by every pair of groups (jit.f32_panel_wide,
-    as bf16's widened panels are), packed per call since decode, training and the tied head read the rows.
-    Products straight into out (RESIDUAL: into scratch, then added), finished on the same thread. On an Emerald Rapids (2 zmm FMAs a cycle), GPT-2's prefill products on both cores, calls
+    32 at a time k-major in an L2-sized panel met by every pair of groups (jit.f32_panel_wide, as bf16's
+    widened panels are): quant.F32Panels' as they are (kernels.prepare's layer weights since stop 40), rows
+    packed per call (the tied head, training's rows; the figures below are from then). Products straight into out (RESIDUAL: into scratch, then added), finished on the same thread. On an Emerald Rapids (2 zmm FMAs a cycle), GPT-2's prefill products on both cores, calls
     alternating in one process (best / median of 21 GFLOP/s, before the hints): at 128 inputs 243-265 /
     225-248 against OpenBLAS's 210-237 / 197-217; at 512 inputs 267-290 / 245-259 against 246-268 /
     215-251. At 2048 inputs no faster (271-298 against 242-304 best of 9; b4 pp512 0.81-0.83x in the
