@@ -717,6 +717,25 @@ def test_prepare_lays_float32_out_as_panels_on_avx512_except_for_training(tiny_p
     np.testing.assert_array_equal(kernels.unprepare(prepared)["h"][0]["mlp"]["c_fc"]["weight"], changed)
 
 
+def test_a_model_made_trainable_keeps_float32_rows_and_its_gradients_do_not_change(tiny_params, monkeypatch):
+    """Model.trainable_params re-prepares with training=True: the panels an inference model had (jit.PANEL_WIDE
+    forced) become rows, and value_and_grad gives the same loss and gradients on either layout (the panels'
+    are unpacked per call) within 1e-5 (the forward's products in another order)."""
+    from npgpt import quant
+
+    monkeypatch.setattr(jit, "PANEL_WIDE", True)
+    model = npgpt.Model({**tiny_params}, TINY, backend="numba")
+    assert isinstance(model.params["h"][0]["mlp"]["c_proj"]["weight_t"], quant.F32Panels)
+    ids = rng.integers(0, TINY.n_vocab, size=(2, 19))
+    loss, grads = model.value_and_grad(ids)
+    model.trainable_params()
+    assert isinstance(model.params["h"][0]["mlp"]["c_proj"]["weight_t"], np.ndarray)
+    loss_rows, grads_rows = model.value_and_grad(ids)
+    assert abs(loss - loss_rows) <= 1e-5 * abs(loss) and sorted(grads) == sorted(grads_rows)
+    for name in grads:
+        assert max_rel_err(grads_rows[name], grads[name]) < 1e-5, name
+
+
 @pytest.mark.parametrize("wide", [False, True])
 def test_fused_decode_and_prefill_on_float32_rows_and_panels_equal_the_spec(tiny_params, wide, monkeypatch):
     """The fused decode step and prefill with float32 weights prepared as rows and as panels (jit.PANEL_WIDE
