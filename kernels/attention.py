@@ -8,7 +8,7 @@ import numba
 import numpy as np
 
 from . import jit
-from .jit import F32_PANEL, PANEL_INPUTS, TILE_COLS, TILE_ROWS, bands, f32_panel_wide, f32_tile, inline, parallel, serial
+from .jit import F32_PANEL, PANEL_INPUTS, TILE_COLS, TILE_ROWS, bands, f32_panel_wide, f32_panel_wide_at, f32_tile, inline, parallel, serial
 from .matmul import group8
 from .softmax import causal_softmax_rows, softmax_row
 
@@ -134,23 +134,29 @@ def causal_head(q, k, v, scale, out):                      # one head: q [T, D],
 def causal_head_wide(q, k, v, scale, out):                 # causal_head on AVX-512: blocks of 12 queries, 32 keys or dims a product
     """causal_head's blocks on the float32 prompts' kernel (jit.f32_panel_wide: 32 columns against two groups
     of 6 inputs, k-major, 24 sums in zmm registers): the block's 12 queries in two groups, d-major, against
-    32 keys at a time (packed once as k^T, [D, 32] each); each row's softmax in place; the block's
-    probabilities into two groups, key-major (group8: 8 keys at a time, a transpose in vectors), against
-    32 dims of the values at a time (packed once, [S, 32] each). The same FMAs in the same order as
+    32 keys at a time (packed once as k^T, [D, 32] each), the scores straight into the block's rows of
+    probabilities (jit.f32_panel_wide_at); each row's softmax in place; the block's probabilities into two
+    groups, key-major (group8: 8 keys at a time, a transpose in vectors), against 32 dims of the values at
+    a time (packed once, [S, 32] each, reading v's rows in order). The same FMAs in the same order as
     causal_head, so the same outputs bit for bit (tested). A 12 x 32 form of f32_tile on the rows as they
     are ran slower than f32_tile (its 12 strided rows' addresses, recomputed each k, took the FMAs' ports).
     One GPT-2 head (D = 64) on one core of an Emerald Rapids, best of 20: T = 512 1.28-1.29x causal_head,
-    T = 128 1.16-1.17x."""
+    T = 128 1.16-1.17x. Since stop 41 the scores no longer go through a [12, 32] copy (numba's slice
+    assignment: 11-17% of a head's time) and the values are packed row by row: GPT-2's 12 heads at T = 512
+    1.10-1.14x, T = 128 1.10-1.12x (quartiles of 15 alternating rounds in one process, bit for bit the same)."""
     T, D = q.shape
     S = k.shape[0]
     R, W = 2 * PANEL_INPUTS, F32_PANEL
     P, Q = (S + W - 1) // W, (D + W - 1) // W
     keys = _keys_packed(k, W)
-    values = np.zeros((Q, S, W), dtype=np.float32)         # values[h, s, j] = v[s, h * W + j] (0 past D)
-    for h in range(Q):
-        for s in range(S):
-            for j in range(min(W, D - h * W)):
+    values = np.empty((Q, S, W), dtype=np.float32)         # values[h, s, j] = v[s, h * W + j] (0 past D)
+    for s in range(S):                                     # (each row of v read once, in order)
+        for h in range(Q):
+            n = min(W, D - h * W)
+            for j in range(n):
                 values[h, s, j] = v[s, h * W + j]
+            for j in range(n, W):
+                values[h, s, j] = np.float32(0.0)
     queries = np.zeros((2, D, PANEL_INPUTS), dtype=np.float32)   # the block's queries in two groups, k-major (0 past T)
     probs = np.zeros((R, P * W), dtype=np.float32)
     weights = np.zeros((2, P * W, PANEL_INPUTS), dtype=np.float32)   # the block's probabilities in two groups, key-major
@@ -163,8 +169,7 @@ def causal_head_wide(q, k, v, scale, out):                 # causal_head on AVX-
                 queries[i // PANEL_INPUTS, d, i % PANEL_INPUTS] = q[t0 + i, d] if i < rows else np.float32(0.0)
         seen = S - T + t0 + rows                           # keys the block's last query sees
         for p in range((seen + W - 1) // W):
-            f32_panel_wide(keys[p], queries[0], queries[1], c, none)
-            probs[:, p * W : p * W + W] = c
+            f32_panel_wide_at(keys[p], queries[0], queries[1], probs, p * W, none)
         for i in range(rows):
             softmax_row(probs[i, :seen], S - T + t0 + i + 1, scale)   # query t0 + i sees keys 0 .. S-T+t0+i; 0 past them
         for k0 in range(0, seen, 8):                       # (columns past seen, to a whole 8, go along unread: K = seen below)

@@ -832,29 +832,25 @@ def widen_panels(typingctx, pa, pb, panel):
     return sig, codegen
 
 
-@intrinsic
-def f32_panel_wide(typingctx, pw, xa, xb, c, ahead):
-    """A float32 panel (pack_f32_panel: [K, 32], 32 rows k-major) against two groups of 6 inputs (xa, xb:
-    float32 [K, 6], k-major) -> c float32 [12, 32]: c[i, j] = sum over k of input i's value at k * row j's
-    weight at k, float32 FMAs, k in order: per k two 64-byte loads are the 32 rows' weights, each of the 12
-    inputs broadcast (folded into its FMAs) against both: 24 FMAs into 24 sums held in registers, 26 vector
-    operations a k (matmul._f32_panel_product has the figures).
-    ahead (1-D, may be empty): memory to hint into L2 while the panel is read, its 64-byte lines spread
-    evenly over k (_spread_hints), for the next panel's rows streaming in from memory. The sums are the
-    same either way."""
+def _panel_wide(pw, xa, xb, c, ahead, col):                # f32_panel_wide's typing and codegen; col: c's first column (None: 0)
     if not (all(_c_array(a, 2) for a in (pw, xa, xb, c)) and pw.dtype == xa.dtype == xb.dtype == c.dtype == types.float32
-            and _c_array(ahead, 1)):
+            and _c_array(ahead, 1) and (col is None or isinstance(col, types.Integer))):
         return None
-    sig = types.void(pw, xa, xb, c, ahead)
+    sig = types.void(pw, xa, xb, c, ahead) if col is None else types.void(pw, xa, xb, c, types.intp, ahead)
 
     def codegen(context, builder, signature, args):
         t = signature.args
+        if col is None:
+            (pw_, xa_, xb_, c_, ahead_), at_col, t_ahead = args, None, t[4]
+        else:
+            pw_, xa_, xb_, c_, at_col, ahead_ = args
+            t_ahead = t[5]
         f32 = _vector(0, 16)
-        K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, args[0]).shape)[0]
+        K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, pw_).shape)[0]
         zero = ir.Constant(K.type, 0)
-        pw, xa, xb, cp = (_row(builder, context, t[a], args[a], zero, ir.FloatType()) for a in range(4))
+        pw, xa, xb = (_row(builder, context, t[a], v, zero, ir.FloatType()) for a, v in enumerate((pw_, xa_, xb_)))
         const = lambda v: ir.Constant(K.type, v)
-        hint = _spread_hints(context, builder, t[4], args[4], K)
+        hint = _spread_hints(context, builder, t_ahead, ahead_, K)
         inputs = 2 * PANEL_INPUTS
         sums = _wide_sums(builder)
 
@@ -866,11 +862,34 @@ def f32_panel_wide(typingctx, pw, xa, xb, c, ahead):
             _twelve_against(builder, k, wides, xa, xb, sums)
 
         _runs_in_turn(builder, K, 2, step)
-        for i in range(inputs):
+        for i in range(inputs):                            # row i of c (its row stride: c may be wider than 32)
+            row = _row(builder, context, t[3], c_, const(i), ir.FloatType())
+            if at_col is not None:
+                row = builder.gep(row, [at_col])
             for h in range(2):
-                builder.store(builder.load(sums[i][h]), builder.bitcast(builder.gep(cp, [const(32 * i + 16 * h)]), f32.as_pointer()), align=4)
+                builder.store(builder.load(sums[i][h]), builder.bitcast(builder.gep(row, [const(16 * h)]), f32.as_pointer()), align=4)
         return context.get_dummy_value()
     return sig, codegen
+
+
+@intrinsic
+def f32_panel_wide(typingctx, pw, xa, xb, c, ahead):
+    """A float32 panel (pack_f32_panel: [K, 32], 32 rows k-major) against two groups of 6 inputs (xa, xb:
+    float32 [K, 6], k-major) -> c float32 [12, 32]: c[i, j] = sum over k of input i's value at k * row j's
+    weight at k, float32 FMAs, k in order: per k two 64-byte loads are the 32 rows' weights, each of the 12
+    inputs broadcast (folded into its FMAs) against both: 24 FMAs into 24 sums held in registers, 26 vector
+    operations a k (matmul._f32_panel_product has the figures).
+    ahead (1-D, may be empty): memory to hint into L2 while the panel is read, its 64-byte lines spread
+    evenly over k (_spread_hints), for the next panel's rows streaming in from memory. The sums are the
+    same either way."""
+    return _panel_wide(pw, xa, xb, c, ahead, None)
+
+
+@intrinsic
+def f32_panel_wide_at(typingctx, pw, xa, xb, c, col, ahead):
+    """f32_panel_wide into columns col .. col + 31 of c (float32 [12, >= col + 32], C-contiguous), unchecked:
+    attention's scores go straight into the block's rows of probabilities (attention.causal_head_wide)."""
+    return _panel_wide(pw, xa, xb, c, ahead, col)
 
 
 def _f32_panel_streams(streams, inputs, hint_next=False):

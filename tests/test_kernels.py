@@ -556,7 +556,8 @@ def test_float32_panel_product_equals_the_spec(N, K, M, then, threads, monkeypat
 def test_float32_panel_kernel_sums_each_input_and_row_and_ignores_its_hints(K):
     """jit.pack_f32_panel lays 32 rows k-major (checked exactly), and jit.f32_panel_wide sums each of 12
     inputs against each of 32 rows within 1e-6 of the sum of |products| (float32 sums of at most 200 terms,
-    against float64); the hints of `ahead` (none, some, more lines than k's) leave the sums bit for bit."""
+    against float64); the hints of `ahead` (none, some, more lines than k's) leave the sums bit for bit;
+    f32_panel_wide_at writes the same sums at a column of a wider array, and nothing beside them."""
     pack = numba.njit(lambda w, m, panel: jit.pack_f32_panel(w, m, panel))
     wide = numba.njit(lambda pw, xa, xb, c, ahead: jit.f32_panel_wide(pw, xa, xb, c, ahead))
     w = randn(40, K)
@@ -577,6 +578,12 @@ def test_float32_panel_kernel_sums_each_input_and_row_and_ignores_its_hints(K):
     assert np.all(np.abs(sums[0] - terms.sum(-1)) <= 1e-6 * np.abs(terms).sum(-1))
     for c in sums[1:]:
         np.testing.assert_array_equal(c, sums[0])
+    at = numba.njit(lambda pw, xa, xb, c, col, ahead: jit.f32_panel_wide_at(pw, xa, xb, c, col, ahead))
+    for col in (0, 7, 40):                                 # into a wider array at a column: the same sums, nothing else written
+        c = np.full((12, 75), 5.0, np.float32)
+        at(panel, xg[0], xg[1], c, col, w.ravel()[:100])
+        np.testing.assert_array_equal(c[:, col : col + 32], sums[0])
+        assert (np.delete(c, np.s_[col : col + 32], axis=1) == 5.0).all()
 
 
 @pytest.mark.parametrize("wide, N, panels", [(True, 17, True), (True, 512, True), (True, 513, False), (False, 128, False)])
