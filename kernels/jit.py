@@ -804,30 +804,47 @@ def pack_f32_panel(typingctx, w, m, panel):
 
 
 @intrinsic
-def widen_panels(typingctx, pa, pb, panel):
-    """Two bf16 panels (pack_panel: uint32 [K, 8] each, rows 16p .. 16p + 31) -> panel (float32 [K, 32], as
-    pack_f32_panel lays rows out): panel[k, j] = row j's weight at k, widened as bf16_panel widens them
-    (`u << 16`, `u & 0xFFFF0000`). Per k two 32-byte loads, 4 integer operations, 4 stores. Prefill's bf16
-    products on AVX-512 (matmul.wide_panel_rows) widen each two panels once and run f32_panel_wide on them."""
-    if not (_c_array(pa, 2) and _c_array(pb, 2) and _c_array(panel, 2) and pa.dtype == pb.dtype == types.uint32
-            and panel.dtype == types.float32):
+def widen_panels_against(typingctx, pa, pb, panel, xa, xb, c, ahead):
+    """Two bf16 panels (pack_panel: uint32 [K, 8] each, rows 16p .. 16p + 31) widened into panel (float32
+    [K, 32], as pack_f32_panel lays rows out: panel[k, j] = row j's weight at k, widened as bf16_panel widens
+    them, `u << 16` and `u & 0xFFFF0000`) while met by the 12 inputs of xa, xb -> c, the sums f32_panel_wide
+    gives on that panel, bit for bit. Per k two 32-byte loads, 4 integer operations, 2 stores beside the 24
+    FMAs: prefill's bf16 products on AVX-512 (matmul.wide_panel_rows) widen each two panels in their first
+    pair of groups' call and run f32_panel_wide on the stored panel for the rest."""
+    if not (_c_array(pa, 2) and _c_array(pb, 2) and pa.dtype == pb.dtype == types.uint32
+            and all(_c_array(a, 2) for a in (panel, xa, xb, c)) and panel.dtype == xa.dtype == xb.dtype == c.dtype == types.float32
+            and _c_array(ahead, 1)):
         return None
-    sig = types.void(pa, pb, panel)
+    sig = types.void(pa, pb, panel, xa, xb, c, ahead)
 
     def codegen(context, builder, signature, args):
         t = signature.args
-        i32 = _vector(32, 8)
+        i32, f32 = _vector(32, 8), _vector(0, 16)
         K = cgutils.unpack_tuple(builder, context.make_array(t[0])(context, builder, args[0]).shape)[0]
         zero = ir.Constant(K.type, 0)
-        pa, pb, out = (_row(builder, context, t[a], args[a], zero, ir.IntType(32)) for a in range(3))
+        pa, pb = (_row(builder, context, t[a], args[a], zero, ir.IntType(32)) for a in range(2))
+        pw, xa, xb, cp = (_row(builder, context, t[a], args[a], zero, ir.FloatType()) for a in range(2, 6))
         const = lambda v: ir.Constant(K.type, v)
-        with cgutils.for_range(builder, K) as loop:
-            k = loop.index
+        hint = _spread_hints(context, builder, t[6], args[6], K)
+        sums = _wide_sums(builder)
+        whole = ir.Constant(_vector(32, 16), list(range(16)))
+
+        def step(k, turn):                                 # k's 32 weights widened, stored, against the 12 inputs
+            hint(k)
+            wides = []
             for h, src in enumerate((pa, pb)):
                 u = builder.load(builder.bitcast(builder.gep(src, [builder.mul(k, const(8))]), i32.as_pointer()), align=4)
-                for half, v in enumerate((builder.shl(u, ir.Constant(i32, [16] * 8)), builder.and_(u, ir.Constant(i32, [-(1 << 16)] * 8)))):
-                    at = builder.gep(out, [builder.add(builder.mul(k, const(F32_PANEL)), const(16 * h + 8 * half))])
-                    builder.store(v, builder.bitcast(at, i32.as_pointer()), align=4)
+                lo, hi = _bf16_halves(builder, u)
+                wide = builder.shuffle_vector(lo, hi, whole)   # the low halves' rows, then the high halves'
+                at = builder.gep(pw, [builder.add(builder.mul(k, const(F32_PANEL)), const(16 * h))])
+                builder.store(wide, builder.bitcast(at, f32.as_pointer()), align=4)
+                wides.append(wide)
+            _twelve_against(builder, k, wides, xa, xb, sums)
+
+        _runs_in_turn(builder, K, 2, step)
+        for i in range(2 * PANEL_INPUTS):
+            for h in range(2):
+                builder.store(builder.load(sums[i][h]), builder.bitcast(builder.gep(cp, [const(32 * i + 16 * h)]), f32.as_pointer()), align=4)
         return context.get_dummy_value()
     return sig, codegen
 

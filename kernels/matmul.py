@@ -18,7 +18,7 @@ from . import jit
 from .activation import _gelu
 from .memory import ordinary_pages
 from .jit import (DECODE_ROWS, GROUP, PANEL_INPUTS, PANEL_ROWS, bands, bf16_group8, f32_group8, bf16_panel, bf16_panel1, bf16_panel4, bf16_panel4_pair, bits_of_f32, dot_bf16, dot_bf16_4x4, dot_bf16x4,
-                  dot_q4, dot_q4x4, dot_q8, dot_q8x4, F32_PANEL, F32_RUNS, f32_from_bits, f32_panel_halves4, f32_panel_run1, f32_panel_run2, f32_panel_runs1, f32_panel_runs2, f32_panel_wide, inline, widen_panels, pack_f32_panel,
+                  dot_q4, dot_q4x4, dot_q8, dot_q8x4, F32_PANEL, F32_RUNS, f32_from_bits, f32_panel_halves4, f32_panel_run1, f32_panel_run2, f32_panel_runs1, f32_panel_runs2, f32_panel_wide, inline, widen_panels_against, pack_f32_panel,
                   block_peak, pack_panel, parallel, rint, round_block, serial, serialized, sgemm_nt)
 
 
@@ -663,15 +663,19 @@ def _share(region, j, parts):                              # part j of `parts` n
 @inline
 def wide_panel_rows(xq, panels, out, m0, m1):              # panel_rows for groups of 6 on AVX-512: two panels widened at once
     """As panel_rows (m0 a multiple of 16, only rows below m1 and inputs below out's N written): panels p and
-    p + 1 widened into one float32 panel of 32 rows (jit.widen_panels), then every pair of groups against it
-    (jit.f32_panel_wide: the float32 prompts' kernel, 24 FMAs a k); an odd last group, or panel, one at a
-    time (panel_rows). The same float32 FMAs, k in order, as bf16_panel on each panel and group: the sums
-    are bit for bit those of the narrow path. While two panels meet the groups, each pair's call hints its
-    share of the next two into L2 (the weights come from memory: a prompt reads each once).
+    p + 1 widened into one float32 panel of 32 rows by the first pair of groups as it meets them
+    (jit.widen_panels_against), then every other pair against that panel (jit.f32_panel_wide: the float32
+    prompts' kernel, 24 FMAs a k); an odd last group, or panel, one at a time (panel_rows). The same float32
+    FMAs, k in order, as bf16_panel on each panel and group: the sums are bit for bit those of the narrow
+    path. While two panels meet the groups, each pair's call hints its share of the next two into L2 (the
+    weights come from memory: a prompt reads each once).
     Widening each two panels once, not per k in every pair's call (jit.bf16_panel_wide before, which spent
     3 of its 27 vector operations a k on the two widening ops and a shuffle, on the FMAs' ports): GPT-2's
     bf16 prompts on an Emerald Rapids, alternating in one process (medians of 21 and 9): pp128 1.07x,
-    pp512 1.03x; against fp32 in the same runs, pp128 1.09x (1.02x before), pp512 1.00x (0.97x before)."""
+    pp512 1.03x; against fp32 in the same runs, pp128 1.09x (1.02x before), pp512 1.00x (0.97x before).
+    The widening inside the first pair's call, not a pass of its own before it (stop 40's jit.widen_panels,
+    whose loads and stores to L2 took ~5% of a 128-input product): GPT-2's products alone, alternating in one
+    process (medians of 25), 1.05-1.06x at 128 inputs, 0.99-1.01x at 512."""
     N, W, G = out.shape[0], xq.shape[2], xq.shape[0]
     K = panels.shape[1]
     c = np.empty((2 * W, 2 * PANEL_ROWS), np.float32)
@@ -681,14 +685,17 @@ def wide_panel_rows(xq, panels, out, m0, m1):              # panel_rows for grou
     while p + 2 <= end:
         base = PANEL_ROWS * p
         top = min(m1, base + 2 * PANEL_ROWS)
-        widen_panels(panels[p], panels[p + 1], panel)
         after = panels[min(end, p + 2) : min(end, p + 4)].reshape(-1)   # the next two panels, hinted as the groups pass
         g = 0
         while g + 2 <= G:
-            f32_panel_wide(panel, xq[g], xq[g + 1], c, _share(after, g // 2, G // 2))
+            if g == 0:                                     # the first pair widens the two panels as it goes
+                widen_panels_against(panels[p], panels[p + 1], panel, xq[0], xq[1], c, _share(after, 0, G // 2))
+            else:
+                f32_panel_wide(panel, xq[g], xq[g + 1], c, _share(after, g // 2, G // 2))
             for i in range(min(2 * W, N - g * W)):
-                for m in range(base, top):
-                    out[g * W + i, m] = c[i, m - base]
+                dst, src = out[g * W + i, base:top], c[i]
+                for j in range(top - base):
+                    dst[j] = src[j]
             g += 2
         if g < G:
             panel_rows(xq[g:], panels, out[g * W :], base, top)
@@ -720,7 +727,10 @@ def _panel_product(x, w, out, b, then, scratch):           # matmul_into for qua
     M = w.n_out
     y = scratch[: N * M].reshape(N, M) if then == RESIDUAL else out   # the stream is added to, not written
     xg = _grouped(x, -(-N // PANEL_INPUTS), True)        # the inputs' bf16 values in groups of 6, k-major
-    step = max(1, PANEL_INPUT_BYTES // (xg.itemsize * K * PANEL_INPUTS))   # groups a block (_panel_band)
+    if jit.PANEL_WIDE:                                     # groups a block (_panel_band): as float32's panels
+        step = _wide_block(N) // PANEL_INPUTS
+    else:
+        step = max(1, PANEL_INPUT_BYTES // (xg.itemsize * K * PANEL_INPUTS))
 
     with serialized():
         _panel_bands(xg, w.panels, y, b, then, out, step, min(numba.get_num_threads(), w.panels.shape[0]), jit.PANEL_WIDE)
@@ -759,8 +769,16 @@ def _grouped(x, G, rounded):                               # x [N, K] -> float32
 ROUND_INLINE_VALUES = 1 << 19
 
 
+def _wide_block(N):                                        # inputs a block on AVX-512's wide panels: near-equal blocks of up to F32_PANEL_UPTO, whole pairs of groups
+    each = -(-N // -(-N // F32_PANEL_UPTO))
+    return -(-each // (2 * PANEL_INPUTS)) * 2 * PANEL_INPUTS
+
+
 # A core's band of panels meets its inputs in blocks of about this many bytes (whole groups), every panel
-# against one block before the next block: the block stays in cache while the panels pass. Without blocks,
+# against one block before the next block: the block stays in cache while the panels pass (AVX2's narrow
+# panels; AVX-512's wide ones take float32's blocks of up to F32_PANEL_UPTO inputs, _wide_block: there each
+# block widens every panel again, and 1 MB blocks at K = 3072 were 14 groups, each panel widened ~6 times at
+# 512 inputs; GPT-2's bf16 prompts alternating in one process, medians of 9: 1.04-1.05x). Without blocks,
 # each panel streamed every input from memory: at 2048 inputs of K = 3072 (25 MB of groups) the MLP's
 # c_proj ran 0.92x fp32's sgemm on 2 cores. Blocks of 0.5, 1, 2 MB against none there (two runs):
 # 1.04/1.08, 1.07/1.08, 1.07/0.97x; at K = 768, 2304 rows: 0.98/1.07, 0.99/1.07, 0.98/1.06x.
@@ -987,8 +1005,7 @@ def matmul_into(x, w, out, b, then=BIAS, scratch=None):   # x [N, K] . w rows [M
         return _panel_product(x, w, out, b, then, scratch)
     if isinstance(w, quant.F32Panels):                     # in blocks of inputs up to F32_PANEL_UPTO, near-equal, whole pairs of groups
         x = np.ascontiguousarray(x)
-        each = -(-N // -(-N // F32_PANEL_UPTO))
-        each = -(-each // (2 * PANEL_INPUTS)) * 2 * PANEL_INPUTS
+        each = _wide_block(N)
         for n0 in range(0, N, each):
             _f32_panel_product(x[n0 : n0 + each], w, out[n0 : n0 + each], b, then, scratch)
         return

@@ -116,30 +116,32 @@ def test_bf16_panels_hold_16_rows_and_multiply_6_4_or_1_inputs_as_float64_sums(K
 
 @pytest.mark.parametrize("K", [1, 7, 45, 200])
 def test_widened_panels_against_two_groups_equal_each_panel_and_group_bit_for_bit(K):
-    """AVX-512's form of prefill's bf16 panel product (matmul.wide_panel_rows): jit.widen_panels turns panels
-    p and p + 1 into one float32 panel of their 32 rows, exactly the weights' float32 values (quant.dequantize,
-    bit for bit, also past a NaN's or an infinity's bits); jit.f32_panel_wide on it against groups g and g + 1
-    (12 inputs) equals jit.bf16_panel on each panel and group bit for bit (the same float32 FMAs, k in order,
-    per lane), and the float64 sums within 1e-6 of the sum of |products| (at most 200 float32 terms). On a
-    host without AVX-512 LLVM splits its vectors; the values are the same."""
+    """AVX-512's form of prefill's bf16 panel product (matmul.wide_panel_rows): jit.widen_panels_against stores
+    panels p and p + 1 as one float32 panel of their 32 rows, exactly the weights' float32 values
+    (quant.dequantize, bit for bit, also past a NaN's or an infinity's bits), and its sums against groups g
+    and g + 1 (12 inputs), hinting or not, equal jit.f32_panel_wide's on the stored panel and jit.bf16_panel's
+    on each panel and group bit for bit (the same float32 FMAs, k in order, per lane); the float64 sums within
+    1e-6 of the sum of |products| (at most 200 float32 terms). On a host without AVX-512 LLVM splits its
+    vectors; the values are the same."""
     from npgpt.kernels import jit
     _, products = _panel_callers()
-    widen = numba.njit(lambda pa, pb, panel: jit.widen_panels(pa, pb, panel))
+    fused = numba.njit(lambda pa, pb, panel, xa, xb, c, ahead: jit.widen_panels_against(pa, pb, panel, xa, xb, c, ahead))
     wide_product = numba.njit(lambda pw, xa, xb, c, ahead: jit.f32_panel_wide(pw, xa, xb, c, ahead))
+    none = np.empty(0, np.float32)
+    x = rng.standard_normal((12, K), dtype=np.float32)
+    xg = np.empty((2, K, 6), np.float32)
+    matmul.bf16_groups_into(x, xg, 0, 2)
     wb = quant.to_bf16(rng.standard_normal((32, K), dtype=np.float32))
     wb.bits[3, 0], wb.bits[30, K - 1] = 0x7FC1, 0xFF80    # a NaN and -inf among the weights (widened as bits)
     panels = matmul.bf16_panels(wb.bits).panels
     widened = np.full((K, 32), np.nan, np.float32)
-    widen(panels[0], panels[1], widened)
+    fused(panels[0], panels[1], widened, xg[0], xg[1], np.empty((12, 32), np.float32), none)
     np.testing.assert_array_equal(widened.view(np.uint32), quant.dequantize(wb).T.view(np.uint32))
     wb = quant.to_bf16(rng.standard_normal((32, K), dtype=np.float32))   # finite weights for the sums
     panels = matmul.bf16_panels(wb.bits).panels
-    widen(panels[0], panels[1], widened)
-    x = rng.standard_normal((12, K), dtype=np.float32)
-    xg = np.empty((2, K, 6), np.float32)
-    matmul.bf16_groups_into(x, xg, 0, 2)
     c = np.full((12, 32), np.nan, np.float32)
-    wide_product(widened, xg[0], xg[1], c, np.empty(0, np.float32))
+    fused(panels[0], panels[1], widened, xg[0], xg[1], c, none)
+    np.testing.assert_array_equal(widened, quant.dequantize(wb).T)
     one = np.full((6, 16), np.nan, np.float32)
     for g in range(2):
         for p in range(2):
@@ -147,6 +149,12 @@ def test_widened_panels_against_two_groups_equal_each_panel_and_group_bit_for_bi
             np.testing.assert_array_equal(c[6 * g : 6 * g + 6, 16 * p : 16 * p + 16], one, err_msg=f"g={g} p={p}")
     terms = quant.round_to_bf16(x).astype(np.float64)[:, None, :] * quant.dequantize(wb).astype(np.float64)[None]
     assert np.all(np.abs(c - terms.sum(-1)) <= 1e-6 * np.abs(terms).sum(-1))
+    for ahead in (none, x.ravel()):                        # the stored panel against the groups, hinting or not; hints in the fused call
+        again = np.full((12, 32), np.nan, np.float32)
+        wide_product(widened, xg[0], xg[1], again, ahead)
+        np.testing.assert_array_equal(again, c)
+        fused(panels[0], panels[1], np.full((K, 32), np.nan, np.float32), xg[0], xg[1], again, ahead)
+        np.testing.assert_array_equal(again, c)
 
 
 @pytest.mark.parametrize("K", [1, 7, 45, 200])
@@ -206,15 +214,17 @@ def test_decode_panels_in_pairs_equal_one_panel_at_a_time(span, n):
 def test_bf16_prompts_on_wide_panels_equal_the_narrow_ones_bit_for_bit(N, K, M, monkeypatch):
     """The bf16 panel product (matmul_into on quant.BF16Panels) wide (jit.PANEL_WIDE: two panels widened once,
     against two groups at a time; odd last groups and panels one at a time) and narrow (each panel against
-    each group, jit.bf16_panel): the same outputs bit for bit, in blocks of inputs or not."""
+    each group, jit.bf16_panel): the same outputs bit for bit, in blocks of inputs or not (narrow: of about
+    PANEL_INPUT_BYTES; wide: of up to F32_PANEL_UPTO inputs, whole pairs of groups, as float32's panels)."""
     from npgpt.kernels import jit
     x = rng.standard_normal((N, K), dtype=np.float32)
     rows = matmul.bf16_panels(quant.to_bf16(rng.standard_normal((M, K), dtype=np.float32)).bits)
     b = rng.standard_normal(M, dtype=np.float32)
     outs = []
-    for wide, block_bytes in ((False, 1 << 20), (True, 1 << 20), (True, 6000)):
+    for wide, block_bytes, upto in ((False, 1 << 20, 512), (False, 6000, 512), (True, 1 << 20, 512), (True, 1 << 20, 24)):
         monkeypatch.setattr(jit, "PANEL_WIDE", wide)
         monkeypatch.setattr(matmul, "PANEL_INPUT_BYTES", block_bytes)
+        monkeypatch.setattr(matmul, "F32_PANEL_UPTO", upto)
         out = np.full((N, M), np.nan, np.float32)
         matmul.matmul_into(x, rows, out, b, matmul.GELU, np.empty(matmul.scratch_size(N, M), np.float32))
         outs.append(out)
@@ -238,8 +248,8 @@ def test_bf16_pairs_only_where_vdpbf16ps_pays(features, cpu, pairs):
 
 @pytest.mark.parametrize("pairs, wide", [(True, False), (False, False), (False, True)])   # wide: panels two by two (AVX-512)
 @pytest.mark.parametrize("N, K, M", [(7, 33, 10), (13, 48, 11), (37, 100, 29), (130, 256, 64), (2, 1, 5), (5, 2, 3), (25, 40, 40)])
-@pytest.mark.parametrize("block_bytes", [1 << 20, 6000])   # the panels' input blocks (matmul.PANEL_INPUT_BYTES): one, or many of a few groups and a partial last
-def test_bf16_products_on_either_path_equal_the_spec(pairs, wide, N, K, M, block_bytes, monkeypatch):
+@pytest.mark.parametrize("block_bytes, upto", [(1 << 20, 512), (6000, 12)])   # the panels' input blocks (narrow: matmul.PANEL_INPUT_BYTES, wide: F32_PANEL_UPTO inputs): one, or many of a few groups and a partial last
+def test_bf16_products_on_either_path_equal_the_spec(pairs, wide, N, K, M, block_bytes, upto, monkeypatch):
     """bf16 rows as kernels.head_rows keeps them: quant.BF16 rows where vdpbf16ps pays (jit.BF16_PAIRS), else
     quant.BF16Panels. Prefill's product (matmul_into: 4x4 tiles of bf16 pairs, or panels against groups of 6
     inputs, one at a time or, wide (jit.PANEL_WIDE), two panels against two groups) and the GEMV (matmul_rows: one input, 2 and 5 inputs (groups of 4 on panels, a partial one)) on
@@ -251,6 +261,7 @@ def test_bf16_products_on_either_path_equal_the_spec(pairs, wide, N, K, M, block
     monkeypatch.setattr(jit, "BF16_PAIRS", pairs)
     monkeypatch.setattr(jit, "PANEL_WIDE", wide)
     monkeypatch.setattr(matmul, "PANEL_INPUT_BYTES", block_bytes)
+    monkeypatch.setattr(matmul, "F32_PANEL_UPTO", upto)
     x = rng.standard_normal((N, K), dtype=np.float32)
     w, b = quant.to_bf16(rng.standard_normal((M, K), dtype=np.float32)), rng.standard_normal(M, dtype=np.float32)
     rows = kernels.head_rows(w)
